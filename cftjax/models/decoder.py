@@ -1,0 +1,254 @@
+"""The Flax Linen decoder shared by Qwen2/2.5, Qwen3 and Llama 3.x, with an optional KV cache.
+
+Layers are scanned (`nn.scan`) so params are stacked on a leading "layers" axis and compile time does
+not grow with depth. Every param carries logical axis names (see `cftjax.parallel`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cftjax.models.config import ModelConfig
+
+Array = jax.Array
+KVCache = dict[str, Array]  # {"k": [layers, batch, slots, kv_heads, head_dim], "v": same}
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  """Inverse RoPE frequencies [head_dim // 2], with Llama 3 frequency scaling when configured."""
+  exponents = jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta**exponents)
+  if cfg.rope_scaling is None:
+    return inv_freq
+  s = cfg.rope_scaling
+  factor = s["factor"]
+  low, high = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+  old_len = s["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def rope_angles(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
+  """cos and sin of the rotation angles, each [batch, seq, head_dim] float32."""
+  angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates x [batch, seq, heads, head_dim] by the half-split (HF "rotate_half") convention."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...], init):
+  cfg = module.cfg
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(cfg.param_dtype))
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+  dim: int
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, "scale", (self.dim,), (self.axis_name,), nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return (scale.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+def attention_mask(q_positions: Array, k_positions: Array, q_segments: Array | None,
+                   k_segments: Array | None) -> Array:
+  """Causal (and same-segment) mask [batch, 1, q_len, k_len]: key position <= query position."""
+  mask = k_positions[:, None, :] <= q_positions[:, :, None]
+  if q_segments is not None:
+    mask &= q_segments[:, :, None] == k_segments[:, None, :]
+  return mask[:, None]
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with optional QKV bias (Qwen2) and QK-norm (Qwen3)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None,
+               cache: KVCache | None, positions: Array) -> tuple[Array, KVCache | None]:
+    cfg = self.cfg
+    dt = _dtype(cfg.dtype)
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init = nn.initializers.normal(0.02)
+
+    def project(name, heads, head_axis):
+      w = _param(self, f"{name}_kernel", (d, heads, h), ("embed", head_axis, "head_dim"), init)
+      y = jnp.einsum("btd,dnh->btnh", x, w.astype(dt))
+      if cfg.attention_bias:
+        b = _param(self, f"{name}_bias", (heads, h), (head_axis, "head_dim"), nn.initializers.zeros)
+        y = y + b.astype(dt)
+      return y
+
+    q, key, value = project("q", n, "heads"), project("k", k, "kv_heads"), project("v", k, "kv_heads")
+    if cfg.qk_norm:
+      q = RMSNorm(cfg, h, "head_dim", name="q_norm")(q)
+      key = RMSNorm(cfg, h, "head_dim", name="k_norm")(key)
+    q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
+
+    if cache is not None:
+      start = positions[:, 0]
+      write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
+      cache = {"k": write(cache["k"], key.astype(cache["k"].dtype), start),
+               "v": write(cache["v"], value.astype(cache["v"].dtype), start)}
+      key, value = cache["k"].astype(dt), cache["v"].astype(dt)
+
+    if mask is None:  # one causal segment, no cache: lets XLA pick cuDNN flash attention on GPU.
+      out = jax.nn.dot_product_attention(q, key, value, is_causal=True)
+    else:
+      out = jax.nn.dot_product_attention(q, key, value, mask=mask)
+    wo = _param(self, "o_kernel", (n, h, d), ("heads", "head_dim", "embed"), init)
+    y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
+    if cfg.o_proj_bias:
+      y = y + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros).astype(dt)
+    return y, cache
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward block."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    dt = _dtype(cfg.dtype)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    init = nn.initializers.normal(0.02)
+    gate = _param(self, "gate_kernel", (d, f), ("embed", "mlp"), init)
+    up = _param(self, "up_kernel", (d, f), ("embed", "mlp"), init)
+    down = _param(self, "down_kernel", (f, d), ("mlp", "embed"), init)
+    hidden = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+    hidden = nn.with_logical_constraint(hidden, ("batch", "seq", "act_mlp"))
+    return hidden @ down.astype(dt)
+
+
+class Block(nn.Module):
+  """One pre-norm decoder layer; `nn.scan` maps it over the stacked layer params."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, layer_cache: KVCache | None, cos: Array, sin: Array,
+               mask: Array | None, positions: Array) -> tuple[Array, KVCache | None]:
+    cfg = self.cfg
+    attn_out, layer_cache = Attention(cfg, name="attn")(
+        RMSNorm(cfg, cfg.hidden_size, name="input_norm")(x), cos, sin, mask, layer_cache, positions)
+    x = x + attn_out
+    x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, cfg.hidden_size, name="post_attn_norm")(x))
+    x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+    return x, layer_cache
+
+
+_REMAT_POLICY = {
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class Decoder(nn.Module):
+  """Token ids -> logits [batch, seq, vocab] (float32), or final hidden states with `return_hidden`.
+
+  Call: `Decoder(cfg).apply({"params": p}, tokens, positions, segment_ids, cache=None)`.
+  With a cache, returns `(logits, new_cache)`; see `init_cache` for the slot convention.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
+               cache: KVCache | None = None, return_hidden: bool = False):
+    cfg = self.cfg
+    dt = _dtype(cfg.dtype)
+    batch, seq = tokens.shape  # tokens: [batch, seq] int32
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    embedding = _param(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                       nn.initializers.normal(1.0))
+    x = jnp.take(embedding, tokens, axis=0).astype(dt)
+    x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+    cos, sin = rope_angles(cfg, positions)
+
+    if cache is not None:  # keys are cache slots; slot i holds position i of its row.
+      slots = jnp.broadcast_to(jnp.arange(cache["k"].shape[2], dtype=jnp.int32), (batch, cache["k"].shape[2]))
+      mask = attention_mask(positions, slots, None, None)
+    elif segment_ids is not None:
+      index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+      mask = attention_mask(index, index, segment_ids, segment_ids)
+    else:
+      mask = None
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=_REMAT_POLICY[cfg.remat], prevent_cse=False)
+    layers = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, name="layers")
+    x, cache = layers(x, cache, cos, sin, mask, positions)
+    x = RMSNorm(cfg, cfg.hidden_size, name="final_norm")(x)
+    if return_hidden:
+      return x if cache is None else (x, cache)
+    if cfg.tie_embeddings:
+      head = embedding.T
+    else:
+      head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                    nn.initializers.normal(0.02))
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(dt)).astype(jnp.float32)
+    return logits if cache is None else (logits, cache)
+
+
+def lm_head_kernel(cfg: ModelConfig, params: dict[str, Any]) -> Array:
+  """The output projection [hidden, vocab] (the transposed embedding when tied)."""
+  return params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+  """An empty KV cache: K/V of position p of row b live in slot p ([layers, batch, max_len, kv, hd])."""
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def init_params(cfg: ModelConfig, rng: Array) -> dict[str, Any]:
+  """Freshly initialised, unboxed params (plain arrays)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return nn.unbox(Decoder(cfg).init(rng, tokens)["params"])
+
+
+def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
+  """Boxed `jax.ShapeDtypeStruct` params carrying logical axis names; no memory is allocated."""
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(lambda t: Decoder(cfg).init(jax.random.key(0), t), tokens)["params"]
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict[str, Any]:
+  """The tree of logical axis names (a `PartitionSpec` of names per param)."""
+  return nn.get_partition_spec(abstract_params(cfg))
