@@ -1,0 +1,307 @@
+"""Autoregressive generation with a preallocated KV cache (right-padded, length-bucketed prompts), and
+`score_completions`, the full-forward log-probs that the sampler's log-probs must equal."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cftjax.models.config import ModelConfig
+from cftjax.models.decoder import Decoder, init_cache, lm_head_kernel
+
+logger = logging.getLogger(__name__)
+
+Array = jax.Array
+MIN_BUCKET = 16
+CACHE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+  """Host (numpy) arrays; a row's entries after its `lengths` are `pad_id` / 0.0."""
+
+  tokens: np.ndarray  # [batch, max_new_tokens] int32
+  logprobs: np.ndarray  # [batch, max_new_tokens] float32, log softmax(logits / T) at each token
+  lengths: np.ndarray  # [batch] int32, generated tokens including the stop token
+  truncated: np.ndarray  # [batch] bool, reached max_new_tokens without a stop id or stop string
+
+
+def bucket_length(length: int, buckets: Sequence[int] | None = None) -> int:
+  """The padded prompt length for `length`: the smallest of `buckets` >= it, else a power of two >= 16."""
+  if buckets is None:
+    return max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length())
+  fitting = [b for b in buckets if b >= length]
+  if not fitting:
+    raise ValueError(f"prompt length {length} exceeds the largest prompt bucket {max(buckets)}; "
+                     "add a larger bucket or shorten the prompt")
+  return min(fitting)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]] | np.ndarray, prompt_lengths: Sequence[int] | None = None,
+                *, buckets: Sequence[int] | None = None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads prompts to one bucket length.
+
+  prompts: a list of token-id lists, or an int array [batch, width] with `prompt_lengths` [batch].
+  Returns (tokens [batch, bucket] int32, lengths [batch] int32).
+  """
+  if isinstance(prompts, (np.ndarray, jax.Array)):
+    if prompt_lengths is None:
+      raise ValueError("prompts given as an array need prompt_lengths (the real length of each row)")
+    array = np.asarray(prompts)
+    if array.ndim != 2 or len(prompt_lengths) != array.shape[0]:
+      raise ValueError(f"prompts array has shape {array.shape} and prompt_lengths has "
+                       f"{len(prompt_lengths)} entries; expected [batch, width] and batch lengths")
+    lengths = np.asarray(prompt_lengths)
+    bad_rows = np.nonzero((lengths < 1) | (lengths > array.shape[1]))[0]
+    if bad_rows.size:
+      raise ValueError(f"prompt_lengths of rows {bad_rows.tolist()} are outside [1, {array.shape[1]}] "
+                       "(the prompts array width)")
+    rows = [array[i, :n] for i, n in enumerate(lengths)]
+  else:
+    if prompt_lengths is not None:
+      raise ValueError("prompt_lengths is only for prompts given as a padded array")
+    rows = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+  if not rows:
+    raise ValueError("prompts is empty; generate needs at least one prompt")
+  for i, row in enumerate(rows):
+    if len(row) == 0:
+      raise ValueError(f"prompt row {i} is empty; every prompt needs at least one token")
+  lengths = np.array([len(r) for r in rows], dtype=np.int32)
+  tokens = np.full((len(rows), bucket_length(int(lengths.max()), buckets)), pad_id, dtype=np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  return tokens, lengths
+
+
+def _token_logprobs(logits: Array, tokens: Array, temperature: Array) -> Array:
+  """log softmax(logits / temperature) at tokens, float32; logits: [..., V], tokens: [...]."""
+  scaled = logits.astype(jnp.float32) / temperature
+  picked = jnp.take_along_axis(scaled, tokens[..., None], axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(scaled, axis=-1)
+
+
+def sample_tokens(rng: Array, logits: Array, temperature: Array, top_p: Array, *, greedy: bool,
+                  top_k: int, use_top_p: bool) -> Array:
+  """Draws one token per row from logits [batch, vocab] -> [batch] int32.
+
+  Greedy takes the argmax. Otherwise logits are divided by `temperature`, cut to the `top_k` largest
+  (0 = all), then to the smallest prefix (by descending probability, renormalised over that top-k)
+  whose mass reaches `top_p`, and sampled. The filters only sort when they are on.
+  """
+  scaled = logits.astype(jnp.float32) / temperature
+  if greedy:
+    return jnp.argmax(scaled, axis=-1).astype(jnp.int32)
+  if not (top_k or use_top_p):
+    return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+  candidate_logits, candidate_ids = jax.lax.top_k(scaled, top_k or scaled.shape[-1])
+  if use_top_p:
+    probs = jax.nn.softmax(candidate_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    candidate_logits = jnp.where(mass_before < top_p, candidate_logits, -jnp.inf)
+  choice = jax.random.categorical(rng, candidate_logits, axis=-1)
+  return jnp.take_along_axis(candidate_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _cfg_key(cfg: ModelConfig) -> str:
+  """A hashable stand-in for cfg (its rope_scaling dict makes the dataclass itself unhashable)."""
+  return json.dumps(cfg.to_json_dict(), sort_keys=True)
+
+
+def _next_token_logits(cfg: ModelConfig, params: dict[str, Any], hidden: Array) -> Array:
+  """hidden: [batch, hidden] after the final norm -> logits [batch, vocab] float32, as `Decoder` does."""
+  head = lm_head_kernel(cfg, params).astype(jnp.dtype(cfg.dtype))
+  return jnp.einsum("bd,dv->bv", hidden, head).astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, greedy: bool, top_k: int,
+                       use_top_p: bool, stop_ids: tuple[int, ...], pad_id: int) -> Callable:
+  """The jitted prefill + decode loop for one set of static settings (reused across calls)."""
+  cfg = ModelConfig(**json.loads(cfg_key))
+  model = Decoder(cfg)
+  stop_array = jnp.asarray(stop_ids, dtype=jnp.int32)
+  sample = functools.partial(sample_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+
+  def emit(state, logits, rng, temperature, top_p):
+    """Samples column `step` from logits [batch, vocab]; rows already done get pad_id."""
+    step, active = state["step"], ~state["done"]
+    token = sample(jax.random.fold_in(rng, step), logits, temperature, top_p)
+    token = jnp.where(active, token, pad_id)
+    logprob = jnp.where(active, _token_logprobs(logits, token, temperature), 0.0)
+    stopped = jnp.isin(token, stop_array) if stop_ids else jnp.zeros_like(active)
+    return dict(
+        state,
+        step=step + 1,
+        tokens=jax.lax.dynamic_update_index_in_dim(state["tokens"], token, step, axis=1),
+        logprobs=jax.lax.dynamic_update_index_in_dim(state["logprobs"], logprob, step, axis=1),
+        lengths=state["lengths"] + active.astype(jnp.int32),
+        done=state["done"] | (active & stopped),
+    )
+
+  def run(params, prompt_tokens, prompt_lengths, rng, temperature, top_p):
+    """prompt_tokens: [batch, bucket] right-padded, prompt_lengths: [batch]."""
+    batch, bucket = prompt_tokens.shape
+    variables = {"params": params}
+    cache = init_cache(cfg, batch, bucket + max_new_tokens, jnp.dtype(cache_dtype))
+    positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
+    hidden, cache = model.apply(variables, prompt_tokens, positions, cache=cache, return_hidden=True)
+    last_hidden = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    state = {
+        "step": jnp.int32(0),
+        "tokens": jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
+        "lengths": jnp.zeros((batch,), jnp.int32),
+        "done": jnp.zeros((batch,), bool),
+        "cache": cache,
+    }
+    state = emit(state, _next_token_logits(cfg, params, last_hidden), rng, temperature, top_p)
+
+    def keep_going(state):
+      return (state["step"] < max_new_tokens) & ~jnp.all(state["done"])
+
+    def decode_step(state):
+      # Row b's previous token sits at position prompt_lengths[b] + step - 1 (its cache slot).
+      previous = jax.lax.dynamic_index_in_dim(state["tokens"], state["step"] - 1, axis=1)
+      positions = (prompt_lengths + state["step"] - 1)[:, None]
+      hidden, cache = model.apply(variables, previous, positions, cache=state["cache"], return_hidden=True)
+      logits = _next_token_logits(cfg, params, hidden[:, 0])
+      return emit(dict(state, cache=cache), logits, rng, temperature, top_p)
+
+    state = jax.lax.while_loop(keep_going, decode_step, state)
+    return state["tokens"], state["logprobs"], state["lengths"], ~state["done"]
+
+  return jax.jit(run)
+
+
+def _validate(cfg: ModelConfig, tokens: np.ndarray, pad_id: int, max_new_tokens: int, temperature: float,
+              top_k: int, top_p: float, cache_dtype: str, stop_strings: Sequence[str],
+              tokenizer: Any) -> None:
+  if not 0 <= pad_id < cfg.vocab_size:
+    raise ValueError(f"pad_id={pad_id} is outside [0, {cfg.vocab_size}) (vocab_size)")
+  bad_rows = np.nonzero(((tokens < 0) | (tokens >= cfg.vocab_size)).any(axis=1))[0]
+  if bad_rows.size:
+    raise ValueError(f"prompt rows {bad_rows.tolist()} hold token ids outside [0, {cfg.vocab_size}) "
+                     "(vocab_size)")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}; it must be >= 1")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature}; use 0 for greedy or a positive value")
+  if top_k < 0:
+    raise ValueError(f"top_k={top_k}; use 0 to turn top-k off or a positive count")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p={top_p}; it must be in (0, 1] (1.0 turns nucleus filtering off)")
+  if cache_dtype not in CACHE_DTYPES:
+    raise ValueError(f"cache_dtype={cache_dtype!r}; choose one of {CACHE_DTYPES}")
+  if stop_strings and tokenizer is None:
+    raise ValueError("stop_strings need a tokenizer (pass tokenizer=...) to decode the generated tokens")
+
+
+def generate(params: dict[str, Any], cfg: ModelConfig, prompts: Sequence[Sequence[int]] | np.ndarray, *,
+             rng: Array, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer: Any = None,
+             cache_dtype: str = "float32", pad_id: int = 0, prompt_lengths: Sequence[int] | None = None,
+             prompt_buckets: Sequence[int] | None = None) -> GenerationResult:
+  """Samples up to `max_new_tokens` tokens after each prompt.
+
+  Layout: prompts are RIGHT-padded (`pad_prompts`) to a bucket length (`bucket_length`: the smallest of
+  `prompt_buckets`, else a power of two >= 16), so calls with the same batch size, bucket and settings
+  reuse one compiled program. The cache has bucket + max_new_tokens slots; slot = position, so row b's
+  i-th new token is written at slot prompt_lengths[b] + i and the padding slots after its prompt are
+  overwritten before any query can attend to them. One jitted function runs the prefill (all prompt
+  tokens in one forward) and then a `lax.while_loop` of one-token decode steps that exits as soon as
+  every row is done.
+
+  Sampling: greedy when temperature == 0, else temperature, then top-k (0 = off), then top-p (1.0 = off).
+  `logprobs` are log softmax(logits / temperature) of the sampled token under the *unfiltered*
+  distribution (top-k / top-p change what is drawn, not the reported log-prob): this is what a trainer
+  recomputes from a forward pass (`score_completions`). With temperature 0 they use temperature 1.
+
+  Stopping: a token in `stop_ids` ends its row (it is kept and counted in `lengths`). `stop_strings`
+  are checked on the host after generation: each row is cut right after the first token at which its
+  decoded text contains a stop string (binary search over prefixes; assumes a decoded prefix's text
+  keeps the stop string as tokens are appended), so the loop itself runs on past them.
+
+  params: plain (unboxed) params; rng: a PRNG key (fold_in(rng, step) draws step's tokens).
+  prompts: a list of token-id lists, or an int array [batch, width] with `prompt_lengths` [batch].
+  """
+  prompt_tokens, lengths = pad_prompts(prompts, prompt_lengths, buckets=prompt_buckets, pad_id=pad_id)
+  _validate(cfg, prompt_tokens, pad_id, max_new_tokens, temperature, top_k, top_p, cache_dtype, stop_strings,
+            tokenizer)
+  greedy = temperature == 0
+  run = _compiled_generate(_cfg_key(cfg), max_new_tokens, cache_dtype, greedy,
+                           0 if greedy else min(top_k, cfg.vocab_size), not greedy and top_p < 1.0,
+                           tuple(int(i) for i in stop_ids), pad_id)
+  outputs = run(params, prompt_tokens, lengths, rng, jnp.float32(temperature if temperature > 0 else 1.0),
+                jnp.float32(top_p))
+  tokens, logprobs, out_lengths, truncated = (np.array(x) for x in outputs)
+  result = GenerationResult(tokens, logprobs, out_lengths, truncated)
+  if stop_strings:
+    _cut_at_stop_strings(result, tuple(stop_strings), tokenizer, pad_id)
+  return result
+
+
+def _stop_string_end(ids: list[int], stop_strings: tuple[str, ...], tokenizer: Any) -> int | None:
+  """The shortest prefix length of ids whose decoded text contains a stop string, or None."""
+
+  def has_stop(n: int) -> bool:
+    text = tokenizer.decode(ids[:n], skip_special_tokens=False)
+    return any(s in text for s in stop_strings)
+
+  if not has_stop(len(ids)):
+    return None
+  low, high = 1, len(ids)
+  while low < high:
+    middle = (low + high) // 2
+    low, high = (low, middle) if has_stop(middle) else (middle + 1, high)
+  return low
+
+
+def _cut_at_stop_strings(result: GenerationResult, stop_strings: tuple[str, ...], tokenizer: Any,
+                         pad_id: int) -> None:
+  """Ends each row (in place) right after the token that completes its first stop string."""
+  cut_rows = 0
+  for row, length in enumerate(result.lengths.tolist()):
+    end = _stop_string_end(result.tokens[row, :length].tolist(), stop_strings, tokenizer)
+    if end is None:
+      continue
+    cut_rows += 1
+    result.tokens[row, end:] = pad_id
+    result.logprobs[row, end:] = 0.0
+    result.lengths[row] = end
+    result.truncated[row] = False
+  logger.debug("stop strings ended %d of %d rows", cut_rows, len(result.lengths))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_score(cfg_key: str) -> Callable:
+  cfg = ModelConfig(**json.loads(cfg_key))
+  model = Decoder(cfg)
+
+  def score(params, tokens, completion_mask, temperature):
+    logits = model.apply({"params": params}, tokens)
+    logprobs = _token_logprobs(logits[:, :-1], tokens[:, 1:], temperature)
+    logprobs = jnp.pad(logprobs, ((0, 0), (1, 0)))
+    return jnp.where(completion_mask > 0, logprobs, 0.0)
+
+  return jax.jit(score)
+
+
+def score_completions(params: dict[str, Any], cfg: ModelConfig, tokens: Array, completion_mask: Array,
+                      temperature: float = 1.0) -> Array:
+  """Log-probs of given tokens by one full forward pass (no cache), as a trainer computes them.
+
+  tokens: [batch, seq] prompt then completion (right-padded), completion_mask: [batch, seq] (1 on
+  completion tokens). Returns [batch, seq] float32: log softmax(logits[t-1] / temperature)[tokens[t]] where
+  the mask is set, else 0. Temperature 0 (greedy) scores at temperature 1, like `generate`.
+  """
+  run = _compiled_score(_cfg_key(cfg))
+  return run(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(completion_mask),
+             jnp.float32(temperature if temperature > 0 else 1.0))

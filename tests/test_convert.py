@@ -1,0 +1,42 @@
+"""`cftjax convert` both directions: HF -> Orbax checkpoint -> HF loads in transformers with equal logits."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import transformers
+
+from cftjax.models import checkpoint_io
+from cftjax.models.convert import checkpoint_to_hf, hf_to_checkpoint
+from tests.hf_reference import hf_logits, make_hf_model, save_hf_model
+
+
+def test_round_trip_keeps_weights_and_tokenizer(tmp_path):
+  model = make_hf_model("qwen3_head_dim")
+  hf_dir = tmp_path / "hf"
+  save_hf_model(model, hf_dir)
+  (hf_dir / "tokenizer_config.json").write_text('{"chat_template": "x"}')
+  hf_to_checkpoint(str(hf_dir), str(tmp_path / "ckpt"))
+  cfg, params, tok = checkpoint_io.load_model_checkpoint(str(tmp_path / "ckpt"))
+  assert cfg.model_type == "qwen3" and cfg.head_dim == 32
+  assert tok and os.path.exists(os.path.join(tok, "tokenizer_config.json"))
+  checkpoint_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "back"), max_shard_size="40KB")
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"))
+  tokens = np.arange(40, dtype=np.int64).reshape(2, 20) % cfg.vocab_size
+  np.testing.assert_allclose(hf_logits(back, tokens), hf_logits(model, tokens), atol=1e-5)
+  assert (tmp_path / "back" / "tokenizer_config.json").exists()
+
+
+def test_refuses_to_overwrite(tmp_path):
+  model = make_hf_model("llama32_tied")
+  save_hf_model(model, tmp_path / "hf")
+  hf_to_checkpoint(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+  with pytest.raises(FileExistsError, match="already exists"):
+    hf_to_checkpoint(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a cftjax model checkpoint"):
+    checkpoint_io.load_model_checkpoint(str(tmp_path))
