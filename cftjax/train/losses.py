@@ -1,0 +1,363 @@
+"""Training losses: chunked cross-entropy and token log-probs from hidden states, GRPO advantages,
+clipped policy surrogate, KL estimators and (sum, count) aggregation for global normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+ADVANTAGE_SCALES = ("group_std", "batch_std", "none")
+KL_KINDS = ("k1", "k3")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token statistics of logits (shared by the chunked and unchunked paths).
+
+
+def _log_softmax_at(logits: Array, targets: Array) -> tuple[Array, Array]:
+  """logits: [..., V] float32, targets: [...] -> (log p(target) [...], logsumexp [...])."""
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return target_logit - log_z, log_z
+
+
+def _entropy(logits: Array, log_z: Array) -> Array:
+  """Entropy of softmax(logits) [...] given its logsumexp; logits: [..., V] float32."""
+  probs = jnp.exp(logits - log_z[..., None])
+  return log_z - jnp.sum(probs * logits, axis=-1)
+
+
+def token_log_probs(logits: Array, targets: Array, temperature: float = 1.0) -> Array:
+  """Float32 log-softmax(logits / temperature) gathered at targets.
+
+  logits: [B, T, V], targets: [B, T] int -> [B, T] float32.
+  """
+  logits = logits.astype(jnp.float32) / temperature
+  return _log_softmax_at(logits, targets)[0]
+
+
+def _token_stats(logits: Array, targets: Array) -> dict[str, Array]:
+  """logits: [..., V] float32, targets: [...] -> per-token log_prob, log_z, entropy, correct."""
+  log_prob, log_z = _log_softmax_at(logits, targets)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {"log_prob": log_prob, "log_z": log_z, "entropy": _entropy(logits, log_z),
+          "correct": correct}
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunking over tokens: logits exist for one chunk at a time, in forward and (by remat) backward.
+
+
+def _map_token_chunks(
+    stats_fn: Callable[[Array, Array], dict[str, Array]],
+    hidden: Array,
+    lm_head: Array,
+    targets: Array,
+    chunk_size: int,
+    logits_dtype=jnp.float32,
+    temperature: float = 1.0,
+) -> dict[str, Array]:
+  """Applies stats_fn(logits [B, s, V] f32, targets [B, s]) to chunks of about chunk_size tokens.
+
+  hidden: [B, T, D], lm_head: [D, V], targets: [B, T] -> dict of [B, T] float32 arrays.
+  A chunk holds every row and s = max(1, chunk_size // B) positions, so the batch axis keeps its
+  data-parallel sharding; T is padded to a multiple of s. Chunks are mapped sequentially and the
+  chunk body is rematerialised, so the backward pass also holds one [B, s, V] block at a time.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  batch, seq, dim = hidden.shape
+  if lm_head.shape[0] != dim:
+    raise ValueError(
+        f"lm_head is {lm_head.shape}, expected [{dim}, vocab] to match hidden {hidden.shape}")
+  seq_chunk = max(1, min(seq, chunk_size // batch))
+  num_chunks = math.ceil(seq / seq_chunk)
+  pad = num_chunks * seq_chunk - seq
+
+  def to_chunks(x: Array) -> Array:  # [B, T, ...] -> [num_chunks, B, seq_chunk, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(batch, num_chunks, seq_chunk, *x.shape[2:]), 1, 0)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan CSE cannot undo remat
+  def chunk_body(xs):
+    chunk_hidden, chunk_targets = xs
+    logits = jnp.einsum("bsd,dv->bsv", chunk_hidden, lm_head, preferred_element_type=logits_dtype)
+    return stats_fn(logits.astype(jnp.float32) / temperature, chunk_targets)
+
+  stats = jax.lax.map(chunk_body, (to_chunks(hidden), to_chunks(targets.astype(jnp.int32))))
+  return {name: jnp.moveaxis(value, 0, 1).reshape(batch, num_chunks * seq_chunk)[:, :seq]
+          for name, value in stats.items()}
+
+
+def chunked_cross_entropy(
+    hidden: Array,
+    lm_head: Array,
+    targets: Array,
+    loss_mask: Array,
+    chunk_size: int,
+    z_loss_weight: float = 0.0,
+    logits_dtype=jnp.float32,
+) -> dict[str, Array]:
+  """Masked next-token cross-entropy, computed chunk by chunk from final hidden states.
+
+  hidden: [B, T, D], lm_head: [D, V], targets: [B, T] int, loss_mask: [B, T] (0/1 or weights).
+  Returns float32 sums to be divided ONCE by the global token count:
+    loss_sum: sum(mask * (nll + z_loss_weight * logsumexp^2))  (the objective's numerator)
+    z_loss_sum: the z-loss part of loss_sum; token_count: sum(mask);
+    correct_sum: masked count of argmax == target; entropy_sum: masked sum of predictive entropy.
+  """
+  stats = _map_token_chunks(_token_stats, hidden, lm_head, targets, chunk_size, logits_dtype)
+  mask = loss_mask.astype(jnp.float32)
+  z_loss_sum = z_loss_weight * jnp.sum(mask * jnp.square(stats["log_z"]))
+  return {
+      "loss_sum": jnp.sum(mask * -stats["log_prob"]) + z_loss_sum,
+      "token_count": jnp.sum(mask),
+      "z_loss_sum": z_loss_sum,
+      "correct_sum": jnp.sum(mask * stats["correct"]),
+      "entropy_sum": jnp.sum(mask * stats["entropy"]),
+  }
+
+
+def _log_prob_and_entropy(logits: Array, targets: Array) -> dict[str, Array]:
+  log_prob, log_z = _log_softmax_at(logits, targets)
+  return {"log_prob": log_prob, "entropy": _entropy(logits, log_z)}
+
+
+def chunked_token_log_probs(
+    hidden: Array,
+    lm_head: Array,
+    targets: Array,
+    chunk_size: int,
+    temperature: float = 1.0,
+    logits_dtype=jnp.float32,
+) -> tuple[Array, Array]:
+  """Float32 log p(target) and entropy of softmax(hidden @ lm_head / temperature), chunked.
+
+  hidden: [B, T, D], lm_head: [D, V], targets: [B, T] -> (log_probs [B, T], entropies [B, T]).
+  """
+  stats = _map_token_chunks(_log_prob_and_entropy, hidden, lm_head, targets, chunk_size,
+                            logits_dtype, temperature)
+  return stats["log_prob"], stats["entropy"]
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO.
+
+
+def group_advantages(
+    rewards: Array,
+    group_size: int | None = None,
+    group_ids: Array | None = None,
+    scale: str = "group_std",
+    eps: float = 1e-6,
+) -> Array:
+  """Group-relative advantages A_i = (r_i - mean_group(r)) / (std + eps).
+
+  rewards: [N]. Groups are given by group_size (consecutive blocks of that size) or group_ids [N]
+  (ints in [0, N)). scale: "group_std" (unbiased std of the group), "batch_std" (unbiased std of
+  all N rewards) or "none" (Dr. GRPO: centring only). A group of one, or of equal rewards, gets 0.
+  """
+  if scale not in ADVANTAGE_SCALES:
+    raise ValueError(f"advantage scale {scale!r} is not one of {ADVANTAGE_SCALES}")
+  rewards = jnp.asarray(rewards, jnp.float32)
+  num = rewards.shape[0]
+  if (group_size is None) == (group_ids is None):
+    raise ValueError("group_advantages needs exactly one of group_size or group_ids")
+  if group_size is not None:
+    if group_size < 1 or num % group_size:
+      raise ValueError(f"{num} rewards do not split into groups of group_size={group_size}")
+    group_ids = jnp.arange(num) // group_size
+  group_ids = jnp.asarray(group_ids, jnp.int32)
+  if not isinstance(group_ids, jax.core.Tracer) and num and (
+      int(group_ids.min()) < 0 or int(group_ids.max()) >= num):
+    raise ValueError(f"group_ids must lie in [0, {num}); got range "
+                     f"[{int(group_ids.min())}, {int(group_ids.max())}]")
+
+  def group_sum(values):
+    return jax.ops.segment_sum(values, group_ids, num_segments=num)[group_ids]
+
+  count = group_sum(jnp.ones_like(rewards))
+  # Exact test for equal rewards: float32 rounding of the mean must not turn them into +-1.
+  varies = (jax.ops.segment_max(rewards, group_ids, num_segments=num)[group_ids]
+            > jax.ops.segment_min(rewards, group_ids, num_segments=num)[group_ids])
+  centred = rewards - group_sum(rewards) / count
+  if scale == "group_std":
+    group_var = group_sum(jnp.square(centred)) / jnp.maximum(count - 1.0, 1.0)
+    centred = centred / (jnp.sqrt(group_var) + eps)
+  elif scale == "batch_std":
+    centred = centred / ((jnp.std(rewards, ddof=1) if num > 1 else 0.0) + eps)
+  return jnp.where(varies, centred, 0.0)
+
+
+def policy_loss_terms(
+    logp: Array,
+    old_logp: Array,
+    advantages: Array,
+    mask: Array,
+    eps_low: float | None = 0.2,
+    eps_high: float | None = 0.2,
+    dual_clip: float | None = None,
+    log_ratio_clamp: float | None = 20.0,
+    refined_mask: Array | None = None,
+    shaping_gamma: float = 0.1,
+) -> dict[str, Array]:
+  """Per-token clipped surrogate l_t = -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A).
+
+  logp, old_logp, mask: [B, T]; advantages: [B]. eps_low/eps_high None: no clip on that side.
+  dual_clip c (> 1, A < 0 only): l_t = min(l_t, -c A). log_ratio_clamp bounds logp - old_logp.
+  refined_mask [B, T] or [B] (Critique-GRPO / LUFFY policy shaping): those tokens use
+  l_t = -f(p) A with p = exp(logp), f(p) = p / (p + shaping_gamma), no ratio and no clipping.
+  Returns [B, T] float32 arrays (zero where mask is 0): token_loss, ratio, log_ratio and the 0/1
+  indicators clipped_low, clipped_high, dual_clipped (tokens whose gradient the clip removes).
+  """
+  mask = mask.astype(jnp.float32)
+  adv = jnp.asarray(advantages, jnp.float32)[:, None]
+  # Zero the log-ratio off the mask so padding with -inf/garbage log-probs cannot leak NaNs.
+  log_ratio = jnp.where(mask > 0, logp.astype(jnp.float32) - old_logp.astype(jnp.float32), 0.0)
+  if log_ratio_clamp is not None:
+    log_ratio = jnp.clip(log_ratio, -log_ratio_clamp, log_ratio_clamp)
+  ratio = jnp.exp(log_ratio)
+  low = None if eps_low is None else 1.0 - eps_low
+  high = None if eps_high is None else 1.0 + eps_high
+  token_loss = jnp.maximum(-ratio * adv, -jnp.clip(ratio, low, high) * adv)
+  clipped_low = (adv < 0) & (ratio < low) if low is not None else jnp.zeros_like(mask, bool)
+  clipped_high = (adv > 0) & (ratio > high) if high is not None else jnp.zeros_like(mask, bool)
+  dual_clipped = jnp.zeros_like(mask, bool)
+  if dual_clip is not None:
+    if dual_clip <= 1.0:
+      raise ValueError(f"dual_clip must be > 1 (typically 3), got {dual_clip}")
+    dual_clipped = (adv < 0) & (token_loss > -dual_clip * adv)
+    token_loss = jnp.where(adv < 0, jnp.minimum(token_loss, -dual_clip * adv), token_loss)
+  if refined_mask is not None:
+    refined = jnp.broadcast_to(
+        refined_mask if refined_mask.ndim == 2 else refined_mask[:, None], mask.shape).astype(bool)
+    prob = jnp.exp(jnp.where(mask > 0, logp.astype(jnp.float32), 0.0))
+    token_loss = jnp.where(refined, -prob / (prob + shaping_gamma) * adv, token_loss)
+    clipped_low, clipped_high, dual_clipped = (
+        flag & ~refined for flag in (clipped_low, clipped_high, dual_clipped))
+  return {
+      "token_loss": mask * token_loss,
+      "ratio": mask * ratio,
+      "log_ratio": mask * log_ratio,
+      "clipped_low": mask * clipped_low,
+      "clipped_high": mask * clipped_high,
+      "dual_clipped": mask * dual_clipped,
+  }
+
+
+def kl_penalty(
+    logp: Array, ref_logp: Array, kind: str = "k3", clamp: float | None = 20.0,
+    k3_clamp: float | None = 10.0,
+) -> Array:
+  """Per-token KL(policy || reference) estimate; logp, ref_logp: [B, T] -> [B, T] float32.
+
+  k1 = logp - ref_logp; k3 = exp(ref - logp) - (ref - logp) - 1. The log difference is clamped to
+  +-clamp and k3 to +-k3_clamp (None disables either).
+  """
+  if kind not in KL_KINDS:
+    raise ValueError(f"kl kind {kind!r} is not one of {KL_KINDS}")
+  log_diff = ref_logp.astype(jnp.float32) - logp.astype(jnp.float32)
+  if clamp is not None:
+    log_diff = jnp.clip(log_diff, -clamp, clamp)
+  if kind == "k1":
+    return -log_diff
+  k3 = jnp.exp(log_diff) - log_diff - 1.0
+  return k3 if k3_clamp is None else jnp.clip(k3, -k3_clamp, k3_clamp)
+
+
+def aggregation_denominator(mask: Array, mode: str, max_response_len: int | None = None) -> Array:
+  """Local share of the loss normaliser for `mode`; sum it over micro-batches / devices.
+
+  mask: [B, T]. token_mean: masked token count; seq_mean_token_mean: number of sequences with at
+  least one token; seq_mean_token_sum_norm: that number times max_response_len (default T).
+  """
+  if mode not in AGGREGATION_MODES:
+    raise ValueError(f"loss aggregation mode {mode!r} is not one of {AGGREGATION_MODES}")
+  mask = mask.astype(jnp.float32)
+  if mode == "token_mean":
+    return jnp.sum(mask)
+  num_seqs = jnp.sum(jnp.sum(mask, axis=1) > 0).astype(jnp.float32)
+  if mode == "seq_mean_token_mean":
+    return num_seqs
+  return num_seqs * float(max_response_len or mask.shape[1])
+
+
+def aggregate(
+    token_losses: Array, mask: Array, mode: str = "token_mean", max_response_len: int | None = None,
+) -> tuple[Array, Array]:
+  """(numerator, local denominator) of the aggregated loss; token_losses, mask: [B, T].
+
+  The loss is numerator / denominator with the denominator summed over the GLOBAL batch, so that
+  splitting the batch into micro-batches or across devices leaves loss and gradient unchanged.
+  seq_mean_token_mean's numerator is the sum over sequences of each sequence's masked token mean.
+  """
+  denominator = aggregation_denominator(mask, mode, max_response_len)
+  mask = mask.astype(jnp.float32)
+  masked_sum = token_losses * mask
+  if mode == "seq_mean_token_mean":
+    seq_tokens = jnp.sum(mask, axis=1)
+    numerator = jnp.sum(jnp.sum(masked_sum, axis=1) / jnp.maximum(seq_tokens, 1.0))
+  else:
+    numerator = jnp.sum(masked_sum)
+  return numerator, denominator
+
+
+def grpo_loss(
+    logp: Array,
+    old_logp: Array,
+    advantages: Array,
+    mask: Array,
+    ref_logp: Array | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    eps_low: float | None = 0.2,
+    eps_high: float | None = 0.2,
+    dual_clip: float | None = None,
+    log_ratio_clamp: float | None = 20.0,
+    aggregation: str = "token_mean",
+    max_response_len: int | None = None,
+    refined_mask: Array | None = None,
+    shaping_gamma: float = 0.1,
+) -> dict[str, Array]:
+  """GRPO objective pieces for one micro-batch (see policy_loss_terms, kl_penalty, aggregate).
+
+  logp, old_logp, mask, ref_logp: [B, T]; advantages: [B]. Token loss = surrogate + kl_coef * kl,
+  aggregated with `aggregation`. Returns float32 scalars: loss_sum and pg_loss_sum / kl_loss_sum
+  (numerators to divide by the GLOBAL sum of `denominator`), denominator, token_count, and masked
+  token sums for metrics: kl_sum, clip_low_sum, clip_high_sum, dual_clip_sum, ratio_sum,
+  abs_log_ratio_sum, plus ratio_min / ratio_max over masked tokens (+inf / -inf when none).
+  """
+  if kl_coef and ref_logp is None:
+    raise ValueError("grpo_loss: kl_coef > 0 needs ref_logp (reference-model log-probs)")
+  mask = mask.astype(jnp.float32)
+  terms = policy_loss_terms(logp, old_logp, advantages, mask, eps_low, eps_high, dual_clip,
+                            log_ratio_clamp, refined_mask, shaping_gamma)
+  if ref_logp is None:
+    kl = jnp.zeros_like(mask)
+  else:  # padding log-probs (possibly -inf) are zeroed before they can make NaNs
+    live = mask > 0
+    kl = mask * kl_penalty(jnp.where(live, logp, 0.0), jnp.where(live, ref_logp, 0.0), kl_kind)
+  pg_loss_sum, denominator = aggregate(terms["token_loss"], mask, aggregation, max_response_len)
+  kl_loss_sum = aggregate(kl, mask, aggregation, max_response_len)[0]
+  return {
+      "loss_sum": pg_loss_sum + kl_coef * kl_loss_sum,
+      "pg_loss_sum": pg_loss_sum,
+      "kl_loss_sum": kl_loss_sum,
+      "denominator": denominator,
+      "token_count": jnp.sum(mask),
+      "kl_sum": jnp.sum(kl),
+      "clip_low_sum": jnp.sum(terms["clipped_low"]),
+      "clip_high_sum": jnp.sum(terms["clipped_high"]),
+      "dual_clip_sum": jnp.sum(terms["dual_clipped"]),
+      "ratio_sum": jnp.sum(terms["ratio"]),
+      "abs_log_ratio_sum": jnp.sum(jnp.abs(terms["log_ratio"])),
+      "ratio_min": jnp.min(jnp.where(mask > 0, terms["ratio"], jnp.inf)),
+      "ratio_max": jnp.max(jnp.where(mask > 0, terms["ratio"], -jnp.inf)),
+  }

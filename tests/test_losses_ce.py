@@ -1,0 +1,163 @@
+"""Chunked cross-entropy and token log-probs against unchunked optax / float64 numpy references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cftjax.train import losses
+
+BATCH, SEQ, DIM, VOCAB = 2, 12, 16, 37
+
+
+def _inputs(seed: int = 0):
+  rng = np.random.default_rng(seed)
+  hidden = rng.normal(size=(BATCH, SEQ, DIM)).astype(np.float32)
+  lm_head = rng.normal(size=(DIM, VOCAB)).astype(np.float32) * 0.5
+  targets = rng.integers(0, VOCAB, size=(BATCH, SEQ)).astype(np.int32)
+  loss_mask = (rng.random((BATCH, SEQ)) > 0.3).astype(np.float32)
+  loss_mask[1, :4] = 0.0
+  return hidden, lm_head, targets, loss_mask
+
+
+def _np_log_softmax(logits: np.ndarray) -> np.ndarray:
+  shifted = logits - logits.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def _optax_loss_sum(hidden, lm_head, targets, loss_mask):
+  logits = jnp.einsum("btd,dv->btv", hidden, lm_head)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(nll * loss_mask)
+
+
+_optax_value_and_grad = jax.jit(jax.value_and_grad(_optax_loss_sum, argnums=(0, 1)))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 10, 14, 100])  # 2 x 12 tokens
+def test_chunked_equals_unchunked_loss_and_gradients(chunk_size):
+  hidden, lm_head, targets, loss_mask = _inputs()
+
+  def chunked(h, w):
+    return losses.chunked_cross_entropy(h, w, targets, loss_mask, chunk_size)["loss_sum"]
+
+  loss, (g_hidden, g_head) = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(hidden, lm_head)
+  ref_loss, (ref_g_hidden, ref_g_head) = _optax_value_and_grad(hidden, lm_head, targets, loss_mask)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  np.testing.assert_allclose(g_hidden, ref_g_hidden, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(g_head, ref_g_head, rtol=1e-6, atol=1e-6)
+  assert np.all(np.asarray(g_hidden)[loss_mask == 0] == 0.0)
+
+
+def test_sums_match_float64_numpy_including_z_loss_accuracy_entropy():
+  hidden, lm_head, targets, loss_mask = _inputs(1)
+  z_weight = 1e-3
+  out = losses.chunked_cross_entropy(hidden, lm_head, targets, loss_mask, chunk_size=7,
+                                     z_loss_weight=z_weight)
+  logits = np.einsum("btd,dv->btv", hidden.astype(np.float64), lm_head.astype(np.float64))
+  log_probs = _np_log_softmax(logits)
+  log_z = np.log(np.exp(logits).sum(-1))
+  nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+  entropy = -(np.exp(log_probs) * log_probs).sum(-1)
+  correct = (logits.argmax(-1) == targets).astype(np.float64)
+  z_loss = z_weight * (loss_mask * log_z**2).sum()
+  np.testing.assert_allclose(out["z_loss_sum"], z_loss, rtol=1e-5)
+  np.testing.assert_allclose(out["loss_sum"], (loss_mask * nll).sum() + z_loss, rtol=1e-5)
+  np.testing.assert_allclose(out["token_count"], loss_mask.sum())
+  np.testing.assert_allclose(out["correct_sum"], (loss_mask * correct).sum())
+  np.testing.assert_allclose(out["entropy_sum"], (loss_mask * entropy).sum(), rtol=1e-5)
+
+
+def test_forced_correct_targets_count_as_correct():
+  hidden, lm_head, _, loss_mask = _inputs(2)
+  argmax_targets = np.einsum("btd,dv->btv", hidden, lm_head).argmax(-1).astype(np.int32)
+  out = losses.chunked_cross_entropy(hidden, lm_head, argmax_targets, loss_mask, chunk_size=5)
+  assert float(out["correct_sum"]) == loss_mask.sum()
+
+
+def test_token_log_probs_with_temperature_matches_numpy():
+  hidden, lm_head, targets, _ = _inputs(3)
+  logits = np.einsum("btd,dv->btv", hidden, lm_head)
+  temperature = 0.6
+  ref_log_probs = _np_log_softmax(logits.astype(np.float64) / temperature)
+  ref = np.take_along_axis(ref_log_probs, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(losses.token_log_probs(logits, targets, temperature), ref,
+                             rtol=1e-5, atol=1e-5)
+  log_probs, entropy = losses.chunked_token_log_probs(hidden, lm_head, targets, chunk_size=5,
+                                                      temperature=temperature)
+  np.testing.assert_allclose(log_probs, ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(entropy, -(np.exp(ref_log_probs) * ref_log_probs).sum(-1),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_log_prob_gradients_match_unchunked():
+  hidden, lm_head, targets, loss_mask = _inputs(4)
+  weights = np.random.default_rng(4).normal(size=targets.shape).astype(np.float32)
+
+  def chunked(w):
+    log_probs, entropy = losses.chunked_token_log_probs(hidden, w, targets, 5, temperature=0.7)
+    return jnp.sum(weights * log_probs + 0.1 * loss_mask * entropy)
+
+  def unchunked(w):
+    logits = jnp.einsum("btd,dv->btv", hidden, w) / 0.7
+    log_probs = jax.nn.log_softmax(logits)
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, -1)
+    target_lp = jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    return jnp.sum(weights * target_lp + 0.1 * loss_mask * entropy)
+
+  np.testing.assert_allclose(jax.jit(jax.grad(chunked))(lm_head),
+                             jax.jit(jax.grad(unchunked))(lm_head), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_logits_stay_close():
+  hidden, lm_head, targets, loss_mask = _inputs(5)
+  out = losses.chunked_cross_entropy(hidden, lm_head, targets, loss_mask, 8,
+                                     logits_dtype=jnp.bfloat16)
+  assert out["loss_sum"].dtype == jnp.float32
+  np.testing.assert_allclose(out["loss_sum"], _optax_loss_sum(hidden, lm_head, targets, loss_mask),
+                             rtol=2e-2)
+
+
+def test_bad_shapes_and_chunk_size_raise():
+  hidden, lm_head, targets, loss_mask = _inputs()
+  with pytest.raises(ValueError, match="chunk_size"):
+    losses.chunked_cross_entropy(hidden, lm_head, targets, loss_mask, 0)
+  with pytest.raises(ValueError, match="lm_head"):
+    losses.chunked_cross_entropy(hidden, lm_head[:-1], targets, loss_mask, 4)
+
+
+def _temp_bytes(loss_fn, num_tokens: int, vocab: int, dim: int = 64) -> int:
+  shapes = (jax.ShapeDtypeStruct((1, num_tokens, dim), jnp.float32),
+            jax.ShapeDtypeStruct((dim, vocab), jnp.float32),
+            jax.ShapeDtypeStruct((1, num_tokens), jnp.int32),
+            jax.ShapeDtypeStruct((1, num_tokens), jnp.float32))
+  step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+  return step.lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_compiled_peak_memory_does_not_scale_with_tokens_times_vocab():
+  chunk = 128
+
+  def chunked(h, w, t, m):
+    return losses.chunked_cross_entropy(h, w, t, m, chunk)["loss_sum"]
+
+  figures = {}
+  for vocab in (8192, 32768):
+    for num_tokens in (2048, 4096):
+      figures[("chunked", num_tokens, vocab)] = _temp_bytes(chunked, num_tokens, vocab)
+    figures[("unchunked", 2048, vocab)] = _temp_bytes(_optax_loss_sum, 2048, vocab)
+  for (kind, num_tokens, vocab), temp in figures.items():
+    print(f"CE value_and_grad temp memory [{kind}] tokens={num_tokens} vocab={vocab}: "
+          f"{temp / 2**20:.1f} MiB (tokens*vocab*4 = {num_tokens * vocab * 4 / 2**20:.0f} MiB)")
+  for vocab in (8192, 32768):
+    logits_bytes = 2048 * vocab * 4
+    assert figures[("chunked", 2048, vocab)] < logits_bytes / 4
+    assert figures[("unchunked", 2048, vocab)] >= logits_bytes
+    # Doubling the tokens adds only per-token vectors, not another tokens x vocab block.
+    growth = figures[("chunked", 4096, vocab)] - figures[("chunked", 2048, vocab)]
+    assert growth < 0.05 * logits_bytes
+  # Per-chunk blocks scale with chunk * vocab.
+  assert figures[("chunked", 2048, 32768)] <= 4 * chunk * 32768 * 4
