@@ -189,7 +189,8 @@ class Decoder(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     embedding = _param(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                        nn.initializers.normal(1.0))
-    x = jnp.take(embedding, tokens, axis=0).astype(dt)
+    # Gathering from a table sharded on "embed" forces XLA to replicate it; unshard that dim first.
+    x = jnp.take(nn.with_logical_constraint(embedding, ("vocab", None)), tokens, axis=0).astype(dt)
     x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
     cos, sin = rope_angles(cfg, positions)
 
