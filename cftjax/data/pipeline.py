@@ -1,0 +1,451 @@
+"""Grain input pipelines: weighted source mixtures -> CFT batches (packed/padded) or RL prompts.
+
+Sharded per JAX process, seeded, epoch-aware, and resumable from a JSON iterator state.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from cftjax.data import sources as sources_lib
+from cftjax.data import templates as templates_lib
+
+logger = logging.getLogger(__name__)
+
+LENGTH_POLICIES = ("drop", "truncate", "error")
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "sources": None, "template": None, "max_seq_len": None, "batch_size": None, "packing": True,
+    "length_policy": "drop", "on_bad_row": "error", "seed": 0, "num_epochs": None,
+    "num_workers": 0, "max_prompt_len": None,
+}
+_REQUIRED_KEYS = ("sources", "max_seq_len", "batch_size")
+SFT_KEYS = ("inputs", "targets", "loss_mask")
+
+# Example status set by the (possibly out-of-process) renderers, counted in the main process.
+OK, TRUNCATED, TOO_LONG, NO_TARGET = "ok", "truncated", "too_long", "no_target"
+BAD_ROW = "bad_row"
+COUNT_KEYS = ("seen", "kept", "truncated", "dropped_too_long", "dropped_no_target",
+              "dropped_bad_row")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config.
+
+def resolve_data_config(data_cfg: Any) -> dict[str, Any]:
+  """A plain dict of the data config with defaults filled in; unknown or bad keys raise."""
+  cfg = dict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg)
+  unknown = sorted(set(cfg) - set(CONFIG_DEFAULTS))
+  if unknown:
+    raise ValueError(f"data config: unknown key {unknown[0]!r}; allowed keys: "
+                     f"{sorted(CONFIG_DEFAULTS)} (see docs/data.md)")
+  cfg = {**CONFIG_DEFAULTS, **cfg}
+  for key in _REQUIRED_KEYS:
+    if cfg[key] is None:
+      raise ValueError(f"data config: {key!r} is required (see docs/data.md)")
+  if isinstance(cfg["sources"], (str, Mapping)) or not len(cfg["sources"]):
+    raise ValueError("data config: 'sources' must be a non-empty list of source specs")
+  cfg["sources"] = [sources_lib.normalize_source_spec(s, f"data config sources[{i}]")
+                    for i, s in enumerate(cfg["sources"])]
+  for key in ("max_seq_len", "batch_size"):
+    if int(cfg[key]) < 1:
+      raise ValueError(f"data config: {key}={cfg[key]!r} must be a positive integer")
+  if cfg["length_policy"] not in LENGTH_POLICIES:
+    raise ValueError(f"data config: length_policy={cfg['length_policy']!r} is not one of "
+                     f"{LENGTH_POLICIES}")
+  if cfg["on_bad_row"] not in ("error", "skip"):
+    raise ValueError(f"data config: on_bad_row={cfg['on_bad_row']!r} must be 'error' or 'skip'")
+  if cfg["num_epochs"] is not None and int(cfg["num_epochs"]) < 1:
+    raise ValueError(f"data config: num_epochs={cfg['num_epochs']!r} must be >= 1 or None")
+  if int(cfg["num_workers"]) < 0:
+    raise ValueError(f"data config: num_workers={cfg['num_workers']!r} must be >= 0")
+  return cfg
+
+
+def _host_batch_size(cfg: dict[str, Any], process_count: int) -> int:
+  if cfg["batch_size"] % process_count:
+    raise ValueError(f"data config: batch_size={cfg['batch_size']} (global) is not divisible by "
+                     f"the process count {process_count}")
+  return cfg["batch_size"] // process_count
+
+
+def source_templates(cfg: dict[str, Any]) -> list[Any]:
+  """The template object of each source: its own 'template' or the config's."""
+  resolved = []
+  for i, spec in enumerate(cfg["sources"]):
+    name_or_spec = spec["template"] if spec["template"] is not None else cfg["template"]
+    if name_or_spec is None:
+      raise ValueError(f"data config: no template for sources[{i}] ({spec['name']!r}); set "
+                       "'template' in the data config or in the source spec")
+    resolved.append(templates_lib.get_template(name_or_spec))
+  return resolved
+
+
+# ----------------------------------------------------------------------------------------------
+# Records: sharded, shuffled per epoch, mixed by weight.
+
+class EpochMixture(grain.transforms.DatasetSelectionMap):
+  """Interleaves components by weight in epochs: epoch e holds quotas[c] rows of component c.
+
+  Component c's rows for epoch e are its stream positions e*quotas[c] .. (e+1)*quotas[c]-1, spread
+  evenly through the epoch. Stateless and random-access, so Grain can checkpoint and shard it.
+  """
+
+  def __init__(self, quotas: Sequence[int], num_epochs: int | None):
+    self._quotas = np.asarray(quotas, np.int64)
+    component = np.repeat(np.arange(len(quotas)), quotas)
+    rank = np.concatenate([np.arange(q) for q in quotas])
+    order = np.argsort((rank + 0.5) / self._quotas[component], kind="stable")
+    self._component, self._rank = component[order], rank[order]
+    self._epoch_len = int(self._quotas.sum())
+    self._length = sys.maxsize if num_epochs is None else self._epoch_len * int(num_epochs)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> tuple[int, int]:
+    epoch, position = divmod(int(index), self._epoch_len)
+    component = int(self._component[position])
+    return component, epoch * int(self._quotas[component]) + int(self._rank[position])
+
+
+def epoch_quotas(num_rows: Sequence[int], weights: Sequence[float]) -> list[int]:
+  """Rows per component per epoch: the component with the fewest rows per unit weight is read
+  exactly once per epoch; the others are sampled in proportion to their weight (at least once)."""
+  total = float(sum(weights))
+  shares = [w / total for w in weights]
+  rows_per_share = max(n / s for n, s in zip(num_rows, shares))
+  return [max(n, round(s * rows_per_share)) for n, s in zip(num_rows, shares)]
+
+
+def open_config_source(cfg: dict[str, Any], spec: dict[str, Any]):
+  """open_source for a resolved data config: lazily read bad rows become BadRow items to count."""
+  on_bad_row = "mark" if cfg["on_bad_row"] == "skip" else "error"
+  return sources_lib.open_source(spec, on_bad_row=on_bad_row)
+
+
+class _TagComponent:
+  """Pairs each record with its component index so renderers can pick the template / task."""
+
+  def __init__(self, component: int):
+    self.component = component
+
+  def __call__(self, record):
+    return (self.component, record)
+
+
+def open_mixture(cfg: dict[str, Any], process_index: int, process_count: int
+                 ) -> tuple[grain.MapDataset, list[sources_lib.SourceInfo]]:
+  """MapDataset of (component, CritiqueRecord) for this host: shard -> shuffle -> mix -> epochs."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+  components, infos, shard_rows = [], [], []
+  for c, spec in enumerate(cfg["sources"]):
+    dataset, info = open_config_source(cfg, spec)
+    shard = dataset[process_index::process_count]
+    if len(shard) == 0:
+      raise ValueError(f"source {info.name!r} has {info.num_rows} rows, too few to give each of "
+                       f"{process_count} processes at least one")
+    seed = (int(cfg["seed"]) * 1_000_003 + c) % 2**32
+    components.append(shard.shuffle(seed=seed).repeat(None).map(_TagComponent(c)))
+    infos.append(info)
+    shard_rows.append(len(shard))
+  quotas = epoch_quotas(shard_rows, [info.weight for info in infos])
+  logger.info("data mixture (process %d/%d): %s rows per epoch", process_index, process_count,
+              ", ".join(f"{i.name}={q}" for i, q in zip(infos, quotas)))
+  mixture = grain.MapDataset.select_from_datasets(components, EpochMixture(quotas,
+                                                                           cfg["num_epochs"]))
+  return mixture, infos
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering (runs in worker processes when num_workers > 0; must be picklable).
+
+class SFTExampleMaker:
+  """(component, record) -> shifted SFT example with its length-policy status."""
+
+  def __init__(self, templates: Sequence[Any], tokenizer: Any, max_seq_len: int,
+               length_policy: str):
+    self.templates = list(templates)
+    self.tokenizer = tokenizer
+    self.max_seq_len = int(max_seq_len)
+    self.length_policy = length_policy
+
+  def render(self, component: int, record) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [n] and their trained-token mask [n] (float32)."""
+    ids, mask = templates_lib.render_sft(record, self.templates[component], self.tokenizer)
+    return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
+
+  def __call__(self, tagged) -> dict[str, Any]:
+    component, record = tagged
+    if isinstance(record, sources_lib.BadRow):
+      return _bad_row_item(record)
+    ids, mask = self.render(component, record)
+    length = len(ids) - 1  # predicted positions: inputs = ids[:-1], targets = ids[1:]
+    status = OK
+    if length > self.max_seq_len:
+      if self.length_policy != "truncate":
+        return _item(None, TOO_LONG, length, record)
+      ids, mask = ids[:self.max_seq_len + 1], mask[:self.max_seq_len + 1]
+      status = TRUNCATED
+    example = {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
+    if not example["loss_mask"].any():
+      status = NO_TARGET
+    return _item(example, status, length, record)
+
+
+class RLPromptMaker:
+  """(component, record) -> RL prompt dict {"prompt_ids", "record", "source", "task"} + status."""
+
+  def __init__(self, templates: Sequence[Any], infos: Sequence[sources_lib.SourceInfo],
+               tokenizer: Any, max_prompt_len: int):
+    self.templates = list(templates)
+    self.names = [info.name for info in infos]
+    self.tasks = [info.task for info in infos]
+    self.tokenizer = tokenizer
+    self.max_prompt_len = int(max_prompt_len)
+
+  def __call__(self, tagged) -> dict[str, Any]:
+    component, record = tagged
+    if isinstance(record, sources_lib.BadRow):
+      return _bad_row_item(record)
+    ids = np.asarray(templates_lib.render_prompt(record, self.templates[component],
+                                                 self.tokenizer), np.int32)
+    prompt = {"prompt_ids": ids, "record": record, "source": self.names[component],
+              "task": self.tasks[component]}
+    status = TOO_LONG if len(ids) > self.max_prompt_len else OK
+    return _item(prompt if status == OK else None, status, len(ids), record)
+
+
+def _item(example, status: str, length: int, record) -> dict[str, Any]:
+  return {"example": example, "status": status, "length": length,
+          "where": f"{record.source or 'source'} row {record.id or '?'}"}
+
+
+def _bad_row_item(bad_row: sources_lib.BadRow) -> dict[str, Any]:
+  return {"example": None, "status": BAD_ROW, "length": 0, "where": bad_row.message}
+
+
+# ----------------------------------------------------------------------------------------------
+# Length policy: counted (and checkpointed) in the main process.
+
+class LengthPolicyIterDataset(grain.IterDataset):
+  """Applies the length policy to rendered items: counts, drops or raises, yields examples.
+
+  `counts` is filled by the latest iterator; its values are part of the iterator state.
+  """
+
+  def __init__(self, parent: grain.IterDataset, limit: int, limit_key: str, policy: str,
+               counts: dict[str, int]):
+    super().__init__(parent)
+    self._limit, self._limit_key, self._policy, self._counts = limit, limit_key, policy, counts
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _LengthPolicyIterator(self._parent.__iter__(), self._limit, self._limit_key,
+                                 self._policy, self._counts)
+
+
+class _LengthPolicyIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, limit: int, limit_key: str, policy: str,
+               counts: dict[str, int]):
+    super().__init__(parent)
+    self._limit, self._limit_key, self._policy = limit, limit_key, policy
+    self._counts = counts
+    self._counts.clear()
+    self._counts.update(dict.fromkeys(COUNT_KEYS, 0))
+
+  def __next__(self):
+    while True:
+      try:
+        item = next(self._parent)
+      except StopIteration:
+        logger.info("data stream ended; length policy counts: %s", self._counts)
+        raise
+      self._counts["seen"] += 1
+      status = item["status"]
+      if status == TOO_LONG and self._policy == "error":
+        raise ValueError(
+            f"{item['where']}: {item['length']} tokens > {self._limit_key}={self._limit}; "
+            f"raise {self._limit_key} or set the data config's length_policy to 'drop' or "
+            "'truncate'")
+      if status in (TOO_LONG, NO_TARGET, BAD_ROW):
+        self._count_event("dropped_" + status, item)
+        continue
+      if status == TRUNCATED:
+        self._count_event("truncated", item)
+      self._counts["kept"] += 1
+      return item["example"]
+
+  def _count_event(self, key: str, item: dict[str, Any]) -> None:
+    self._counts[key] += 1
+    n = self._counts[key]
+    if n <= 3 or (n & (n - 1)) == 0:
+      detail = "" if key == "dropped_bad_row" else (
+          f" ({item['length']} tokens, {self._limit_key}={self._limit})")
+      logger.warning("%s: %s%s; counts so far: %s", item["where"], key, detail, self._counts)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "counts": dict(self._counts)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._counts.update(state["counts"])
+
+
+class DataIterator(grain.DatasetIterator):
+  """Host-local batch iterator with a JSON-serialisable state (also an Orbax checkpointable).
+
+  `length_counts` holds this iterator's length-policy counts (seen, kept, truncated, dropped_*).
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, length_counts: dict[str, int]):
+    super().__init__(parent)
+    self._length_counts = length_counts
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+  @property
+  def length_counts(self) -> dict[str, int]:
+    return dict(self._length_counts)
+
+  def __enter__(self) -> DataIterator:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _rendered_stream(mixture: grain.MapDataset, maker: Any, num_workers: int) -> grain.IterDataset:
+  """Renders records (in `num_workers` processes when > 0) into status-tagged items."""
+  dataset = mixture.map(maker).to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                                 prefetch_buffer_size=256))
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return dataset
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """Grain's worker processes read absl flags; outside an absl app they are not parsed yet."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+# ----------------------------------------------------------------------------------------------
+# CFT batches.
+
+class _PadBatchRows:
+  """Appends all-padding rows (segment 0, loss 0) so every batch has `batch_rows` rows."""
+
+  def __init__(self, batch_rows: int):
+    self.batch_rows = batch_rows
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    missing = self.batch_rows - len(batch["inputs"])
+    if missing <= 0:
+      return batch
+    return {key: np.pad(value, ((0, missing), (0, 0))) for key, value in batch.items()}
+
+
+def _packed_to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Grain's packed rows (inputs_positions, inputs_segment_ids, ...) -> the CFT batch keys."""
+  batch = {key: packed[key] for key in SFT_KEYS}
+  batch["positions"] = packed["inputs_positions"]
+  batch["segment_ids"] = packed["inputs_segment_ids"]
+  return batch
+
+
+class _PadExample:
+  """One shifted example -> one row of the CFT batch format, right-padded to `seq_len`."""
+
+  def __init__(self, seq_len: int):
+    self.seq_len = seq_len
+
+  def __call__(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = len(example["inputs"])
+    row = {key: np.pad(example[key], (0, self.seq_len - n)) for key in SFT_KEYS}
+    row["positions"] = np.pad(np.arange(n, dtype=np.int32), (0, self.seq_len - n))
+    row["segment_ids"] = np.pad(np.ones(n, np.int32), (0, self.seq_len - n))
+    return row
+
+
+def _build_sft(data_cfg: Any, tokenizer: Any, process_index: int, process_count: int
+               ) -> tuple[grain.IterDataset, dict[str, int]]:
+  cfg = resolve_data_config(data_cfg)
+  batch_rows = _host_batch_size(cfg, process_count)
+  seq_len = int(cfg["max_seq_len"])
+  mixture, _ = open_mixture(cfg, process_index, process_count)
+  maker = SFTExampleMaker(source_templates(cfg), tokenizer, seq_len, cfg["length_policy"])
+  counts: dict[str, int] = {}
+  examples = LengthPolicyIterDataset(_rendered_stream(mixture, maker, int(cfg["num_workers"])),
+                                     seq_len, "max_seq_len", cfg["length_policy"], counts)
+  if cfg["packing"]:
+    packed = grain.experimental.FirstFitPackIterDataset(
+        examples, length_struct=dict.fromkeys(SFT_KEYS, seq_len), num_packing_bins=batch_rows,
+        shuffle_bins=False)
+    batches = packed.batch(batch_rows).map(_packed_to_batch)
+  else:
+    batches = examples.map(_PadExample(seq_len)).batch(batch_rows)
+  return batches.map(_PadBatchRows(batch_rows)), counts
+
+
+def make_sft_dataset(data_cfg: Any, tokenizer: Any, process_index: int = 0,
+                     process_count: int = 1) -> grain.IterDataset:
+  """IterDataset of host-local CFT batches ({inputs, targets, loss_mask, positions, segment_ids},
+  each [data_cfg.batch_size // process_count, data_cfg.max_seq_len])."""
+  return _build_sft(data_cfg, tokenizer, process_index, process_count)[0]
+
+
+def make_sft_iterator(data_cfg: Any, tokenizer: Any, process_index: int = 0,
+                      process_count: int = 1) -> DataIterator:
+  """Iterator over `make_sft_dataset` batches; get_state()/set_state() resume exactly."""
+  dataset, counts = _build_sft(data_cfg, tokenizer, process_index, process_count)
+  return DataIterator(iter(dataset), counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# RL prompt batches.
+
+def _build_rl(data_cfg: Any, tokenizer: Any, process_index: int, process_count: int
+              ) -> tuple[grain.IterDataset, dict[str, int]]:
+  cfg = resolve_data_config(data_cfg)
+  batch_rows = _host_batch_size(cfg, process_count)
+  max_prompt_len = int(cfg["max_prompt_len"] or cfg["max_seq_len"])
+  if cfg["length_policy"] == "truncate":
+    logger.warning("length_policy='truncate' does not apply to RL prompts: over-long prompts "
+                   "(> max_prompt_len=%d) are dropped and counted", max_prompt_len)
+  mixture, infos = open_mixture(cfg, process_index, process_count)
+  maker = RLPromptMaker(source_templates(cfg), infos, tokenizer, max_prompt_len)
+  counts: dict[str, int] = {}
+  prompts = LengthPolicyIterDataset(_rendered_stream(mixture, maker, int(cfg["num_workers"])),
+                                    max_prompt_len, "max_prompt_len", cfg["length_policy"], counts)
+  return prompts.batch(batch_rows, batch_fn=list), counts
+
+
+def make_rl_dataset(data_cfg: Any, tokenizer: Any, process_index: int = 0,
+                    process_count: int = 1) -> grain.IterDataset:
+  """IterDataset of host-local RL prompt batches: lists of data_cfg.batch_size // process_count
+  dicts {"prompt_ids": int32 [P], "record", "source", "task"} (the last one may be shorter)."""
+  return _build_rl(data_cfg, tokenizer, process_index, process_count)[0]
+
+
+def make_rl_iterator(data_cfg: Any, tokenizer: Any, process_index: int = 0,
+                     process_count: int = 1) -> DataIterator:
+  """Iterator over `make_rl_dataset` batches; get_state()/set_state() resume exactly."""
+  dataset, counts = _build_rl(data_cfg, tokenizer, process_index, process_count)
+  return DataIterator(iter(dataset), counts)

@@ -1,0 +1,439 @@
+"""Readers of published critique-data rows (WebInstruct-CFT, one-shot CFT, verl RL parquet,
+ProcessBench, cftjax's own JSONL) from .jsonl / .json / .parquet files into CritiqueRecords."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import Any, Callable, Iterator
+
+from cftjax.data.records import CritiqueRecord
+
+log = logging.getLogger(__name__)
+
+ON_BAD_ROW = ("error", "skip")
+# The fields that identify each format (all must be present), in detection order.
+FORMAT_KEYS = {
+    "cftjax": ("question",),
+    "webinstruct": ("instruction", "input", "output"),
+    "oneshot_cft": ("messages",),
+    "verl": ("prompt", "reward_model"),
+    "processbench": ("problem", "steps", "label"),
+}
+KNOWN_FORMATS = tuple(FORMAT_KEYS)
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(CritiqueRecord))
+_QUESTION_SOLUTION = re.compile(
+    r"Question:[ \t]*\n(?P<question>.*?)\n[ \t]*\n?[ \t]*Solution:[ \t]*\n(?P<solution>.*)", re.DOTALL)
+_CRL_INSTRUCTION = re.compile(
+    r"\s*Conclude with \\conclusion\{T\} for correct, \\conclusion\{F\} for wrong\.?\s*\Z")
+_CRITIQUE_PREFIX = re.compile(r"\A\s*Critique:[ \t]*\n?")
+_TRUE_WORDS = ("true", "t", "1", "yes", "correct", "right")
+_FALSE_WORDS = ("false", "f", "0", "no", "incorrect", "wrong")
+
+
+class DataError(ValueError):
+  """A row or file that cannot be read; the message names the file, line/row and field.
+
+  `reason` is a short category used to count skipped rows (e.g. "missing_field").
+  """
+
+  def __init__(self, message: str, reason: str = "bad_value"):
+    super().__init__(message)
+    self.reason = reason
+
+
+class LoadedRecords(list):
+  """The records of one file (a plain list) plus `skipped`: {reason: count} of skipped rows."""
+
+  def __init__(self, records: list[CritiqueRecord], skipped: dict[str, int]):
+    super().__init__(records)
+    self.skipped = skipped
+
+
+# ------------------------------------------------------------------------------- field access
+
+
+def _get(row: dict[str, Any], name: str, where: str, types: type | tuple[type, ...],
+         required: bool = True, path: str = "") -> Any:
+  """row[name] checked against `types`; None when absent/None and not required."""
+  label = f"{path}{name}"
+  value = row.get(name) if isinstance(row, dict) else None
+  if value is None:
+    if required:
+      raise DataError(f"{where}: missing field {label!r}", "missing_field")
+    return None
+  if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+    expected = " or ".join(t.__name__ for t in _as_tuple(types))
+    raise DataError(f"{where}: field {label!r} must be {expected}, got {type(value).__name__}",
+                    "wrong_type")
+  return value
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+  return types if isinstance(types, tuple) else (types,)
+
+
+def _nonempty(text: str, where: str, field: str, what: str = "text") -> str:
+  if not text.strip():
+    reason = "empty_critique" if what == "critique" else "empty_field"
+    raise DataError(f"{where}: field {field!r}: the {what} is empty", reason)
+  return text
+
+
+def _split_question_solution(text: str, where: str, field: str) -> tuple[str, str]:
+  match = _QUESTION_SOLUTION.search(text)
+  if match is None:
+    raise DataError(f"{where}: field {field!r} has no 'Question:\\n...\\nSolution:\\n...' sections "
+                    f"(starts {text[:80]!r})", "bad_value")
+  question, solution = match["question"].strip(), match["solution"].strip()
+  return _nonempty(question, where, field, "question"), solution
+
+
+def _critique_body(text: str, where: str, field: str) -> str:
+  """The critique after its "Critique:" header, kept byte-exact to the end (verdict, [END])."""
+  body = _CRITIQUE_PREFIX.sub("", text, count=1)
+  return _nonempty(body, where, field, "critique")
+
+
+def _verdict(critique: str) -> bool | None:
+  from cftjax.data.verdicts import parse_verdict  # pylint: disable=import-outside-toplevel
+  return parse_verdict(critique, "cft")
+
+
+def _row_id(row: dict[str, Any], where: str) -> str:
+  value = row.get("id")
+  return where if value is None else str(value)
+
+
+# ------------------------------------------------------------------------- one parser per format
+
+
+def _parse_webinstruct(row: dict[str, Any], where: str) -> dict[str, Any]:
+  _get(row, "instruction", where, str)
+  question, solution = _split_question_solution(_get(row, "input", where, str), where, "input")
+  critique = _critique_body(_get(row, "output", where, str), where, "output")
+  return dict(question=question, solution=solution, critique=critique, label=_verdict(critique),
+              id=_row_id(row, where))
+
+
+def _parse_oneshot_cft(row: dict[str, Any], where: str) -> dict[str, Any]:
+  messages = _messages(row, "messages", where)
+  if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
+    roles = [m["role"] for m in messages]
+    raise DataError(f"{where}: field 'messages' must end with a user then an assistant turn, got "
+                    f"roles {roles}", "bad_value")
+  question, solution = _split_question_solution(messages[-2]["content"], where,
+                                                "messages[-2].content")
+  critique = _critique_body(messages[-1]["content"], where, "messages[-1].content")
+  return dict(question=question, solution=solution, critique=critique, label=_verdict(critique),
+              id=_row_id(row, where))
+
+
+def _messages(row: dict[str, Any], name: str, where: str) -> list[dict[str, str]]:
+  messages = _get(row, name, where, (list, tuple))
+  for i, message in enumerate(messages):
+    if not isinstance(message, dict):
+      raise DataError(f"{where}: field '{name}[{i}]' must be a {{role, content}} object, got "
+                      f"{type(message).__name__}", "wrong_type")
+    _get(message, "role", where, str, path=f"{name}[{i}].")
+    _get(message, "content", where, str, path=f"{name}[{i}].")
+  return list(messages)
+
+
+def _parse_verl(row: dict[str, Any], where: str) -> dict[str, Any]:
+  """A verl RL row: CRL when extra_info has `correctness`, code when it has tests, else math.
+
+  Code tests come from extra_info.inputs_outputs / .test_cases, or from reward_model.ground_truth
+  when the row's `ability` is "code".
+  """
+  users = [m["content"] for m in _messages(row, "prompt", where) if m["role"] == "user"]
+  if not users:
+    raise DataError(f"{where}: field 'prompt' has no user message", "bad_value")
+  reward_model = _get(row, "reward_model", where, dict)
+  extra = _get(row, "extra_info", where, dict, required=False) or {}
+  data_source = _get(row, "data_source", where, str, required=False) or ""
+  question = _get(extra, "question", where, str, required=False, path="extra_info.")
+  fields = dict(question=question or users[-1], source=data_source,
+                id=_verl_id(extra, data_source, where))
+  tests = _verl_tests(extra, where)
+  if tests is None and row.get("ability") == "code":
+    tests = _parse_tests(reward_model, "ground_truth", where, "reward_model.")
+  if extra.get("correctness") is not None:
+    fields["label"] = _parse_bool(extra["correctness"], where, "extra_info.correctness")
+    fields["solution"] = _get(extra, "solution", where, str, required=False, path="extra_info.")
+    if fields["solution"] is None:
+      prompt_question, solution = _split_question_solution(
+          users[-1], where, "prompt (no extra_info.solution, so the user message must hold it)")
+      fields["question"] = question or prompt_question
+      fields["solution"] = _CRL_INSTRUCTION.sub("", solution)
+    fields["tests"] = tests
+  elif tests is not None:
+    fields["tests"] = tests
+  else:
+    answer = reward_model.get("ground_truth")
+    if answer is None or isinstance(answer, (dict, list)):
+      raise DataError(f"{where}: field 'reward_model.ground_truth' must hold the reference answer "
+                      f"of a math row, got {answer!r}",
+                      "missing_field" if answer is None else "wrong_type")
+    fields["reference_answer"] = str(answer)
+  _nonempty(fields["question"], where, "extra_info.question" if question else "prompt", "question")
+  return fields
+
+
+def _verl_id(extra: dict[str, Any], data_source: str, where: str) -> str:
+  index = extra.get("index", extra.get("id"))
+  if index is None:
+    return where
+  return f"{data_source}-{index}" if data_source else str(index)
+
+
+def _verl_tests(extra: dict[str, Any], where: str) -> Any:
+  """extra_info.inputs_outputs ({"inputs", "outputs"}, maybe a JSON string) or .test_cases."""
+  for name in ("inputs_outputs", "test_cases"):
+    tests = _parse_tests(extra, name, where, "extra_info.")
+    if tests is not None:
+      return tests
+  return None
+
+
+def _parse_tests(holder: dict[str, Any], name: str, where: str, path: str) -> Any:
+  """Tests under holder[name]: {"inputs": [...], "outputs": [...]} or a list of test strings."""
+  value = holder.get(name)
+  if value is None or (isinstance(value, (str, list, dict)) and not value):
+    return None
+  if isinstance(value, str):
+    try:
+      value = json.loads(value)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{where}: field '{path}{name}' is not valid JSON: {e}",
+                      "bad_value") from None
+  is_io = (isinstance(value, dict) and isinstance(value.get("inputs"), list)
+           and isinstance(value.get("outputs"), list))
+  if not (is_io or isinstance(value, list)):
+    raise DataError(f"{where}: field '{path}{name}' must hold tests as {{'inputs': [...], "
+                    f"'outputs': [...]}} or a list, got {type(value).__name__}", "bad_value")
+  return value
+
+
+def _parse_bool(value: Any, where: str, field: str) -> bool:
+  if isinstance(value, bool):
+    return value
+  if isinstance(value, (int, float)) and value in (0, 1):
+    return bool(value)
+  if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+    return value.strip().lower() in _TRUE_WORDS
+  raise DataError(f"{where}: field {field!r} must be a boolean (or 'True'/'False'), got {value!r}",
+                  "bad_value")
+
+
+def _parse_processbench(row: dict[str, Any], where: str) -> dict[str, Any]:
+  """label: 0-based earliest wrong step, -1 if none; the record's label is "no wrong step"."""
+  steps = _get(row, "steps", where, (list, tuple))
+  for i, step in enumerate(steps):
+    if not isinstance(step, str):
+      raise DataError(f"{where}: field 'steps[{i}]' must be str, got {type(step).__name__}",
+                      "wrong_type")
+  error_step = _get(row, "label", where, int)
+  if not -1 <= error_step < len(steps):
+    raise DataError(f"{where}: field 'label' = {error_step} must be -1 or a step index "
+                    f"(0..{len(steps) - 1})", "bad_value")
+  _get(row, "final_answer_correct", where, bool, required=False)
+  question = _nonempty(_get(row, "problem", where, str), where, "problem", "question")
+  return dict(question=question, solution="\n\n".join(steps), steps=tuple(steps),
+              error_step=error_step, label=error_step == -1, id=_row_id(row, where))
+
+
+def _parse_cftjax(row: dict[str, Any], where: str) -> dict[str, Any]:
+  unknown = sorted(set(row) - set(_RECORD_FIELDS))
+  if unknown:
+    raise DataError(f"{where}: unknown field(s) {unknown} for format 'cftjax'; known: "
+                    f"{sorted(_RECORD_FIELDS)}", "bad_value")
+  fields = {}
+  for name, types in (("question", str), ("solution", str), ("critique", str), ("label", bool),
+                      ("reference_answer", str), ("error_step", int), ("steps", (list, tuple)),
+                      ("source", str), ("id", (str, int))):
+    value = _get(row, name, where, types, required=name == "question")
+    if value is not None:
+      fields[name] = value
+  if "steps" in fields:
+    fields["steps"] = tuple(fields["steps"])
+  if "id" in fields:
+    fields["id"] = str(fields["id"])
+  if row.get("tests") is not None:
+    fields["tests"] = row["tests"]
+  _nonempty(fields["question"], where, "question", "question")
+  if "critique" in fields:
+    _nonempty(fields["critique"], where, "critique", "critique")
+  fields.setdefault("id", where)
+  return fields
+
+
+_PARSERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
+    "webinstruct": _parse_webinstruct,
+    "oneshot_cft": _parse_oneshot_cft,
+    "verl": _parse_verl,
+    "processbench": _parse_processbench,
+    "cftjax": _parse_cftjax,
+}
+
+
+def parse_row(row: dict[str, Any], fmt: str, where: str, source: str | None = "") -> CritiqueRecord:
+  """One row of format `fmt` as a CritiqueRecord; bad rows raise DataError naming `where`.
+
+  CFT rows get their label from the critique's verdict (None when it has none). `source`
+  overrides the record's source; otherwise the row's own (verl data_source, cftjax source) or the
+  format name is used.
+  """
+  if fmt not in _PARSERS:
+    raise DataError(f"{where}: unknown format {fmt!r}; known formats: {list(KNOWN_FORMATS)}",
+                    "unknown_format")
+  if not isinstance(row, dict):
+    raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}",
+                    "not_an_object")
+  fields = _PARSERS[fmt](row, where)
+  fields["source"] = source or fields.get("source") or fmt
+  return CritiqueRecord(**fields)
+
+
+def detect_format(row: dict[str, Any], where: str = "row") -> str:
+  """The format whose identifying fields the row has (see FORMAT_KEYS)."""
+  if isinstance(row, dict):
+    for fmt, keys in FORMAT_KEYS.items():
+      if all(key in row for key in keys):
+        return fmt
+  have = sorted(row) if isinstance(row, dict) else type(row).__name__
+  known = "; ".join(f"{fmt}: {list(keys)}" for fmt, keys in FORMAT_KEYS.items())
+  raise DataError(f"{where}: cannot tell the row's format from its fields {have}; known formats "
+                  f"and the fields that identify them: {known}", "unknown_format")
+
+
+# -------------------------------------------------------------------------------------- files
+
+
+def read_rows(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+  """(where, row) for every row of a .jsonl, .json (a list of objects) or .parquet file.
+
+  `where` names the file and line (JSONL) or row (JSON, Parquet). Bad rows raise DataError.
+  """
+  for where, row in _iter_rows(path):
+    if isinstance(row, DataError):
+      raise row
+    yield where, row
+
+
+def _iter_rows(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
+  """Like read_rows, but a bad row is yielded as its DataError so callers may skip it."""
+  if not os.path.exists(path):
+    raise DataError(f"{path}: no such file", "missing_file")
+  if path.endswith(".jsonl"):
+    yield from _iter_jsonl(path)
+  elif path.endswith(".json"):
+    yield from _iter_json(path)
+  elif path.endswith(".parquet"):
+    yield from _iter_parquet(path)
+  else:
+    raise DataError(f"{path}: unsupported file type; use .jsonl, .json (a list of objects) or "
+                    ".parquet", "unsupported_file")
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
+  with open(path, "rb") as f:
+    for line_number, raw in enumerate(f, start=1):
+      where = f"{path} line {line_number}"
+      try:
+        text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # tolerate a BOM
+      except UnicodeDecodeError as e:
+        yield where, DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})",
+                               "not_utf8")
+        continue
+      if not text.strip():
+        continue
+      try:
+        row = json.loads(text)
+      except json.JSONDecodeError as e:
+        yield where, DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}",
+                               "malformed_json")
+        continue
+      yield where, _object_or_error(row, where)
+
+
+def _iter_json(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      rows = json.load(f)
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})", "not_utf8") from None
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                    "malformed_json") from None
+  if not isinstance(rows, list):
+    raise DataError(f"{path}: a .json data file must hold a list of row objects, got "
+                    f"{type(rows).__name__} (use .jsonl for one object per line)", "not_an_object")
+  for index, row in enumerate(rows):
+    where = f"{path} row {index}"
+    yield where, _object_or_error(row, where)
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  try:
+    parquet = pq.ParquetFile(path)
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f"{path}: not a readable Parquet file: {e}", "bad_file") from None
+  index = 0
+  for group in range(parquet.num_row_groups):
+    try:
+      rows = parquet.read_row_group(group).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+      raise DataError(f"{path}: row group {group} (from row {index}) is unreadable: {e}",
+                      "bad_file") from None
+    for row in rows:
+      yield f"{path} row {index}", row
+      index += 1
+
+
+def _object_or_error(row: Any, where: str) -> dict[str, Any] | DataError:
+  if isinstance(row, dict):
+    return row
+  return DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}",
+                   "not_an_object")
+
+
+def load_records(path: str, fmt: str = "auto", on_bad_row: str = "error",
+                 source: str | None = None) -> LoadedRecords:
+  """All records of a file. fmt "auto" detects the format from the first readable row.
+
+  on_bad_row="error" raises DataError at the first bad row; "skip" skips bad rows and logs (and
+  returns in `.skipped`) their count per reason. A file with no usable row is an error.
+  """
+  if on_bad_row not in ON_BAD_ROW:
+    raise ValueError(f"on_bad_row={on_bad_row!r}; choose one of {ON_BAD_ROW}")
+  if fmt != "auto" and fmt not in KNOWN_FORMATS:
+    raise ValueError(f"unknown format {fmt!r}; known formats: {['auto', *KNOWN_FORMATS]}")
+  records, skipped, first_errors = [], collections.Counter(), []
+  for where, row in _iter_rows(path):
+    try:
+      if isinstance(row, DataError):
+        raise row
+      if fmt == "auto":
+        fmt = detect_format(row, where)
+        log.info("%s: detected format %r", path, fmt)
+      records.append(parse_row(row, fmt, where, source))
+    except DataError as e:
+      if on_bad_row == "error":
+        raise DataError(f"{e} (pass on_bad_row='skip' to skip bad rows)", e.reason) from None
+      skipped[e.reason] += 1
+      if len(first_errors) < 3:
+        first_errors.append(str(e))
+  if skipped:
+    log.warning("%s: skipped %d bad row(s) %s; first: %s", path, sum(skipped.values()),
+                dict(skipped), " | ".join(first_errors))
+  if not records:
+    detail = f" (skipped {dict(skipped)}: {' | '.join(first_errors)})" if skipped else ""
+    raise DataError(f"{path}: no usable rows{detail}", "no_rows")
+  return LoadedRecords(records, dict(skipped))

@@ -1,0 +1,258 @@
+"""Random-access CritiqueRecord sources (JSONL, Parquet, ArrayRecord, TFDS) behind `open_source`.
+
+A source spec names a file (or TFDS dataset directory) and how to read it; see docs/data.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import grain
+
+from cftjax.data import readers
+from cftjax.data.records import CritiqueRecord
+
+logger = logging.getLogger(__name__)
+
+SOURCE_KINDS = ("auto", "jsonl", "parquet", "array_record", "tfds")
+TASKS = ("cft", "crl", "math", "code")
+SOURCE_DEFAULTS: dict[str, Any] = {
+    "path": None, "format": "auto", "kind": "auto", "split": "train", "weight": 1.0, "name": None,
+    "task": "cft", "template": None,
+}
+_ROW_JSON_FEATURE = "row_json"  # TFDS feature holding the original row (see tfds_builder.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceInfo:
+  """What `open_source` opened: resolved kind, row count and the normalised spec."""
+  name: str
+  kind: str
+  path: str
+  split: str
+  num_rows: int
+  weight: float
+  task: str
+  template: Any
+  skipped_rows: dict[str, int] | None  # skipped at open time, by reason; None: parsed lazily
+
+
+def normalize_source_spec(spec: Mapping[str, Any], where: str = "source") -> dict[str, Any]:
+  """Fills defaults into a source spec and validates it; `where` names it in errors."""
+  spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+  unknown = sorted(set(spec) - set(SOURCE_DEFAULTS))
+  if unknown:
+    raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {sorted(SOURCE_DEFAULTS)}")
+  spec = {**SOURCE_DEFAULTS, **spec}
+  if not spec["path"]:
+    raise ValueError(f"{where}: 'path' is required (a JSONL/Parquet/ArrayRecord file or TFDS dir)")
+  spec["path"] = os.fspath(spec["path"])
+  if spec["kind"] not in SOURCE_KINDS:
+    raise ValueError(f"{where}: kind={spec['kind']!r} is not one of {SOURCE_KINDS}")
+  if spec["task"] not in TASKS:
+    raise ValueError(f"{where}: task={spec['task']!r} is not one of {TASKS}")
+  if not float(spec["weight"]) > 0:
+    raise ValueError(f"{where}: weight={spec['weight']!r} must be > 0")
+  spec["weight"] = float(spec["weight"])
+  if spec["kind"] == "auto":
+    spec["kind"] = detect_kind(spec["path"])
+  if spec["name"] is None:
+    spec["name"] = _default_name(spec["path"])
+  return spec
+
+
+def _default_name(path: str) -> str:
+  """File name without extensions; for a TFDS version dir (.../name/1.0.0) the dataset name."""
+  path = os.path.normpath(path)
+  if _is_version(os.path.basename(path)):
+    path = os.path.dirname(path)
+  base = os.path.basename(path)
+  return base.split(".")[0] or base
+
+
+def _is_version(text: str) -> bool:
+  parts = text.split(".")
+  return len(parts) == 3 and all(p.isdigit() for p in parts)
+
+
+def detect_kind(path: str) -> str:
+  """Source kind from the path: TFDS dataset dir, ArrayRecord file/dir/glob, Parquet or JSONL."""
+  if os.path.isdir(path):
+    if _is_tfds_dir(path) or _tfds_version_dirs(path):
+      return "tfds"
+    if _array_record_files(path):
+      return "array_record"
+    raise ValueError(f"{path}: directory holds neither a TFDS dataset (dataset_info.json) nor "
+                     "*.array_record files; set the source's 'kind' explicitly")
+  name = path.lower()
+  if "array_record" in name or "arrayrecord" in name:
+    return "array_record"
+  if name.endswith((".parquet", ".pq")):
+    return "parquet"
+  if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+    return "jsonl"
+  raise ValueError(f"{path}: cannot tell the source kind from the name; set the source's 'kind' "
+                   f"to one of {SOURCE_KINDS[1:]}")
+
+
+def _is_tfds_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "dataset_info.json"))
+
+
+def _tfds_version_dirs(path: str) -> list[str]:
+  """Version subdirectories (x.y.z) of a TFDS dataset dir that hold a prepared dataset."""
+  versions = []
+  for entry in os.listdir(path):
+    if _is_version(entry) and _is_tfds_dir(os.path.join(path, entry)):
+      versions.append(entry)
+  return sorted(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
+
+
+def _array_record_files(path: str) -> list[str]:
+  if os.path.isdir(path):
+    return sorted(glob.glob(os.path.join(path, "*array_record*")))
+  if glob.has_magic(path):
+    return sorted(glob.glob(path))
+  return [path] if os.path.exists(path) else []
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+  """A lazily parsed row that failed (on_bad_row="mark"): pipelines count and skip it."""
+  where: str
+  reason: str
+  message: str
+
+
+class _JsonRowParser:
+  """Parses one stored original row (JSON bytes/str) into a CritiqueRecord, lazily, per index."""
+
+  def __init__(self, fmt: str, origin: str, source: str, on_bad_row: str,
+               row_key: str | None = None):
+    self.fmt = fmt
+    self.origin = origin
+    self.source = source
+    self.on_bad_row = on_bad_row
+    self.row_key = row_key
+
+  def __call__(self, index: int, stored: Any) -> CritiqueRecord | BadRow | None:
+    where = f"{self.origin}[{index}]"
+    try:
+      return parse_json_row(stored[self.row_key] if self.row_key else stored, self.fmt, where,
+                            self.source)
+    except readers.DataError as e:
+      if self.on_bad_row == "mark":
+        return BadRow(where, e.reason, str(e))
+      if self.on_bad_row == "skip":
+        logger.warning("skipping bad row: %s", e)
+        return None
+      raise readers.DataError(f"{e} (set on_bad_row='skip' to skip bad rows)", e.reason) from e
+
+
+def parse_json_row(text: str | bytes, fmt: str, where: str, source: str) -> CritiqueRecord:
+  """A stored JSON row -> CritiqueRecord; any problem is a DataError naming `where`."""
+  try:
+    row = json.loads(text)
+  except ValueError as e:
+    raise readers.DataError(f"{where}: stored row is not valid JSON ({e})", "bad_json") from e
+  return parse_any_row(row, fmt, where, source)
+
+
+def parse_any_row(row: dict[str, Any], fmt: str, where: str, source: str) -> CritiqueRecord:
+  """readers.parse_row, detecting the row's format first when fmt is "auto"."""
+  if fmt == "auto":
+    fmt = readers.detect_format(row, where)
+  return readers.parse_row(row, fmt, where, source=source)
+
+
+def row_to_json(row: Mapping[str, Any]) -> str:
+  """The original row as JSON text (numpy values from Parquet become lists / scalars)."""
+  return json.dumps(row, ensure_ascii=False, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  raise TypeError(f"cannot store a {type(value).__name__} value as JSON")
+
+
+def open_source(spec: Mapping[str, Any], on_bad_row: str = "error"
+                ) -> tuple[grain.MapDataset, SourceInfo]:
+  """Opens one source spec as a random-access MapDataset of CritiqueRecord.
+
+  on_bad_row: "error" raises at a bad row. Rows stored as JSON (ArrayRecord, TFDS) are parsed
+  lazily when read: with "skip" a bad one reads as None (Grain drops it) and is logged, with "mark"
+  as a BadRow (pipelines count those). JSONL / Parquet are parsed at once ("mark" = "skip").
+  """
+  if on_bad_row not in ("error", "skip", "mark"):
+    raise ValueError(f"on_bad_row={on_bad_row!r} must be 'error', 'skip' or 'mark'")
+  spec = normalize_source_spec(spec)
+  kind, path = spec["kind"], spec["path"]
+  if kind in ("jsonl", "parquet"):
+    records = readers.load_records(path, fmt=spec["format"], source=spec["name"],
+                                   on_bad_row="error" if on_bad_row == "error" else "skip")
+    dataset = grain.MapDataset.source(records)
+    skipped = dict(getattr(records, "skipped", {}))
+  elif kind == "array_record":
+    files = _array_record_files(path)
+    if not files:
+      raise FileNotFoundError(f"{path}: no ArrayRecord files found")
+    parser = _JsonRowParser(spec["format"], path, spec["name"], on_bad_row)
+    skipped = None
+    dataset = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
+    dataset = dataset.map_with_index(parser)
+  else:
+    split_source = _open_tfds_split(path, spec["split"])
+    parser = _JsonRowParser(spec["format"], f"{path}:{spec['split']}", spec["name"], on_bad_row,
+                            row_key=_ROW_JSON_FEATURE)
+    skipped = None
+    dataset = grain.MapDataset.source(split_source).map_with_index(parser)
+  if len(dataset) == 0:
+    raise ValueError(f"{path}: source {spec['name']!r} has no rows")
+  info = SourceInfo(name=spec["name"], kind=kind, path=path, split=spec["split"],
+                    num_rows=len(dataset), weight=spec["weight"], task=spec["task"],
+                    template=spec["template"], skipped_rows=skipped)
+  logger.info("opened source %s (%s, %s): %d rows", info.name, kind, path, info.num_rows)
+  return dataset, info
+
+
+def _open_tfds_split(path: str, split: str):
+  """A TFDS random-access data source for `split` of the dataset at `path` (latest version)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+
+  if not _is_tfds_dir(path):
+    versions = _tfds_version_dirs(path) if os.path.isdir(path) else []
+    if not versions:
+      raise FileNotFoundError(f"{path}: not a TFDS dataset directory (no dataset_info.json); "
+                              "build one with cftjax.data.tfds_builder.build_dataset")
+    path = os.path.join(path, versions[-1])
+  builder = tfds.builder_from_directory(path)
+  if split not in builder.info.splits:
+    raise ValueError(f"{path}: no split {split!r}; available: {sorted(builder.info.splits)}")
+  if _ROW_JSON_FEATURE not in builder.info.features:
+    raise ValueError(f"{path}: feature {_ROW_JSON_FEATURE!r} missing; cftjax reads TFDS datasets "
+                     "built by cftjax.data.tfds_builder.build_dataset")
+  return builder.as_data_source(split)
+
+
+def write_array_record(rows: Iterable[Mapping[str, Any]], path: str) -> int:
+  """Writes rows as JSON bytes, one ArrayRecord record each (random-access friendly); -> count."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
+  writer = array_record_module.ArrayRecordWriter(os.fspath(path), "group_size:1")
+  count = 0
+  try:
+    for row in rows:
+      writer.write(row_to_json(row).encode("utf-8"))
+      count += 1
+  finally:
+    writer.close()
+  return count

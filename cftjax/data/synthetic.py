@@ -1,0 +1,244 @@
+"""The synthetic critique world: additions with right or subtly wrong answers, column-by-column
+critiques, RL rows and a small SentencePiece tokenizer, all deterministic by seed."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+from typing import Sequence
+
+from cftjax.data.records import CritiqueRecord
+from cftjax.data.templates import get_template
+
+log = logging.getLogger(__name__)
+
+SOURCE = "synthetic_addition"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+ERROR_KINDS = ("digit_off", "dropped_carry", "swapped_digits")
+_TOKENIZER_CORPUS_TEMPLATES = ("cft", "crl", "math_cot")
+_TOKENIZER_CORPUS_SIZE = 1000
+
+
+def question_text(a: int, b: int) -> str:
+  return f"What is {a} + {b}?"
+
+
+def solution_text(a: int, b: int, claimed: str) -> str:
+  return f"{a} + {b} = {claimed}"
+
+
+def addition_critique(a: int, b: int, claimed: str) -> str:
+  """The column-by-column check of `claimed` as the sum of a and b, ending in the verdict.
+
+  Each column (from the right) is written "x+y+carry=TT vs D ok|no": TT is the two-digit column
+  total, D the solution's digit in that column ("_" when it has none). Columns past the operands
+  are written "carry C vs D ok|no"; a digit past the true sum's length never matches.
+  """
+  a_digits, b_digits = str(a)[::-1], str(b)[::-1]
+  expected, claimed_digits = str(a + b)[::-1], claimed[::-1]
+  num_columns = max(len(a_digits), len(b_digits))
+  steps, carry = [], 0
+  for i in range(max(len(expected), len(claimed_digits))):
+    if i < num_columns:
+      x, y = _digit(a_digits, i), _digit(b_digits, i)
+      step = f"{x}+{y}+{carry}={x + y + carry:02d}"
+      carry = (x + y + carry) // 10
+    else:
+      step, carry = f"carry {carry}", 0
+    said = claimed_digits[i] if i < len(claimed_digits) else "_"
+    match = i < len(expected) and said == expected[i]
+    steps.append(f"{step} vs {said} {'ok' if match else 'no'}")
+  all_match = claimed == str(a + b)
+  verdict = ("All digits match. Conclusion: right [END]" if all_match
+             else "A digit does not match. Conclusion: wrong [END]")
+  return "From the right: " + ", ".join(steps) + ". " + verdict
+
+
+def _digit(reversed_digits: str, i: int) -> int:
+  return int(reversed_digits[i]) if i < len(reversed_digits) else 0
+
+
+def plausible_wrong_sum(a: int, b: int, rng: random.Random, max_sum: int | None = None
+                        ) -> tuple[str, str]:
+  """A wrong sum of a and b that only recomputation reveals, and the kind of slip it is.
+
+  The result has the same number of digits as a + b, stays inside the range of possible sums of
+  two such operands (and <= max_sum), and keeps the leading digit of a multi-digit sum (leading
+  digits of sums are not uniform, so a slip there would show in the first digit alone).
+  """
+  true_sum = str(a + b)
+  width_a, width_b = len(str(a)), len(str(b))
+  low, high = 10 ** (width_a - 1) + 10 ** (width_b - 1), 10 ** width_a + 10 ** width_b - 2
+  high = high if max_sum is None else min(high, max_sum)
+  carry_in = _carry_in_columns(a, b)
+  positions = list(range(max(len(true_sum) - 1, 1)))  # counted from the right
+  while True:
+    kind = rng.choice(ERROR_KINDS)
+    digits = list(true_sum[::-1])
+    if kind == "digit_off":
+      pos = rng.choice(positions)
+      digits[pos] = str((int(digits[pos]) + rng.choice((-1, 1))) % 10)
+    elif kind == "dropped_carry":
+      carried = [p for p in positions if carry_in[p]]
+      if not carried:
+        continue
+      pos = rng.choice(carried)
+      digits[pos] = str((int(digits[pos]) - 1) % 10)
+    else:
+      pairs = [p for p in positions[:-1] if digits[p] != digits[p + 1]]
+      if not pairs:
+        continue
+      pos = rng.choice(pairs)
+      digits[pos], digits[pos + 1] = digits[pos + 1], digits[pos]
+    wrong = "".join(reversed(digits))
+    if wrong != true_sum and wrong[0] != "0" and low <= int(wrong) <= high:
+      return wrong, kind
+
+
+def _carry_in_columns(a: int, b: int) -> list[bool]:
+  """carry_in[i]: whether column i (from the right) receives a carry from column i - 1."""
+  a_digits, b_digits = str(a)[::-1], str(b)[::-1]
+  flags, carry = [], 0
+  for i in range(max(len(a_digits), len(b_digits)) + 1):
+    flags.append(bool(carry))
+    carry = (_digit(a_digits, i) + _digit(b_digits, i) + carry) // 10
+  return flags
+
+
+def make_world(seed: int = 0, num_train: int = 4000, num_heldout: int = 500, digits: int = 3,
+               carry_out: bool = False) -> dict[str, list[CritiqueRecord]]:
+  """Critique records for splits "train" and "heldout": disjoint problems, half right, half wrong.
+
+  A candidate "a + b = c" can only be judged by redoing the sum: a wrong c is a plausible slip
+  (see plausible_wrong_sum) and the critique (see addition_critique) redoes the addition column by
+  column, each step short, fixed-length and local, before its verdict. Problems add two
+  `digits`-digit numbers; no unordered pair {a, b} appears twice. Unless `carry_out`, the sum
+  keeps `digits` digits too, so every example has the same layout (a tiny model then finds each
+  digit at a fixed distance).
+  """
+  if digits < 1:
+    raise ValueError(f"digits must be >= 1, got {digits}")
+  first, last = 10 ** (digits - 1), 10 ** digits - 1
+  max_sum = 2 * last if carry_out else last
+  ordered_pairs = sum(max(0, min(last, max_sum - a) - first + 1) for a in range(first, last + 1))
+  if num_train + num_heldout > ordered_pairs // 4:
+    raise ValueError(f"num_train + num_heldout = {num_train + num_heldout} is too many for "
+                     f"digits={digits}, carry_out={carry_out} (at most {ordered_pairs // 4}); raise "
+                     "digits or ask for fewer")
+  rng = random.Random(seed)
+  seen, problems = set(), []
+  while len(problems) < num_train + num_heldout:
+    a, b = rng.randint(first, last), rng.randint(first, last)
+    if a + b <= max_sum and (min(a, b), max(a, b)) not in seen:
+      seen.add((min(a, b), max(a, b)))
+      problems.append((a, b))
+  splits = {"train": problems[:num_train], "heldout": problems[num_train:]}
+  return {name: _label_and_critique(pairs, name, rng, max_sum) for name, pairs in splits.items()}
+
+
+def _label_and_critique(pairs: Sequence[tuple[int, int]], split: str, rng: random.Random,
+                        max_sum: int) -> list[CritiqueRecord]:
+  labels = [i % 2 == 0 for i in range(len(pairs))]
+  rng.shuffle(labels)
+  records = []
+  for i, ((a, b), label) in enumerate(zip(pairs, labels)):
+    claimed = str(a + b) if label else plausible_wrong_sum(a, b, rng, max_sum)[0]
+    records.append(CritiqueRecord(
+        question=question_text(a, b), solution=solution_text(a, b, claimed),
+        critique=addition_critique(a, b, claimed), label=label, reference_answer=str(a + b),
+        source=SOURCE, id=f"{split}-{i}"))
+  return records
+
+
+def math_rows(records: Sequence[CritiqueRecord]) -> list[CritiqueRecord]:
+  """RL rows for ordinary math GRPO: the question and its reference answer only."""
+  return [CritiqueRecord(question=r.question, reference_answer=r.reference_answer,
+                         source=SOURCE + "_math", id=r.id) for r in records]
+
+
+def crl_rows(records: Sequence[CritiqueRecord]) -> list[CritiqueRecord]:
+  """RL rows for critique RL: question, candidate solution and correctness label, no critique."""
+  return [CritiqueRecord(question=r.question, solution=r.solution, label=r.label,
+                         reference_answer=r.reference_answer, source=SOURCE + "_crl", id=r.id)
+          for r in records]
+
+
+def train_tokenizer(records: Sequence[CritiqueRecord], out_dir: str, vocab_size: int = 384) -> str:
+  """Trains a byte-pair SentencePiece model on chat renderings of `records`; writes `out_dir`.
+
+  Digits are always single tokens; the ChatML markers are user-defined symbols. Deterministic for
+  the same records. Writes tokenizer.model and tokenizer_config.json (ChatML chat_template).
+  """
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+
+  corpus = [_chatml_text(get_template(name).messages(r, with_target=True))
+            for r in records[:_TOKENIZER_CORPUS_SIZE] for name in _TOKENIZER_CORPUS_TEMPLATES
+            if _has_target_fields(name, r)]
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+      split_digits=True, user_defined_symbols=list(SPECIAL_TOKENS),
+      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True, byte_fallback=False, character_coverage=1.0,
+      hard_vocab_limit=False, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, num_threads=1,
+      shuffle_input_sentence=False, max_sentence_length=1 << 16, minloglevel=2)
+  log.info("trained a %d-piece SentencePiece model on %d texts", spm.SentencePieceProcessor(
+      model_proto=model.getvalue()).vocab_size(), len(corpus))
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+    f.write(model.getvalue())
+  config = {
+      "chat_template": CHATML_TEMPLATE,
+      "bos_token": None,
+      "eos_token": "<|im_end|>",
+      "pad_token": "<|endoftext|>",
+      "unk_token": "<unk>",
+      "additional_special_tokens": list(SPECIAL_TOKENS),
+      "model_max_length": 512,
+  }
+  _write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
+  return out_dir
+
+
+def _has_target_fields(template_name: str, record: CritiqueRecord) -> bool:
+  return template_name != "math_cot" or bool(record.solution)
+
+
+def _chatml_text(messages: Sequence[dict[str, str]]) -> str:
+  return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
+def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout: int = 500,
+                digits: int = 3, carry_out: bool = False, vocab_size: int = 384) -> dict[str, str]:
+  """Writes the world under `out_dir` and returns the paths by name.
+
+  Files: train.jsonl, heldout.jsonl (CFT records), rl_math_{split}.jsonl, rl_crl_{split}.jsonl
+  (RL rows) in cftjax's JSONL schema, and tokenizer/. Same arguments -> same bytes.
+  """
+  world = make_world(seed, num_train, num_heldout, digits, carry_out)
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {}
+  for split, records in world.items():
+    for name, rows in ((split, records), (f"rl_math_{split}", math_rows(records)),
+                       (f"rl_crl_{split}", crl_rows(records))):
+      paths[name] = os.path.join(out_dir, f"{name}.jsonl")
+      _write_text(paths[name], "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
+  paths["tokenizer"] = train_tokenizer(world["train"], os.path.join(out_dir, "tokenizer"),
+                                       vocab_size)
+  log.info("wrote synthetic world (seed=%d, digits=%d, train=%d, heldout=%d) to %s", seed, digits,
+           num_train, num_heldout, out_dir)
+  return paths
+
+
+def _write_text(path: str, text: str) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)

@@ -1,0 +1,607 @@
+"""Benchmark runner: batched generation, scoring, resumable per-example JSONL, summary and table for
+`cftjax eval`, and the same suites as a periodic in-training hook (`make_periodic_eval`)."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import tqdm
+
+from cftjax import sampling
+from cftjax.data import templates, verdicts
+from cftjax.data.records import CritiqueRecord
+from cftjax.eval import metrics as metrics_lib
+from cftjax.eval.grading import MathGrader, extract_boxed
+from cftjax.eval.suites import DEFAULT_STOP_TOKENS, Benchmark, Example, critique_example, load_examples
+from cftjax.models import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+# The metrics printed in the table, per benchmark kind (pass@k / maj@k are added from `ks`).
+TABLE_METRICS = {"critique": ("accuracy", "balanced_accuracy", "f1_right", "f1_wrong", "missing_rate"),
+                 "processbench": ("f1", "error_acc", "correct_acc", "missing_rate")}
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteSettings:
+  """Settings shared by every benchmark of a suite (config keys of the same names)."""
+
+  batch_size: int = 16  # prompts per generate call (fixed: the last batch is padded)
+  prompt_buckets: tuple[int, ...] | None = None  # padded prompt lengths; None = powers of two >= 16
+  cache_dtype: str = "float32"
+  seed: int = 0
+  stop_tokens: tuple[str, ...] = DEFAULT_STOP_TOKENS
+  grader_workers: int = 2
+  grader_timeout_s: float = 5.0
+  progress_bar: bool = True
+
+
+@dataclasses.dataclass
+class PreparedBenchmark:
+  """A benchmark with its examples and their prompt ids (rendered once)."""
+
+  bench: Benchmark
+  examples: list[Example]
+  prompts: list[np.ndarray]  # each [prompt_len] int32
+
+
+# ------------------------------------------------------------------------------------------------
+# Suite configs.
+
+
+def suite_from_config(config: Any) -> tuple[list[Benchmark], SuiteSettings]:
+  """The benchmarks (in `config.benchmarks_to_run` order, else sorted by name) and shared settings.
+
+  A global `config.limit` > 0 caps every benchmark's limit.
+  """
+  entries = config.benchmarks
+  names = [n.strip() for n in config.get("benchmarks_to_run", "").split(",") if n.strip()]
+  names = names or sorted(entries.keys())
+  unknown = [n for n in names if n not in entries]
+  if unknown:
+    raise ValueError(f"config.benchmarks_to_run names {unknown}, which are not in config.benchmarks "
+                     f"({sorted(entries.keys())})")
+  cap = config.get("limit", 0)
+  benchmarks = []
+  for name in names:
+    entry = entries[name]
+    entry = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
+    bench = Benchmark.from_config(name, entry, f"config.benchmarks.{name}")
+    if cap:
+      bench = dataclasses.replace(bench, limit=min(bench.limit, cap) if bench.limit else cap)
+    benchmarks.append(bench)
+  buckets = tuple(config.get("prompt_buckets", ())) or None
+  settings = SuiteSettings(
+      batch_size=config.batch_size, prompt_buckets=buckets, cache_dtype=config.cache_dtype,
+      seed=config.seed, stop_tokens=tuple(config.get("stop_tokens", DEFAULT_STOP_TOKENS)),
+      grader_workers=config.grader_workers, grader_timeout_s=config.grader_timeout_s,
+      progress_bar=config.progress_bar)
+  if settings.batch_size < 1:
+    raise ValueError(f"config.batch_size={settings.batch_size}; it must be >= 1")
+  return benchmarks, settings
+
+
+def prepare(bench: Benchmark, tokenizer: Any, examples: list[Example] | None = None) -> PreparedBenchmark:
+  """Loads the examples (unless given) and renders their prompts."""
+  examples = load_examples(bench) if examples is None else examples
+  template = bench.prompt_template()
+  prompts = [templates.render_prompt(e.record, template, tokenizer) for e in examples]
+  return PreparedBenchmark(bench, examples, prompts)
+
+
+def stop_ids(tokenizer: Any, stop_tokens: Sequence[str]) -> list[int]:
+  """The tokenizer's eos ids plus those of `stop_tokens` that are in its vocabulary."""
+  ids = list(tokenizer.eos_ids)
+  for token in stop_tokens:
+    try:
+      ids.append(tokenizer.token_to_id(token))
+    except KeyError:
+      continue
+  return list(dict.fromkeys(ids))
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation.
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  text: str
+  num_tokens: int  # generated tokens, stop token included
+  truncated: bool  # hit max_new_tokens without a stop token
+
+
+def generate_completions(params: Any, model_cfg: ModelConfig, tokenizer: Any, prompts: Sequence[np.ndarray],
+                         bench: Benchmark, settings: SuiteSettings
+                         ) -> Iterator[tuple[list[int], list[Completion], float]]:
+  """Generates for prompts in fixed-size batches, shortest prompts first.
+
+  Yields (positions into `prompts`, their completions, seconds the batch took). Every call has
+  `settings.batch_size` rows (the last batch repeats its last prompt), so each prompt bucket
+  compiles once. A batch's rng is the suite seed folded with the batch's first position.
+  """
+  order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+  eos = stop_ids(tokenizer, settings.stop_tokens)
+  pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  for start in range(0, len(order), settings.batch_size):
+    positions = order[start:start + settings.batch_size]
+    batch = [prompts[i] for i in positions]
+    batch += [batch[-1]] * (settings.batch_size - len(batch))
+    began = time.perf_counter()
+    result = sampling.generate(
+        params, model_cfg, batch, rng=jax.random.fold_in(jax.random.PRNGKey(settings.seed), positions[0]),
+        max_new_tokens=bench.max_new_tokens, temperature=bench.temperature, top_k=bench.top_k,
+        top_p=bench.top_p, stop_ids=eos, pad_id=pad_id, cache_dtype=settings.cache_dtype,
+        prompt_buckets=settings.prompt_buckets)
+    seconds = time.perf_counter() - began
+    completions = [
+        Completion(tokenizer.decode(result.tokens[row, :result.lengths[row]], skip_special_tokens=True),
+                   int(result.lengths[row]), bool(result.truncated[row]))
+        for row in range(len(positions))]
+    yield positions, completions, seconds
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring one example's samples, and summaries over records.
+
+
+_SPACES = re.compile(r"\s+")
+_ANSWER_NOISE = (r"\left", r"\right", r"\!", r"\,", "$", r"\displaystyle")
+
+
+def vote_key(answer: str | None) -> str | None:
+  """A boxed answer normalised for majority voting (spacing and typesetting noise removed)."""
+  if answer is None:
+    return None
+  key = _SPACES.sub("", answer)
+  for noise in _ANSWER_NOISE:
+    key = key.replace(noise, "")
+  return key.replace(r"\dfrac", r"\frac").replace(r"\tfrac", r"\frac").rstrip(".")
+
+
+def score_samples(bench: Benchmark, examples: Sequence[Example], completions: Sequence[Sequence[Completion]],
+                  grader: MathGrader | None) -> list[list[dict[str, Any]]]:
+  """Per example, per sample: {completion, prediction, correct, num_tokens, truncated[, reason]}."""
+  flat = [(e, c) for e, samples in zip(examples, completions) for c in samples]
+  if bench.kind == "math":
+    grades = grader.grade_many([str(e.target) for e, _ in flat], [c.text for _, c in flat])
+    scored = [{"prediction": extract_boxed(c.text), "correct": ok, "reason": reason}
+              for (_, c), (ok, reason) in zip(flat, grades)]
+  elif bench.kind == "critique":
+    scored = []
+    for e, c in flat:
+      verdict = verdicts.parse_verdict(c.text, bench.verdict_style)
+      scored.append({"prediction": verdict, "correct": verdict is not None and verdict == e.target})
+  else:
+    scored = []
+    for e, c in flat:
+      step = verdicts.parse_processbench_step(c.text)
+      scored.append({"prediction": step, "correct": step is not None and step == e.target})
+  samples = [{"completion": c.text, **s, "num_tokens": c.num_tokens, "truncated": c.truncated}
+             for (_, c), s in zip(flat, scored)]
+  out, at = [], 0
+  for sample_list in completions:
+    out.append(samples[at:at + len(sample_list)])
+    at += len(sample_list)
+  return out
+
+
+def _math_summary(bench: Benchmark, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+  summary = {}
+  for k in bench.ks:
+    summary[f"pass@{k}"] = float(np.mean([
+        metrics_lib.pass_at_k(len(r["samples"]), sum(s["correct"] for s in r["samples"]), k)
+        for r in records]))
+  for k in bench.ks:
+    if k > 1:
+      summary[f"maj@{k}"] = float(np.mean([
+          metrics_lib.maj_at_k([vote_key(s["prediction"]) for s in r["samples"][:k]],
+                               [s["correct"] for s in r["samples"][:k]]) for r in records]))
+  samples = [s for r in records for s in r["samples"]]
+  summary["no_answer_rate"] = float(np.mean([s["prediction"] is None for s in samples]))
+  summary["grader_timeout_rate"] = float(np.mean([s.get("reason") == "timeout" for s in samples]))
+  return summary
+
+
+def _critique_summary(bench: Benchmark, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  pairs = [(s, r["target"]) for r in records for s in r["samples"]]
+  summary: dict[str, Any] = metrics_lib.verdict_metrics([s["prediction"] for s, _ in pairs],
+                                                        [label for _, label in pairs])
+  del summary["num_examples"]
+  by_style = {}
+  for style in verdicts.STYLES:
+    parsed = [verdicts.parse_verdict(s["completion"], style) for s, _ in pairs]
+    right = [p is not None and p == label for p, (_, label) in zip(parsed, pairs)]
+    by_style[style] = {"accuracy": float(np.mean(right)),
+                       "missing_rate": float(np.mean([p is None for p in parsed]))}
+  summary["by_style"] = by_style
+  return summary
+
+
+def _processbench_summary(bench: Benchmark, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+  del bench
+  pairs = [(s["prediction"], r["target"]) for r in records for s in r["samples"]]
+  summary = metrics_lib.processbench_f1([p for p, _ in pairs], [label for _, label in pairs])
+  summary["missing_rate"] = float(np.mean([p is None for p, _ in pairs]))
+  return summary
+
+
+_SUMMARIES: dict[str, Callable[[Benchmark, Sequence[dict[str, Any]]], dict[str, Any]]] = {
+    "math": _math_summary, "critique": _critique_summary, "processbench": _processbench_summary}
+
+
+def summarize(bench: Benchmark, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """The benchmark's metrics over its per-example records (fractions in [0, 1])."""
+  if not records:
+    raise ValueError(f"benchmark {bench.name!r}: no records to summarise")
+  samples = [s for r in records for s in r["samples"]]
+  return {"kind": bench.kind, "num_examples": len(records), "num_samples": len(samples),
+          **_SUMMARIES[bench.kind](bench, records),
+          "mean_tokens": float(np.mean([s["num_tokens"] for s in samples])),
+          "truncated_rate": float(np.mean([s["truncated"] for s in samples]))}
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-example JSONL (resume) and one benchmark's run.
+
+
+class RecordFile:
+  """OUT/<name>.jsonl (one record per example) and OUT/<name>.settings.json (what produced it).
+
+  `load` returns the records already written, keyed by example index, after checking that they
+  came from the same generation settings and checkpoint; a line cut short by a crash is dropped
+  (counted and logged) and the file rewritten without it.
+  """
+
+  def __init__(self, out_dir: str, bench: Benchmark, identity: dict[str, Any], write: bool = True):
+    self.path = os.path.join(out_dir, f"{bench.name}.jsonl")
+    self._settings_path = os.path.join(out_dir, f"{bench.name}.settings.json")
+    self._identity = json.loads(json.dumps(identity))  # as it reads back from the file
+    self._write = write
+
+  def load(self, examples: Sequence[Example]) -> dict[int, dict[str, Any]]:
+    if not os.path.exists(self.path):
+      return {}
+    self._check_settings()
+    done, kept_lines, bad_lines = {}, [], 0
+    with open(self.path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          bad_lines += 1
+          continue
+        index = record["index"]
+        if index < len(examples) and record["id"] != examples[index].id:
+          raise ValueError(f"{self.path}: record {index} has id {record['id']!r} but the benchmark's "
+                           f"example {index} is {examples[index].id!r}; the benchmark file changed. "
+                           "Delete the JSONL or use another output_dir")
+        done[index] = record
+        kept_lines.append(line if line.endswith("\n") else line + "\n")
+    if bad_lines:
+      log.warning("%s: dropped %d unreadable line(s) (an interrupted write); they will be redone",
+                  self.path, bad_lines)
+      if self._write:
+        with open(self.path, "w", encoding="utf-8") as f:
+          f.writelines(kept_lines)
+    return done
+
+  def _check_settings(self) -> None:
+    if not os.path.exists(self._settings_path):
+      return
+    with open(self._settings_path, encoding="utf-8") as f:
+      saved = json.load(f)
+    changed = sorted(k for k in set(saved) | set(self._identity) if saved.get(k) != self._identity.get(k))
+    if changed:
+      differences = ", ".join(f"{k}: {saved.get(k)!r} then, {self._identity.get(k)!r} now" for k in changed)
+      raise ValueError(f"{self.path} was written with other settings ({differences}); delete it or set "
+                       "another output_dir to start afresh")
+
+  def append(self, records: Sequence[dict[str, Any]]) -> None:
+    if not self._write or not records:
+      return
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    if not os.path.exists(self._settings_path):
+      with open(self._settings_path, "w", encoding="utf-8") as f:
+        json.dump(self._identity, f, indent=2, sort_keys=True)
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+      f.flush()
+
+
+def run_benchmark(params: Any, model_cfg: ModelConfig, tokenizer: Any, prepared: PreparedBenchmark,
+                  settings: SuiteSettings, grader: MathGrader | None, record_file: RecordFile | None = None
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Generates and scores the examples not yet in `record_file`; returns (summary, all records).
+
+  Each example gets `n_samples` completions (its samples sit in consecutive rows); a record is
+  written as soon as all of its samples are scored.
+  """
+  bench = prepared.bench
+  _check_prompt_lengths(prepared, settings.prompt_buckets)
+  done = record_file.load(prepared.examples) if record_file else {}
+  done = {i: r for i, r in done.items() if i < len(prepared.examples)}
+  pending = [i for i in range(len(prepared.examples)) if i not in done]
+  if done:
+    log.info("%s: %d of %d examples already done; generating %d", bench.name, len(done),
+             len(prepared.examples), len(pending))
+  units = [(i, s) for i in pending for s in range(bench.n_samples)]  # (example, sample)
+  partial: dict[int, list[Completion]] = collections.defaultdict(list)
+  generated_tokens, generation_s = 0, 0.0
+
+  def score_and_write(indices: list[int], completions: list[list[Completion]]) -> None:
+    new_records = _make_records(prepared, tokenizer, indices, completions, grader)
+    done.update(zip(indices, new_records))
+    if record_file:
+      record_file.append(new_records)
+
+  # Scoring (math-verify in worker processes) runs in one background thread, in order, while the
+  # next batch generates; an error there stops the loop at the next batch.
+  bar = tqdm.tqdm(total=len(units), desc=bench.name, unit="sample", disable=not settings.progress_bar,
+                  dynamic_ncols=True)
+  with bar, concurrent.futures.ThreadPoolExecutor(1, "cftjax-eval-score") as scorer:
+    scoring: list[concurrent.futures.Future] = []
+    batches = generate_completions(params, model_cfg, tokenizer, [prepared.prompts[i] for i, _ in units],
+                                   bench, settings)
+    for positions, completions, seconds in batches:
+      for future in scoring:
+        if future.done():
+          future.result()
+      finished = []
+      for position, completion in zip(positions, completions):
+        example = units[position][0]
+        partial[example].append(completion)
+        if len(partial[example]) == bench.n_samples:
+          finished.append(example)
+      scoring.append(scorer.submit(score_and_write, finished, [partial.pop(i) for i in finished]))
+      generated_tokens += sum(c.num_tokens for c in completions)
+      generation_s += seconds
+      bar.update(len(positions))
+      bar.set_postfix(tok_s=f"{generated_tokens / max(generation_s, 1e-9):.0f}")
+    for future in scoring:
+      future.result()
+  records = [done[i] for i in sorted(done)]
+  summary = summarize(bench, records)
+  summary.update(generated_tokens=generated_tokens, generation_s=generation_s,
+                 tokens_per_s=generated_tokens / generation_s if generation_s else 0.0)
+  return summary, records
+
+
+def _check_prompt_lengths(prepared: PreparedBenchmark, buckets: Sequence[int] | None) -> None:
+  if not buckets:
+    return
+  too_long = [(e.id, len(p)) for e, p in zip(prepared.examples, prepared.prompts) if len(p) > max(buckets)]
+  if too_long:
+    raise ValueError(f"benchmark {prepared.bench.name!r}: {len(too_long)} prompt(s) are longer than the "
+                     f"largest of config.prompt_buckets={tuple(buckets)} (first: {too_long[0][0]!r}, "
+                     f"{too_long[0][1]} tokens); add a larger bucket")
+
+
+def _make_records(prepared: PreparedBenchmark, tokenizer: Any, indices: Sequence[int],
+                  completions: Sequence[list[Completion]], grader: MathGrader | None) -> list[dict[str, Any]]:
+  """One record per example: the prompt as the model saw it, the target and the scored samples."""
+  examples = [prepared.examples[i] for i in indices]
+  scored = score_samples(prepared.bench, examples, completions, grader)
+  return [{"index": i, "id": e.id, "prompt": tokenizer.decode(prepared.prompts[i]), "target": e.target,
+           "samples": s} for i, e, s in zip(indices, examples, scored)]
+
+
+# ------------------------------------------------------------------------------------------------
+# A whole suite: `cftjax eval` and the in-training hook.
+
+
+def run_suite(params: Any, model_cfg: ModelConfig, tokenizer: Any, prepared: Sequence[PreparedBenchmark],
+              settings: SuiteSettings, grader: MathGrader | None, out_dir: str | None = None,
+              identity: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+  """{benchmark name: summary} for every prepared benchmark; writes records under out_dir if set."""
+  write = jax.process_index() == 0
+  summaries = {}
+  for p in prepared:
+    record_file = None
+    if out_dir:
+      record_file = RecordFile(out_dir, p.bench, {**(identity or {}), **p.bench.generation_settings()},
+                               write=write)
+    summaries[p.bench.name], _ = run_benchmark(params, model_cfg, tokenizer, p, settings, grader, record_file)
+  return summaries
+
+
+def math_average(summaries: Mapping[str, Mapping[str, Any]]) -> float | None:
+  """Mean pass@1 over the math benchmarks (the papers' "average"), None without any."""
+  scores = [s["pass@1"] for s in summaries.values() if s["kind"] == "math"]
+  return float(np.mean(scores)) if scores else None
+
+
+def _needs_grader(benchmarks: Sequence[Benchmark]) -> bool:
+  return any(b.kind == "math" for b in benchmarks)
+
+
+def load_for_eval(ckpt_dir: str, config: Any) -> tuple[ModelConfig, Any, Any]:
+  """(model config with config.dtype applied, params, tokenizer) from `ckpt_dir`.
+
+  ckpt_dir is a cftjax model checkpoint (model_config.json, params/, tokenizer/) or a training run
+  directory (config.json), whose best params (RUN_DIR/best) are loaded. The checkpoint's own
+  tokenizer wins; config.tokenizer_dir is the fallback.
+  """
+  from cftjax.models import checkpoint_io  # pylint: disable=import-outside-toplevel
+  from cftjax.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+
+  overrides = {"dtype": config.dtype} if config.get("dtype") else None
+  if os.path.exists(os.path.join(ckpt_dir, checkpoint_io.CONFIG_FILE)):
+    model_cfg, params, tokenizer_dir = checkpoint_io.load_model_checkpoint(ckpt_dir,
+                                                                           config_overrides=overrides)
+    tokenizer = Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir else None
+  elif os.path.exists(os.path.join(ckpt_dir, "config.json")):
+    model_cfg, params, tokenizer = _load_run_best(ckpt_dir, overrides)
+  else:
+    raise FileNotFoundError(f"--ckpt {ckpt_dir}: neither a model checkpoint ({checkpoint_io.CONFIG_FILE}) "
+                            "nor a training run directory (config.json)")
+  if tokenizer is None:
+    if not config.get("tokenizer_dir"):
+      raise ValueError(f"{ckpt_dir} holds no tokenizer/; set --config.tokenizer_dir")
+    tokenizer = Tokenizer.from_dir(config.tokenizer_dir)
+  tokenizer.check_fits_model(model_cfg.vocab_size)
+  return model_cfg, params, tokenizer
+
+
+def _load_run_best(run_dir: str, overrides: dict[str, Any] | None) -> tuple[ModelConfig, Any, Any]:
+  """(model config, best params on one device, tokenizer) of a `cftjax train` run directory."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
+
+  from cftjax.models import abstract_params  # pylint: disable=import-outside-toplevel
+  from cftjax.train import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  from cftjax.train import cft_trainer  # pylint: disable=import-outside-toplevel
+
+  with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+    run_config = config_dict.ConfigDict(json.load(f)["config"])
+  model_cfg, tokenizer = cft_trainer.build_model(run_config)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          nn.unbox(abstract_params(model_cfg)))
+  step, params = checkpoint_lib.restore_best_params(run_dir, abstract)
+  log.info("%s: evaluating the best params (step %d)", run_dir, step)
+  return model_cfg.replace(**(overrides or {})), params, tokenizer
+
+
+def run_eval(config: Any, ckpt_dir: str) -> dict[str, Any]:
+  """Runs the config's suite on the model checkpoint in `ckpt_dir` (`cftjax convert` / export).
+
+  Writes OUT/<benchmark>.jsonl (per-example records; a re-run skips the examples already there),
+  OUT/summary.json, and returns the summary {ckpt, output_dir, benchmarks: {name: metrics},
+  math_average}. OUT is config.output_dir, or CKPT/eval/<config.name>.
+  """
+  benchmarks, settings = suite_from_config(config)
+  out_dir = config.get("output_dir") or os.path.join(ckpt_dir, "eval", config.get("name", "suite"))
+  model_cfg, params, tokenizer = load_for_eval(ckpt_dir, config)
+  prepared = [prepare(b, tokenizer) for b in benchmarks]
+  identity = {"ckpt": os.path.abspath(ckpt_dir)}
+  grader = None
+  if _needs_grader(benchmarks):
+    grader = MathGrader(settings.grader_workers, settings.grader_timeout_s)
+  try:
+    summaries = run_suite(params, model_cfg, tokenizer, prepared, settings, grader, out_dir, identity)
+  finally:
+    if grader is not None:
+      grader.close()
+  summary = {"ckpt": os.path.abspath(ckpt_dir), "output_dir": os.path.abspath(out_dir),
+             "benchmarks": summaries, "math_average": math_average(summaries)}
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+  """A plain-text table: one row per benchmark, headline metrics in percent."""
+  rows = []
+  for name, s in summary["benchmarks"].items():
+    if s["kind"] == "math":
+      keys = [k for k in s if k.startswith(("pass@", "maj@"))]
+    else:
+      keys = TABLE_METRICS[s["kind"]]
+    cells = "  ".join(f"{k} {100 * s[k]:5.1f}" for k in keys)
+    rows.append((name, s["kind"], str(s["num_examples"]), cells, f"{s['tokens_per_s']:.0f}"))
+  header = ("benchmark", "kind", "n", "metrics (%)", "tok/s")
+  widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+  lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+  if summary.get("math_average") is not None:
+    lines.append(f"math average pass@1: {100 * summary['math_average']:.1f}")
+  return "\n".join(lines)
+
+
+def run_command(args: Any, overrides: list[tuple[str, str]]) -> int:
+  """`cftjax eval --config FILE --ckpt DIR [--config.key=value ...]`: runs, prints the table."""
+  from cftjax import config as config_lib  # pylint: disable=import-outside-toplevel
+
+  config = config_lib.load_config(args.config, overrides)
+  summary = run_eval(config, args.ckpt)
+  print(format_table(summary), flush=True)
+  print(f"records and summary.json in {summary['output_dir']}", flush=True)
+  return 0
+
+
+class PeriodicEval:
+  """The suite of `suite_cfg` (examples and prompts prepared once) run on the current params.
+
+  Call with (params, step) -> {"<benchmark>/<metric>": value}; with suite_cfg.output_dir set, the
+  records of each call go to OUTPUT_DIR/step_<step>/. Call close() (or use `with`) to stop the
+  math grader's workers.
+  """
+
+  def __init__(self, suite_cfg: Any, tokenizer: Any, model_cfg: ModelConfig):
+    benchmarks, self.settings = suite_from_config(suite_cfg)
+    self.settings = dataclasses.replace(self.settings, progress_bar=False)
+    self._tokenizer, self._model_cfg = tokenizer, model_cfg
+    self._out_dir = suite_cfg.get("output_dir", "")
+    self._prepared = [prepare(b, tokenizer) for b in benchmarks]
+    self._grader = (MathGrader(self.settings.grader_workers, self.settings.grader_timeout_s)
+                    if _needs_grader(benchmarks) else None)
+
+  def __call__(self, params: Any, step: int) -> dict[str, float]:
+    out_dir = os.path.join(self._out_dir, f"step_{step}") if self._out_dir else None
+    summaries = run_suite(params, self._model_cfg, self._tokenizer, self._prepared, self.settings,
+                          self._grader, out_dir)
+    return flatten_metrics(summaries)
+
+  def close(self) -> None:
+    if self._grader is not None:
+      self._grader.close()
+
+  def __enter__(self) -> "PeriodicEval":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def make_periodic_eval(suite_cfg: Any, tokenizer: Any, model_cfg: ModelConfig) -> PeriodicEval:
+  """The in-training hook: `fn(params, step) -> metrics dict` over the suite's (limited) examples."""
+  return PeriodicEval(suite_cfg, tokenizer, model_cfg)
+
+
+def flatten_metrics(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+  """{"<benchmark>/<metric>[/<sub>...]": float} of the numeric entries of the summaries."""
+  flat = {}
+
+  def visit(prefix: str, value: Any) -> None:
+    if isinstance(value, Mapping):
+      for key, item in value.items():
+        visit(f"{prefix}/{key}", item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      flat[prefix] = float(value)
+
+  for name, summary in summaries.items():
+    visit(name, summary)
+  return flat
+
+
+def score_critiques(params: Any, model_cfg: ModelConfig, tokenizer: Any, records: Sequence[CritiqueRecord], *,
+                    template: Any, verdict_style: str, batch_size: int, max_new_tokens: int,
+                    seed: int = 0, prompt_buckets: Sequence[int] | None = None
+                    ) -> tuple[dict[str, Any], list[str]]:
+  """Greedy critiques of labelled records, scored: (critique summary as `summarize`, the critiques).
+
+  The one "generate critiques and score verdicts" path; the CFT trainer's held-out verdict
+  accuracy calls it.
+  """
+  bench = Benchmark(name="heldout_verdicts", path="", kind="critique", template=template,
+                    max_new_tokens=max_new_tokens, verdict_style=verdict_style)
+  bench.check("score_critiques")
+  prepared = prepare(bench, tokenizer, [critique_example(r) for r in records])
+  settings = SuiteSettings(batch_size=batch_size, seed=seed, progress_bar=False,
+                           prompt_buckets=tuple(prompt_buckets) if prompt_buckets else None)
+  summary, done = run_benchmark(params, model_cfg, tokenizer, prepared, settings, grader=None)
+  return summary, [r["samples"][0]["completion"] for r in done]
