@@ -1,0 +1,372 @@
+"""Experiment configs: the documented base config, config-file loading, `--config.a.b=v` overrides,
+and the run-directory `config.json` (resolved config + code version) with its resume compatibility check."""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import subprocess
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ml_collections import config_dict
+
+import cftjax
+
+RUN_CONFIG_FILE = "config.json"
+# Keys that fix the shapes of params, optimizer state or the data stream: a run dir written with
+# other values cannot be resumed. A key ending in "." covers its whole section.
+RESUME_INVARIANT_KEYS = (
+    "model.init_from", "model.arch.", "model.param_dtype",
+    "data.train_path", "data.sources", "data.format", "data.template", "data.max_seq_len",
+    "data.batch_size", "data.packing", "data.seed", "data.world.",
+    "train.seed",
+)
+
+
+class ConfigError(ValueError):
+  """A config file, override or run-dir config that cannot be used as given."""
+
+
+def base_config() -> config_dict.ConfigDict:
+  """Every section and key the trainer reads, with defaults. Config files start from this."""
+  c = config_dict.ConfigDict()
+
+  # model: what is trained. Either a converted checkpoint (`cftjax convert` output) or a fresh model.
+  c.model = config_dict.ConfigDict()
+  c.model.init_from = config_dict.placeholder(str)  # converted checkpoint dir; None = from scratch
+  c.model.tokenizer_dir = config_dict.placeholder(str)  # None = the tokenizer saved with init_from
+  c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay param_dtype
+  c.model.param_dtype = "float32"  # master weights
+  c.model.remat = "none"  # activation checkpointing: none | minimal | full
+  # model.arch: the architecture of a from-scratch model (ignored with init_from).
+  c.model.arch = config_dict.ConfigDict()
+  c.model.arch.model_type = "qwen2"
+  c.model.arch.vocab_size = config_dict.placeholder(int)  # None = the tokenizer's vocab size
+  c.model.arch.hidden_size = 64
+  c.model.arch.intermediate_size = 256
+  c.model.arch.num_layers = 2
+  c.model.arch.num_heads = 4
+  c.model.arch.num_kv_heads = 2
+  c.model.arch.head_dim = 16
+  c.model.arch.rope_theta = 10000.0
+  c.model.arch.rms_norm_eps = 1e-6
+  c.model.arch.tie_embeddings = False
+  c.model.arch.max_position_embeddings = 4096
+
+  # data: the CFT training stream and held-out rows. Passed to cftjax.data.pipeline (see docs/data.md).
+  c.data = config_dict.ConfigDict()
+  c.data.train_path = ""  # training rows (JSONL / Parquet / ArrayRecord / TFDS dir); "," separates several
+  c.data.sources = ()  # advanced: a tuple of source-spec dicts (path, weight, format, ...); overrides train_path
+  c.data.eval_path = ""  # held-out rows for eval loss and verdict accuracy ("" = no eval)
+  c.data.format = "auto"  # row format of train_path / eval_path (auto-detected per row shape)
+  c.data.template = "cft"  # prompt template: cft | crl | ... (cftjax.data.templates)
+  c.data.max_seq_len = 2048  # tokens per row; longer examples follow length_policy
+  c.data.length_policy = "drop"  # drop | truncate | error for over-long examples (drops are counted)
+  c.data.on_bad_row = "error"  # error | skip unreadable rows (skips are counted)
+  c.data.batch_size = 512  # GLOBAL rows per optimizer step, summed over all hosts
+  c.data.packing = True  # pack several examples per row (segment ids restart positions)
+  c.data.seed = 0  # shuffle seed
+  c.data.num_epochs = 1  # passes over the data when train.steps = 0 (steps are then counted)
+  c.data.num_workers = 0  # Grain worker processes rendering rows (0 = in-process)
+  c.data.synthetic_world = False  # demo: write the synthetic critique world into world_dir if missing
+  c.data.world_dir = ""  # where the synthetic world lives ("" = RUN_DIR/world)
+  c.data.world = config_dict.ConfigDict()  # its size (cftjax.data.synthetic.write_world), seed data.seed
+  c.data.world.num_train = 4000
+  c.data.world.num_heldout = 500
+  c.data.world.digits = 3  # operand digits of the world's additions
+
+  # optim: AdamW and the learning-rate schedule (cftjax.train.optimizer.make_optimizer).
+  c.optim = config_dict.ConfigDict()
+  c.optim.lr = 5e-6  # peak learning rate
+  c.optim.schedule = "cosine"  # cosine | linear | constant (after warmup)
+  c.optim.warmup_steps = 0  # linear warmup length; or use warmup_ratio (set only one)
+  c.optim.warmup_ratio = 0.1  # warmup as a fraction of the total steps
+  c.optim.min_lr_ratio = 0.0  # final lr as a fraction of the peak
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0  # decoupled (AdamW); never on norms and biases
+  c.optim.grad_clip_norm = 1.0  # global-norm clip (0 = off)
+  c.optim.decay_embeddings = True  # weight-decay the embedding (and tied head) too
+
+  # train: the step loop.
+  c.train = config_dict.ConfigDict()
+  c.train.run_dir = ""  # "" = runs/<config file name>
+  c.train.seed = 0  # model init and step RNG
+  c.train.steps = 0  # optimizer steps; 0 = data.num_epochs passes over the training rows
+  c.train.micro_batches = 1  # gradient accumulation: global batch split into this many passes
+  c.train.chunk_size = 4096  # tokens per cross-entropy chunk ([chunk, vocab] logits at a time)
+  c.train.z_loss_weight = 0.0
+  c.train.cpu_peak_flops = 0.0  # MFU denominator on CPU; 0 = measure a matmul at start-up
+
+  # mesh: device mesh axis sizes (cftjax.parallel.make_mesh); -1 = all remaining devices.
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.data = 1  # pure data parallelism (params replicated over it)
+  c.mesh.fsdp = -1  # data parallelism with params / optimizer state sharded over it
+  c.mesh.tensor = 1  # tensor (model) parallelism inside a layer
+
+  # checkpoint: Orbax checkpoints under RUN_DIR/checkpoints (resumed automatically).
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.every_steps = 500  # 0 = only at the end (and on SIGTERM)
+  c.checkpoint.max_to_keep = 2
+  c.checkpoint.async_save = True  # write in a background thread while training continues
+  c.checkpoint.best_metric = ""  # eval metric whose best value is kept in RUN_DIR/best ("" = off)
+  c.checkpoint.best_mode = "max"  # max | min
+
+  # eval: periodic held-out evaluation on data.eval_path.
+  c.eval = config_dict.ConfigDict()
+  c.eval.every_steps = 0  # 0 = only before training and at the end
+  c.eval.at_start = True  # evaluate the initial model (the "before" column)
+  c.eval.loss_batches = 4  # held-out loss batches (0 = skip held-out loss)
+  c.eval.verdict_examples = 64  # held-out rows critiqued greedily for verdict accuracy (0 = skip)
+  c.eval.batch_size = 16  # prompts per generation batch
+  c.eval.max_new_tokens = 256
+  c.eval.verdict_style = "auto"  # parse_verdict style: auto | cft | crl | critique_rl
+
+  # logging: process 0 writes metrics.jsonl, TensorBoard events and a progress bar.
+  c.logging = config_dict.ConfigDict()
+  c.logging.every_steps = 10
+  c.logging.tensorboard = True
+  c.logging.progress_bar = True
+  return c
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a config file and applying overrides.
+
+
+def load_config_file(spec: str) -> config_dict.ConfigDict:
+  """Imports `path.py` (or `path.py:arg`) and returns its `get_config()` (or `get_config(arg)`)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} not found; pass --config path/to/config.py")
+  module_name = "cftjax_config_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path}: defines no get_config() function")
+  config = module.get_config(arg) if arg else module.get_config()
+  if not isinstance(config, config_dict.ConfigDict):
+    raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected a ConfigDict")
+  if "train" in config and not config.train.run_dir:  # eval configs have no train section
+    config.train.run_dir = os.path.join("runs", module_name.removeprefix("cftjax_config_"))
+  return config
+
+
+def leaf_paths(config: config_dict.ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted paths of every non-section key, e.g. "optim.lr"."""
+  paths = []
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, config_dict.ConfigDict):
+      paths.extend(leaf_paths(value, f"{prefix}{key}."))
+    else:
+      paths.append(prefix + key)
+  return paths
+
+
+def _unknown_key_error(config: config_dict.ConfigDict, path: str) -> ConfigError:
+  matches = difflib.get_close_matches(path, leaf_paths(config), n=3, cutoff=0.6)
+  hint = f"; did you mean {' or '.join(repr('config.' + m) for m in matches)}?" if matches else ""
+  return ConfigError(f"unknown config key 'config.{path}'{hint}")
+
+
+def _parse_value(path: str, text: str, field_type: type, current: Any) -> Any:
+  """Parses an override string the way absl/config_flags would for a field of `field_type`."""
+  if text == "None" and current is None:
+    return None
+  try:
+    if field_type is bool:
+      lowered = text.lower()
+      if lowered in ("true", "t", "1"):
+        return True
+      if lowered in ("false", "f", "0"):
+        return False
+      raise ValueError("expected true/false")
+    if field_type is int:
+      return int(text)
+    if field_type is float:
+      return float(text)
+    if field_type is str:
+      return text
+    if field_type in (tuple, list, dict):
+      value = ast.literal_eval(text)
+      if isinstance(value, (tuple, list)) and field_type in (tuple, list):
+        return field_type(value)
+      if not isinstance(value, field_type):
+        raise ValueError(f"expected a {field_type.__name__} literal")
+      return value
+  except (ValueError, SyntaxError) as e:
+    raise ConfigError(f"--config.{path}={text}: cannot parse as {field_type.__name__} ({e})") from None
+  try:  # a None-valued field with no declared type: any Python literal, else the string itself
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def set_override(config: config_dict.ConfigDict, path: str, text: str) -> None:
+  """Sets `config.<path>` from its command-line text, checking the key exists and the type fits."""
+  *sections, leaf = path.split(".")
+  node = config
+  for section in sections:
+    if section not in node or not isinstance(node[section], config_dict.ConfigDict):
+      raise _unknown_key_error(config, path)
+    node = node[section]
+  if leaf not in node:
+    raise _unknown_key_error(config, path)
+  if isinstance(node[leaf], config_dict.ConfigDict):
+    raise ConfigError(f"--config.{path} names a section; override its keys, e.g. --config.{path}."
+                      f"{next(iter(node[leaf].keys()), 'KEY')}=VALUE")
+  value = _parse_value(path, text, node.get_type(leaf), node[leaf])
+  try:
+    with node.unlocked():
+      node[leaf] = value
+  except TypeError as e:
+    raise ConfigError(f"--config.{path}={text}: {e}") from None
+
+
+def split_override_args(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+  """Separates `--config.a.b=v` / `--config.a.b v` args from the rest: ([(path, text)], rest)."""
+  overrides, rest = [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg.startswith("--config."):
+      name, eq, text = arg[len("--config."):].partition("=")
+      if not eq:
+        if i + 1 >= len(args):
+          raise ConfigError(f"{arg}: missing a value; write {arg}=VALUE")
+        i += 1
+        text = args[i]
+      overrides.append((name, text))
+    else:
+      rest.append(arg)
+    i += 1
+  return overrides, rest
+
+
+def load_config(spec: str, overrides: Iterable[tuple[str, str]] = ()) -> config_dict.ConfigDict:
+  """Loads a config file, applies overrides in order and locks it against new keys."""
+  config = load_config_file(spec)
+  config.lock()
+  for path, text in overrides:
+    set_override(config, path, text)
+  return config
+
+
+# ------------------------------------------------------------------------------------------------
+# The run directory's config.json.
+
+
+def code_version() -> dict[str, Any]:
+  """The package version and, when the package is in a git checkout, its commit and dirty flag."""
+  version = {"cftjax": cftjax.__version__, "git_sha": None, "git_dirty": None}
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(cftjax.__file__)))
+  try:
+    sha = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
+                         timeout=10)
+    if sha.returncode == 0:
+      version["git_sha"] = sha.stdout.strip()
+      status = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                              capture_output=True, text=True, timeout=10)
+      version["git_dirty"] = bool(status.stdout.strip())
+  except (OSError, subprocess.TimeoutExpired):
+    pass
+  return version
+
+
+def to_plain_dict(config: config_dict.ConfigDict) -> dict[str, Any]:
+  """A JSON-compatible dict of the config (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def _is_resume_invariant(path: str) -> bool:
+  return any(path == k or (k.endswith(".") and path.startswith(k)) for k in RESUME_INVARIANT_KEYS)
+
+
+def check_resume_compatible(saved: dict[str, Any], config: config_dict.ConfigDict, where: str) -> None:
+  """Raises if `config` changes a shape-fixing key relative to the config saved at `where`."""
+  old, new = _flatten(saved), _flatten(to_plain_dict(config))
+  changed = [k for k in sorted(set(old) | set(new)) if _is_resume_invariant(k) and old.get(k) != new.get(k)]
+  if changed:
+    diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    raise ConfigError(
+        f"{where} was written by a different config ({diffs}). These keys fix param/optimizer/data "
+        "shapes, so the run cannot resume: restore their values or use a new --config.train.run_dir.")
+
+
+def write_run_config(run_dir: str, config: config_dict.ConfigDict, write: bool = True) -> None:
+  """Checks `config` against RUN_DIR/config.json if present, then (when `write`) rewrites it with the
+  resolved config and the code version. Every process checks; only process 0 should write."""
+  path = os.path.join(run_dir, RUN_CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        saved = json.load(f)["config"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise ConfigError(f"{path}: unreadable run config ({e}); move it aside to start afresh") from None
+    check_resume_compatible(saved, config, path)
+  if not write:
+    return
+  os.makedirs(run_dir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({"config": to_plain_dict(config), "code_version": code_version()}, f, indent=2,
+              sort_keys=True)
+  os.replace(tmp, path)
+
+
+def paper_cft_recipe(*, init_from: str, train_path: str, num_epochs: int, weight_decay: float,
+                     warmup_ratio: float) -> config_dict.ConfigDict:
+  """The published CFT full fine-tune settings (arXiv 2501.17703 and 2506.03295; docs/recipes.md).
+
+  lr 5e-6 with cosine decay after linear warmup, global batch 512 examples (no packing, so a step
+  sees 512 critiques as in the papers), rows up to 2048 tokens (longer ones dropped and counted),
+  bf16 compute over float32 master weights, FSDP over every device, 8 micro-batches.
+  """
+  c = base_config()
+  c.model.init_from = init_from
+  c.model.dtype = "bfloat16"
+  c.model.remat = "full"
+  c.data.train_path = train_path
+  c.data.template = "cft"
+  c.data.max_seq_len = 2048
+  c.data.length_policy = "drop"
+  c.data.batch_size = 512
+  c.data.packing = False
+  c.data.num_epochs = num_epochs
+  c.optim.lr = 5e-6
+  c.optim.schedule = "cosine"
+  c.optim.warmup_ratio = warmup_ratio
+  c.optim.weight_decay = weight_decay
+  c.optim.grad_clip_norm = 1.0
+  c.train.steps = 0  # = num_epochs passes over the rows, counted before training
+  c.train.micro_batches = 8
+  c.train.chunk_size = 1024  # [1024, ~152k] float32 logits per cross-entropy chunk
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.checkpoint.every_steps = 20
+  c.checkpoint.max_to_keep = 2
+  c.eval.every_steps = 10
+  c.eval.loss_batches = 2
+  c.eval.verdict_examples = 256
+  c.eval.batch_size = 64
+  c.eval.max_new_tokens = 1024
+  c.eval.verdict_style = "cft"
+  c.logging.every_steps = 1
+  return c

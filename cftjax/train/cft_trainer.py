@@ -1,0 +1,287 @@
+"""The CFT training loop: `train(config) -> summary`. Wires model, data, optimizer, sharded step,
+metrics, held-out evaluation and checkpoints (resume, periodic, final, on SIGTERM) together."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import numpy as np
+
+from cftjax import config as config_lib
+from cftjax import parallel
+from cftjax.data import pipeline, synthetic
+from cftjax.models import ModelConfig
+from cftjax.tokenizer import Tokenizer
+from cftjax.train import checkpoint as checkpoint_lib
+from cftjax.train import metrics as metrics_lib
+from cftjax.train import optimizer as optimizer_lib
+from cftjax.train import sft_step as sft_step_lib
+from cftjax.train import state as state_lib
+from cftjax.train.verdict_eval import HeldOutEvaluator
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+WORLD_DIR = "world"
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up pieces.
+
+
+def ensure_synthetic_world(config: Any) -> None:
+  """Writes the synthetic critique world (if missing) and points unset data/tokenizer keys at it."""
+  world_dir = config.data.world_dir or os.path.join(config.train.run_dir, WORLD_DIR)
+  train_file = os.path.join(world_dir, "train.jsonl")
+  if jax.process_index() == 0 and not os.path.exists(train_file):
+    world = config.data.world
+    synthetic.write_world(world_dir, seed=config.data.seed, num_train=world.num_train,
+                          num_heldout=world.num_heldout, digits=world.digits)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("synthetic world written")
+  config.data.world_dir = world_dir
+  config.data.train_path = config.data.train_path or train_file
+  config.data.eval_path = config.data.eval_path or os.path.join(world_dir, "heldout.jsonl")
+  config.model.tokenizer_dir = config.model.tokenizer_dir or os.path.join(world_dir, "tokenizer")
+
+
+def build_model(config: Any) -> tuple[ModelConfig, Tokenizer]:
+  """(model config with the compute dtype and remat policy, tokenizer)."""
+  model = config.model
+  if model.init_from:
+    model_cfg, tokenizer_dir = checkpoint_lib.init_model_config(model.init_from)
+    tokenizer_dir = model.tokenizer_dir or tokenizer_dir
+    if not tokenizer_dir:
+      raise config_lib.ConfigError(f"model.init_from={model.init_from!r} holds no tokenizer/; set "
+                                   "--config.model.tokenizer_dir")
+  else:
+    if not model.tokenizer_dir:
+      raise config_lib.ConfigError("a model trained from scratch needs --config.model.tokenizer_dir "
+                                   "(or --config.model.init_from, a converted checkpoint)")
+    tokenizer_dir = model.tokenizer_dir
+  tokenizer = Tokenizer.from_dir(tokenizer_dir)
+  if not model.init_from:
+    arch = model.arch.to_dict()
+    arch["vocab_size"] = arch["vocab_size"] or tokenizer.vocab_size
+    model_cfg = ModelConfig(**arch, param_dtype=model.param_dtype)
+  model_cfg = model_cfg.replace(dtype=model.dtype, remat=model.remat)
+  tokenizer.check_fits_model(model_cfg.vocab_size)
+  return model_cfg, tokenizer
+
+
+def train_data_config(config: Any) -> dict[str, Any]:
+  """The pipeline config (cftjax.data.pipeline) of the training stream."""
+  data = config.data
+  if data.sources:
+    sources = [dict(s) for s in data.sources]
+  elif data.train_path:
+    sources = [{"path": p.strip(), "format": data.format} for p in data.train_path.split(",")]
+  else:
+    raise config_lib.ConfigError("no training data: set --config.data.train_path (or data.sources)")
+  return {"sources": sources, "template": data.template, "max_seq_len": data.max_seq_len,
+          "batch_size": data.batch_size, "packing": data.packing, "length_policy": data.length_policy,
+          "on_bad_row": data.on_bad_row, "seed": data.seed, "num_workers": data.num_workers,
+          # An explicit step count repeats the data as needed; otherwise num_epochs bounds it.
+          "num_epochs": None if config.train.steps else data.num_epochs}
+
+
+def count_batches(data_cfg: dict[str, Any], tokenizer: Tokenizer) -> int:
+  """Batches in `data_cfg`'s num_epochs passes, counted by a dry pass (exact with packing and drops).
+
+  Each process counts its own shard; all take the smallest count.
+  """
+  iterator = pipeline.make_sft_iterator(data_cfg, tokenizer, jax.process_index(), jax.process_count())
+  count = sum(1 for _ in iterator)
+  iterator.close()
+  if jax.process_count() > 1:
+    count = int(np.min(multihost_utils.process_allgather(np.int64(count))))
+  if count == 0:
+    raise ValueError(f"the training data yields no batch: check data.train_path and the length "
+                     f"policy counts {iterator.length_counts}")
+  log.info("%d epoch(s) of training data = %d optimizer steps", data_cfg["num_epochs"], count)
+  return count
+
+
+def abstract_train_state(model_cfg: ModelConfig, tx: Any, mesh: Any, rules: Any, seed: int) -> Any:
+  """The TrainState of ShapeDtypeStructs with their target shardings (restore target)."""
+  params = state_lib.abstract_master_params(model_cfg)
+  shapes = state_lib.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params),
+      rng=jax.eval_shape(lambda key: jax.random.split(key)[1], jax.random.PRNGKey(seed)))
+  return checkpoint_lib.abstract_with_shardings(
+      shapes, state_lib.train_state_shardings(model_cfg, tx, mesh, rules))
+
+
+def make_evaluator(config: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, mesh: Any, rules: Any
+                   ) -> HeldOutEvaluator | None:
+  """The held-out evaluator, or None when there is no eval data or nothing to evaluate."""
+  if not config.data.eval_path or not (config.eval.loss_batches or config.eval.verdict_examples):
+    return None
+  eval_step = sft_step_lib.make_eval_step(model_cfg, mesh, rules, chunk_size=config.train.chunk_size,
+                                          compute_dtype=config.model.dtype)
+  return HeldOutEvaluator(config, model_cfg, tokenizer, mesh, rules, eval_step)
+
+
+def _due(step: int, every: int) -> bool:
+  return every > 0 and step % every == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _Run:
+  """Everything one `train` call builds; `loop()` runs the steps."""
+
+  def __init__(self, config: Any):
+    self.config = config
+    self.run_dir = config.train.run_dir
+    if config.data.synthetic_world:
+      ensure_synthetic_world(config)
+    config_lib.write_run_config(self.run_dir, config, write=jax.process_index() == 0)
+    self.config_record = config_lib.to_plain_dict(config)
+    self.mesh = parallel.make_mesh(config.mesh)
+    self.rules = parallel.LOGICAL_RULES
+    self.model_cfg, self.tokenizer = build_model(config)
+    self.data_cfg = train_data_config(config)
+    self.total_steps = config.train.steps or count_batches(self.data_cfg, self.tokenizer)
+    self.tx, self.schedule = optimizer_lib.make_optimizer(config.optim, self.total_steps)
+    self.checkpoints = checkpoint_lib.RunCheckpoints(
+        self.run_dir, max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save, best_metric=config.checkpoint.best_metric,
+        best_mode=config.checkpoint.best_mode)
+    self.data = pipeline.make_sft_iterator(self.data_cfg, self.tokenizer, jax.process_index(),
+                                           jax.process_count())
+    self.state = self._initial_state()
+    self.step = int(jax.device_get(self.state.step))
+    self.sft_step = sft_step_lib.make_sft_step(
+        self.model_cfg, self.tx, self.mesh, self.rules, micro_batches=config.train.micro_batches,
+        chunk_size=config.train.chunk_size, z_loss_weight=config.train.z_loss_weight,
+        compute_dtype=config.model.dtype, schedule=self.schedule)
+    self.evaluator = make_evaluator(config, self.model_cfg, self.tokenizer, self.mesh, self.rules)
+    seq_len = config.data.max_seq_len
+    self.meter = metrics_lib.ThroughputMeter(
+        metrics_lib.train_flops_per_token(self.model_cfg, seq_len),
+        metrics_lib.total_peak_flops(config.train.cpu_peak_flops))
+    self.writer = metrics_lib.MetricsWriter(
+        self.run_dir, self.total_steps, initial_step=self.step,
+        tensorboard=config.logging.tensorboard, progress_bar=config.logging.progress_bar)
+
+  def _initial_state(self) -> state_lib.TrainState:
+    """The latest checkpoint's state (and data position) if there is one, else a fresh state."""
+    config = self.config
+    latest = self.checkpoints.latest_step()
+    if latest is not None:
+      abstract = abstract_train_state(self.model_cfg, self.tx, self.mesh, self.rules, config.train.seed)
+      state, data_state = self.checkpoints.restore(latest, abstract)
+      self.data.set_state(data_state)
+      log.info("resumed %s from step %d", self.run_dir, latest)
+      return state
+    init_params = None
+    if config.model.init_from:
+      shardings = state_lib.train_state_shardings(self.model_cfg, self.tx, self.mesh, self.rules)
+      init_params = checkpoint_lib.load_init_params(config.model.init_from, shardings.params)
+    return state_lib.create_train_state(self.model_cfg, self.tx, jax.random.PRNGKey(config.train.seed),
+                                        self.mesh, self.rules, init_params)
+
+  def evaluate(self) -> dict[str, float]:
+    metrics = self.evaluator.evaluate(self.state.params)
+    self.writer.write(self.step, metrics, split="eval")
+    self.checkpoints.maybe_save_best(self.step, self.state.params, metrics)
+    return metrics
+
+  def save(self) -> None:
+    self.checkpoints.save(self.step, self.state, self.data.get_state(), self.config_record)
+
+  def loop(self) -> dict[str, Any]:
+    config = self.config
+    start_step, started = self.step, time.perf_counter()
+    summary: dict[str, Any] = {"run_dir": self.run_dir, "start_step": start_step,
+                               "total_steps": self.total_steps, "preempted": False}
+    if self.evaluator is not None and config.eval.at_start and self.step == 0:
+      summary["initial_eval"] = self.evaluate()
+    last_metrics: dict[str, float] = {}
+    with checkpoint_lib.PreemptionFlag(self.checkpoints) as preemption:
+      self.meter.reset()
+      while self.step < self.total_steps:
+        try:
+          host_batch = next(self.data)
+        except StopIteration:
+          log.warning("training data ended at step %d of %d", self.step, self.total_steps)
+          break
+        self.state, step_metrics = self.sft_step(
+            self.state, parallel.host_local_to_global(host_batch, self.mesh, self.rules))
+        self.step += 1
+        self.meter.add_step(metrics_lib.count_tokens(host_batch["segment_ids"]) * jax.process_count())
+        self.writer.advance(self.step)
+        final = self.step == self.total_steps
+        if _due(self.step, config.logging.every_steps) or final:
+          last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          last_metrics |= self.meter.rates()
+          self.writer.write(self.step, last_metrics)
+          self.meter.reset()
+        if self.evaluator is not None and _due(self.step, config.eval.every_steps) and not final:
+          self.evaluate()
+        summary["preempted"] = preemption.should_stop(self.step)
+        if _due(self.step, config.checkpoint.every_steps) or summary["preempted"]:
+          self.save()
+        if summary["preempted"]:
+          break
+    if not summary["preempted"]:
+      self.save()  # the final state (a no-op when this step was just saved)
+      if self.evaluator is not None and self.step > start_step:
+        summary["final_eval"] = self.evaluate()
+    self.checkpoints.wait()
+    summary.update(steps=self.step, final_train_metrics=last_metrics,
+                   wall_time_s=time.perf_counter() - started, data_counts=self.data.length_counts,
+                   best_value=self.checkpoints.best_value())
+    return summary
+
+  def close(self) -> None:
+    self.writer.close()
+    self.checkpoints.close()
+    self.data.close()
+
+
+def train(config: Any) -> dict[str, Any]:
+  """Trains (or resumes) the run in config.train.run_dir; returns and writes its summary.
+
+  The summary holds steps, total_steps, start_step, preempted (stopped by SIGTERM after saving),
+  final_train_metrics, initial_eval / final_eval (held-out metrics before and after, when evaluated),
+  best_value (of checkpoint.best_metric), data_counts (kept / dropped examples) and wall_time_s.
+  """
+  parallel.maybe_initialize_distributed()
+  run = _Run(config)
+  try:
+    summary = run.loop()
+  finally:
+    run.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(run.run_dir, SUMMARY_FILE), "w") as f:
+      json.dump(summary, f, indent=2, default=float)
+  return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """A before/after table of the held-out metrics and a line about the run."""
+  lines = [f"run {summary['run_dir']}: steps {summary['start_step']} -> {summary['steps']} of "
+           f"{summary['total_steps']} in {summary['wall_time_s']:.1f} s"
+           + (" (preempted: checkpoint saved)" if summary["preempted"] else "")]
+  before, after = summary.get("initial_eval", {}), summary.get("final_eval", {})
+  names = sorted(set(before) | set(after))
+  if names:
+    width = max(len(n) for n in names)
+    lines.append(f"{'metric':<{width}}  {'before':>8}  {'after':>8}")
+    for name in names:
+      cells = [f"{d[name]:8.4f}" if name in d and math.isfinite(d[name]) else f"{'-':>8}"
+               for d in (before, after)]
+      lines.append(f"{name:<{width}}  {cells[0]}  {cells[1]}")
+  return "\n".join(lines)

@@ -1,0 +1,278 @@
+"""GRPO rollouts: G samples per prompt from the current params, rewards with DAPO shaping (overlong
+penalty, dynamic sampling of zero-variance groups), the padded update batch and rollout metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from cftjax import sampling
+from cftjax.models import ModelConfig
+
+log = logging.getLogger(__name__)
+
+Prompt = dict[str, Any]  # {"prompt_ids": int32 [P], "record": CritiqueRecord, "source": str, "task": str}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  """How completions are drawn (`cftjax.sampling.generate` arguments).
+
+  generation_batch_size: rows (prompt x sample) per generate call, 0 = all rows of a draw at once.
+  Rows are sorted by prompt length before they are cut into calls, and each call's prompts are
+  padded to a length bucket (`prompt_buckets`, default powers of two), so the compiled shapes come
+  from a small fixed set and steady state never recompiles.
+  """
+
+  group_size: int
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_ids: tuple[int, ...] = ()
+  stop_strings: tuple[str, ...] = ()
+  prompt_buckets: tuple[int, ...] | None = None
+  generation_batch_size: int = 0
+  cache_dtype: str = "float32"
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.group_size < 1:
+      raise ValueError(f"rl.group_size={self.group_size}: need >= 1 sample per prompt (GRPO uses >= 2)")
+    if self.temperature <= 0:
+      raise ValueError(f"rl.temperature={self.temperature}: GRPO samples need a positive temperature")
+
+
+@dataclasses.dataclass
+class Group:
+  """One prompt and its G completions (host numpy); rewards / texts are filled by `score_groups`."""
+
+  prompt: Prompt
+  completions: list[np.ndarray]  # G int32 arrays, each ending in its stop token unless truncated
+  logprobs: list[np.ndarray]  # G float32 arrays: the sampler's log-probs of those tokens
+  truncated: np.ndarray  # [G] bool: hit max_new_tokens without stopping
+  texts: list[str] = dataclasses.field(default_factory=list)
+  scores: np.ndarray | None = None  # [G] task rewards (before shaping)
+  rewards: np.ndarray | None = None  # [G] rewards used for the advantages (after shaping)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.array([len(c) for c in self.completions], np.int32)
+
+  @property
+  def has_reward_variance(self) -> bool:
+    return bool(self.rewards.max() > self.rewards.min())
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling and scoring.
+
+
+def sample_groups(params: Any, model_cfg: ModelConfig, prompts: Sequence[Prompt],
+                  settings: SamplingSettings, rng: jax.Array, tokenizer: Any = None) -> list[Group]:
+  """G completions for each prompt from `params` (used as they are: no copy).
+
+  rng: a PRNG key; generate call i draws with fold_in(rng, i). tokenizer: needed for stop_strings.
+  """
+  group_size = settings.group_size
+  rows = [p["prompt_ids"] for p in prompts for _ in range(group_size)]
+  order = np.argsort([len(r) for r in rows], kind="stable")
+  call_rows = settings.generation_batch_size or len(rows)
+  tokens, logprobs, truncated = [None] * len(rows), [None] * len(rows), np.zeros(len(rows), bool)
+  for call, start in enumerate(range(0, len(rows), call_rows)):
+    chosen = order[start:start + call_rows]
+    batch = [rows[i] for i in chosen]
+    batch += [batch[-1]] * (call_rows - len(batch))  # one compiled shape for every call
+    result = sampling.generate(
+        params, model_cfg, batch, rng=jax.random.fold_in(rng, call),
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+        top_k=settings.top_k, top_p=settings.top_p, stop_ids=settings.stop_ids,
+        stop_strings=settings.stop_strings, tokenizer=tokenizer, cache_dtype=settings.cache_dtype,
+        pad_id=settings.pad_id, prompt_buckets=settings.prompt_buckets)
+    for j, row in enumerate(chosen):
+      n = int(result.lengths[j])
+      tokens[row], logprobs[row] = result.tokens[j, :n].copy(), result.logprobs[j, :n].copy()
+      truncated[row] = bool(result.truncated[j])
+  return [Group(prompt, tokens[g * group_size:(g + 1) * group_size],
+                logprobs[g * group_size:(g + 1) * group_size],
+                truncated[g * group_size:(g + 1) * group_size])
+          for g, prompt in enumerate(prompts)]
+
+
+def overlong_penalty(lengths: np.ndarray, max_new_tokens: int, buffer: int, factor: float = 1.0
+                     ) -> np.ndarray:
+  """DAPO soft overlong punishment [N]: 0 up to max_new_tokens - buffer tokens, then falling
+  linearly to -factor at max_new_tokens. buffer 0 turns it off."""
+  if buffer <= 0:
+    return np.zeros(len(lengths), np.float32)
+  if buffer > max_new_tokens:
+    raise ValueError(f"rl.overlong_buffer={buffer} exceeds rl.max_new_tokens={max_new_tokens}")
+  excess = np.maximum(np.asarray(lengths, np.float32) - (max_new_tokens - buffer), 0.0)
+  return -factor * np.minimum(excess / buffer, 1.0)
+
+
+def score_groups(groups: Sequence[Group], reward_fn: Callable[..., Sequence[Any]], tokenizer: Any, *,
+                 max_new_tokens: int, overlong_buffer: int = 0, overlong_factor: float = 1.0) -> None:
+  """Decodes every completion and fills texts, scores (reward_fn's) and rewards (+ overlong penalty).
+
+  reward_fn(completions, records, tasks) -> results with a `.score` (a `RewardComputer`).
+  """
+  texts, records, tasks = [], [], []
+  for group in groups:
+    group.texts = [tokenizer.decode(c, skip_special_tokens=True) for c in group.completions]
+    texts += group.texts
+    records += [group.prompt["record"]] * len(group.texts)
+    tasks += [group.prompt["task"]] * len(group.texts)
+  scores = np.array([r.score for r in reward_fn(texts, records, tasks)], np.float32)
+  start = 0
+  for group in groups:
+    group.scores = scores[start:start + len(group.texts)]
+    group.rewards = group.scores + overlong_penalty(group.lengths, max_new_tokens, overlong_buffer,
+                                                    overlong_factor)
+    start += len(group.texts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dynamic sampling.
+
+
+@dataclasses.dataclass
+class Rollout:
+  """What one GRPO step collected: the groups it trains on and everything it sampled."""
+
+  groups: list[Group]  # at most prompts_per_step groups for the update
+  sampled: list[Group]  # every group drawn this step (reward metrics describe these)
+  draws: int  # prompt batches drawn
+  dropped_zero_std: int  # groups dropped for equal rewards (dynamic sampling)
+  surplus: int  # groups with reward variance beyond prompts_per_step, not trained on
+  missing: int  # prompts_per_step - len(groups): rows left fully masked in the update batch
+  rollout_time_s: float = 0.0
+  reward_time_s: float = 0.0
+
+
+def collect_rollout(draw_prompts: Callable[[], list[Prompt]],
+                    sample: Callable[[list[Prompt], int], list[Group]],
+                    score: Callable[[list[Group]], None], *, prompts_per_step: int,
+                    dynamic_sampling: bool = False, max_draws: int = 1) -> Rollout:
+  """Draws prompt batches, samples and scores them until prompts_per_step groups are kept.
+
+  Without dynamic sampling one batch is drawn and all its groups are kept. With it (DAPO), groups
+  whose rewards are all equal (zero advantage everywhere) are dropped and more prompts are drawn,
+  up to max_draws batches; a step that still falls short trains on the groups it has (the rest of
+  the update batch stays masked) and says so in the log and the counts.
+  sample(prompts, draw_index) -> groups; score(groups) fills their rewards.
+  """
+  if max_draws < 1:
+    raise ValueError(f"rl.max_draws={max_draws}: at least one prompt batch must be drawn")
+  kept, sampled = [], []
+  rollout = Rollout([], sampled, 0, 0, 0, 0)
+  while rollout.draws < (max_draws if dynamic_sampling else 1) and len(kept) < prompts_per_step:
+    prompts = draw_prompts()
+    started = time.perf_counter()
+    groups = sample(prompts, rollout.draws)
+    rollout.rollout_time_s += time.perf_counter() - started
+    started = time.perf_counter()
+    score(groups)
+    rollout.reward_time_s += time.perf_counter() - started
+    rollout.draws += 1
+    sampled += groups
+    for group in groups:
+      if dynamic_sampling and not group.has_reward_variance:
+        rollout.dropped_zero_std += 1
+      else:
+        kept.append(group)
+  rollout.groups = kept[:prompts_per_step]
+  rollout.surplus = len(kept) - len(rollout.groups)
+  rollout.missing = prompts_per_step - len(rollout.groups)
+  if rollout.missing:
+    log.warning("dynamic sampling: only %d of %d groups had reward variance after %d draws "
+                "(rl.max_draws); %d groups of the update batch stay masked", len(rollout.groups),
+                prompts_per_step, rollout.draws, rollout.missing)
+  return rollout
+
+
+# ------------------------------------------------------------------------------------------------
+# The update batch.
+
+
+def group_rewards(groups: Sequence[Group]) -> tuple[np.ndarray, np.ndarray]:
+  """(rewards [N], group ids [N]) of the groups' completions, row-major by group."""
+  rewards = np.concatenate([g.rewards for g in groups]).astype(np.float32)
+  group_ids = np.concatenate([np.full(len(g.rewards), i, np.int32) for i, g in enumerate(groups)])
+  return rewards, group_ids
+
+
+def build_update_batch(groups: Sequence[Group], advantages: np.ndarray, num_rows: int, *,
+                       seq_buckets: Sequence[int] | None = None, mask_truncated: bool = False,
+                       pad_id: int = 0) -> dict[str, np.ndarray]:
+  """The GRPO update batch (host numpy) of the groups' completions, padded to num_rows rows.
+
+  Row r is prompt + completion, right padded; with ids x_0..x_{n-1}: inputs = x[:-1], targets =
+  x[1:]. Width T: the smallest of seq_buckets (default powers of two >= 16) >= the longest row - 1.
+  Returns inputs, targets, positions, segment_ids (1 on real tokens, 0 on padding), completion_mask
+  (1 where the target is a generated token, stop token included; 0 on prompt, padding, extra rows
+  and, with mask_truncated, truncated completions), old_logp (the sampler's log-probs aligned to
+  targets), all [num_rows, T], and advantages [num_rows] (0 on extra rows).
+  """
+  rows = [(g.prompt["prompt_ids"], c, lp, t)
+          for g in groups for c, lp, t in zip(g.completions, g.logprobs, g.truncated)]
+  if len(rows) > num_rows:
+    raise ValueError(f"{len(rows)} completions do not fit an update batch of {num_rows} rows")
+  if len(advantages) != len(rows):
+    raise ValueError(f"{len(advantages)} advantages for {len(rows)} completions")
+  longest = max(len(p) + len(c) for p, c, _, _ in rows)
+  width = sampling.bucket_length(longest - 1, seq_buckets)
+  tokens = np.full((num_rows, width + 1), pad_id, np.int32)
+  batch = {"completion_mask": np.zeros((num_rows, width), np.float32),
+           "old_logp": np.zeros((num_rows, width), np.float32),
+           "segment_ids": np.zeros((num_rows, width), np.int32),
+           "advantages": np.zeros(num_rows, np.float32)}
+  for r, (prompt, completion, logprobs, truncated) in enumerate(rows):
+    start, end = len(prompt), len(prompt) + len(completion)
+    tokens[r, :start], tokens[r, start:end] = prompt, completion
+    batch["segment_ids"][r, :end - 1] = 1
+    batch["old_logp"][r, start - 1:end - 1] = logprobs
+    if not (mask_truncated and truncated):
+      batch["completion_mask"][r, start - 1:end - 1] = 1.0
+  batch["advantages"][:len(rows)] = advantages
+  batch["inputs"], batch["targets"] = tokens[:, :-1], tokens[:, 1:]
+  batch["positions"] = np.broadcast_to(np.arange(width, dtype=np.int32), (num_rows, width)).copy()
+  return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+  return float(values.mean()), float(values.std())
+
+
+def rollout_metrics(rollout: Rollout, group_size: int) -> dict[str, float]:
+  """Reward mean / std (all and per source), zero-std group fraction, completion lengths, truncated
+  fraction and dynamic-sampling counts of one step's rollout (over every group sampled)."""
+  sampled = rollout.sampled
+  rewards = np.concatenate([g.rewards for g in sampled])
+  scores = np.concatenate([g.scores for g in sampled])
+  lengths = np.concatenate([g.lengths for g in sampled])
+  metrics = {"reward_mean": _mean_std(rewards)[0], "reward_std": _mean_std(rewards)[1],
+             "score_mean": float(scores.mean()),
+             "zero_std_fraction": float(np.mean([not g.has_reward_variance for g in sampled])),
+             "completion_len_mean": float(lengths.mean()), "completion_len_min": float(lengths.min()),
+             "completion_len_max": float(lengths.max()),
+             "truncated_fraction": float(np.concatenate([g.truncated for g in sampled]).mean()),
+             "draws": float(rollout.draws), "groups_sampled": float(len(sampled)),
+             "groups_trained": float(len(rollout.groups)),
+             "groups_dropped_zero_std": float(rollout.dropped_zero_std),
+             "groups_surplus": float(rollout.surplus), "groups_missing": float(rollout.missing),
+             "samples_per_prompt": float(group_size)}
+  for source in sorted({g.prompt["source"] for g in sampled}):
+    source_rewards = np.concatenate([g.rewards for g in sampled if g.prompt["source"] == source])
+    metrics[f"reward_mean/{source}"], metrics[f"reward_std/{source}"] = _mean_std(source_rewards)
+  return metrics

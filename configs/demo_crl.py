@@ -1,0 +1,67 @@
+"""Demo: critique RL (GRPO with the verdict reward) on the synthetic critique world, on a laptop CPU.
+
+The policy starts from a short CFT warm start: RUN_DIR/cft_warmstart, trained first with
+configs/demo_cft.py for rl.warmstart_steps steps when it has no best params yet (a half-trained
+critic that often slips on columns). GRPO then samples 8 critiques per held-out-disjoint training
+problem, rewards those whose "Conclusion: right/wrong" verdict matches the label, and raises the
+greedy held-out verdict accuracy. To start from a finished CFT demo instead:
+--config.rl.init_from_run=runs/demo_cft.
+
+  cftjax train --config configs/demo_crl.py
+  cftjax plot runs/demo_crl
+"""
+
+from cftjax.train.grpo_trainer import grpo_config
+
+RUN_DIR = "runs/demo_crl"
+WORLD_DIR = RUN_DIR + "/world"
+
+
+def get_config():
+  c = grpo_config()
+  c.train.run_dir = RUN_DIR
+  c.data.synthetic_world = True
+  c.data.world_dir = WORLD_DIR
+  c.data.template = "cft"  # the warm-started critic's format (verdict "Conclusion: right|wrong")
+  c.data.sources = ({"path": WORLD_DIR + "/rl_crl_train.jsonl", "task": "crl", "template": "cft",
+                     "name": "crl"},)
+  c.data.eval_path = WORLD_DIR + "/heldout.jsonl"
+  c.data.batch_size = 8  # prompts per step
+
+  c.rl.init_from_run = RUN_DIR + "/cft_warmstart"
+  c.rl.warmstart_config = "configs/demo_cft.py"
+  c.rl.warmstart_steps = 400
+  c.rl.group_size = 8
+  c.rl.max_new_tokens = 96  # a critique is ~70 tokens
+  c.rl.max_prompt_len = 128
+  c.rl.temperature = 0.7  # samples close to the greedy critique that is evaluated
+  c.rl.rewards.by_task = {"crl": "verdict"}
+  c.rl.rewards.options.verdict.style = "cft"
+  c.rl.dynamic_sampling = True
+  c.rl.max_draws = 2
+  c.rl.eps_low = 0.2
+  c.rl.eps_high = 0.28
+  c.rl.kl_coef = 0.0
+
+  c.optim.lr = 1e-3
+  c.optim.schedule = "constant"
+  c.optim.warmup_ratio = 0.0
+  c.optim.b2 = 0.98
+
+  c.train.steps = 40
+  c.train.chunk_size = 2048
+  c.mesh.fsdp = 1  # one CPU device
+
+  c.checkpoint.every_steps = 10
+  c.checkpoint.best_metric = "verdict_accuracy"
+  c.checkpoint.best_mode = "max"
+
+  c.eval.every_steps = 10
+  c.eval.loss_batches = 2
+  c.eval.verdict_examples = 200
+  c.eval.batch_size = 50
+  c.eval.max_new_tokens = 96
+  c.eval.verdict_style = "cft"
+
+  c.logging.every_steps = 1
+  return c
