@@ -33,11 +33,128 @@ def _run_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
   from cftjax.train import cft_trainer  # pylint: disable=import-outside-toplevel
 
   config = config_lib.load_config(args.config, overrides)
-  summary = cft_trainer.train(config)
+  objective = config.train.get("objective", "cft")
+  if objective == "grpo":
+    from cftjax.train import grpo_trainer  # pylint: disable=import-outside-toplevel
+    summary = grpo_trainer.train(config)
+  elif objective == "cft":
+    summary = cft_trainer.train(config)
+  else:
+    raise config_lib.ConfigError(f"config.train.objective={objective!r}; choose 'cft' or 'grpo'")
   print(cft_trainer.format_summary(summary), flush=True)
   return 0
 
 
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+  _add_train_arguments(parser)
+  parser.add_argument("--ckpt", required=True,
+                      help="a model checkpoint (`cftjax convert` output) or a training run dir (its best params)")
+
+
+def _run_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+  from cftjax.eval import runner  # pylint: disable=import-outside-toplevel
+
+  return runner.run_command(args, overrides)
+
+
+def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--hf-dir", help="Hugging Face model dir (config.json, safetensors, tokenizer files)")
+  parser.add_argument("--to-hf", action="store_true", help="export a cftjax checkpoint back to HF layout")
+  parser.add_argument("--ckpt", help="with --to-hf: a cftjax model checkpoint or a training run dir (best params)")
+  parser.add_argument("--out", required=True, help="output directory (must not hold a checkpoint yet)")
+  parser.add_argument("--dtype", default=None,
+                      help="param dtype written (default: float32 on import, the checkpoint's on export)")
+  parser.add_argument("--max-shard-size", default="5GB", help="with --to-hf: safetensors shard size")
+
+
+def _run_convert(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+  del overrides
+  from cftjax.models import convert  # pylint: disable=import-outside-toplevel
+
+  if args.to_hf:
+    if not args.ckpt:
+      raise ValueError("--to-hf needs --ckpt DIR (a `cftjax convert` checkpoint or a training run dir)")
+    convert.export_hf(*_load_checkpoint(args.ckpt), args.out, max_shard_size=args.max_shard_size,
+                      dtype=args.dtype)
+  else:
+    if not args.hf_dir:
+      raise ValueError("give --hf-dir DIR (HF -> cftjax) or --to-hf --ckpt DIR (cftjax -> HF)")
+    convert.hf_to_checkpoint(args.hf_dir, args.out, dtype=args.dtype or "float32")
+  print(args.out)
+  return 0
+
+
+def _load_checkpoint(path: str, dtype: str | None = None):
+  """(model config, params, tokenizer) of a model checkpoint or a training run dir."""
+  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
+  from cftjax.eval import runner  # pylint: disable=import-outside-toplevel
+
+  return runner.load_for_eval(path, config_dict.ConfigDict({"dtype": dtype}))
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--ckpt", required=True, help="a model checkpoint or a training run dir (best params)")
+  parser.add_argument("--prompt", required=True, action="append",
+                      help="a user message (repeat for a batch); rendered with the chat template")
+  parser.add_argument("--max-new-tokens", type=int, default=256)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  parser.add_argument("--top-p", type=float, default=1.0)
+  parser.add_argument("--top-k", type=int, default=0)
+  parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+  parser.add_argument("--seed", type=int, default=0)
+
+
+def _run_generate(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+  del overrides
+  import jax  # pylint: disable=import-outside-toplevel
+  from cftjax import sampling  # pylint: disable=import-outside-toplevel
+
+  cfg, params, tokenizer = _load_checkpoint(args.ckpt)
+  prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+             for p in args.prompt]
+  result = sampling.generate(params, cfg, prompts, rng=jax.random.key(args.seed),
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.eos_ids,
+                             stop_strings=args.stop, tokenizer=tokenizer, pad_id=tokenizer.pad_id)
+  for tokens, length in zip(result.tokens, result.lengths):
+    print(tokenizer.decode(tokens[:length].tolist(), skip_special_tokens=True), flush=True)
+  return 0
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+  actions = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+  build = actions.add_parser("build", help="rows -> a versioned TFDS dataset in ArrayRecord format")
+  build.add_argument("--input", required=True, help="rows: JSONL / JSON / Parquet in any supported format")
+  build.add_argument("--out", required=True, help="TFDS data dir; the dataset lands in OUT/NAME/VERSION")
+  build.add_argument("--name", default="critique_rows")
+  build.add_argument("--version", default="1.0.0")
+  build.add_argument("--format", default="auto", help="row format (auto-detected by default)")
+  build.add_argument("--heldout-fraction", type=float, default=0.0, help="also write a 'heldout' split")
+  build.add_argument("--on-bad-row", default="error", choices=("error", "skip"))
+  inspect = actions.add_parser("inspect", help="rendered, tokenized examples with the loss mask, length histogram")
+  _add_train_arguments(inspect)
+  inspect.add_argument("--num", type=int, default=3, help="examples to show")
+
+
+def _run_data(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+  if args.data_command == "build":
+    from cftjax.data import tfds_builder  # pylint: disable=import-outside-toplevel
+
+    splits = None
+    if args.heldout_fraction:
+      splits = {"train": 1.0 - args.heldout_fraction, "heldout": args.heldout_fraction}
+    print(tfds_builder.build_dataset(args.input, args.out, name=args.name, version=args.version,
+                                     fmt=args.format, splits=splits, on_bad_row=args.on_bad_row))
+    return 0
+  from cftjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from cftjax.data import inspect  # pylint: disable=import-outside-toplevel
+  from cftjax.train import cft_trainer  # pylint: disable=import-outside-toplevel
+
+  config = config_lib.load_config(args.config, overrides)
+  cft_trainer.ensure_synthetic_world(config)
+  _, tokenizer = cft_trainer.build_model(config)
+  print(inspect.inspect_dataset(cft_trainer.train_data_config(config), tokenizer, num_examples=args.num))
+  return 0
 def _add_plot_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("run_dir", help="a run directory written by `cftjax train`")
 
@@ -52,8 +169,15 @@ def _run_plot(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
 
 
 SUBCOMMANDS = (
-    Subcommand("train", "critique fine-tuning (CFT) from a config file", _add_train_arguments,
-               _run_train, takes_config_overrides=True),
+    Subcommand("train", "CFT or GRPO training (config.train.objective) from a config file",
+               _add_train_arguments, _run_train, takes_config_overrides=True),
+    Subcommand("eval", "run a benchmark suite on a checkpoint", _add_eval_arguments, _run_eval,
+               takes_config_overrides=True),
+    Subcommand("convert", "Hugging Face dir <-> cftjax checkpoint", _add_convert_arguments, _run_convert),
+    Subcommand("generate", "sample completions of chat prompts from a checkpoint", _add_generate_arguments,
+               _run_generate),
+    Subcommand("data", "build a TFDS ArrayRecord dataset or inspect a config's training data",
+               _add_data_arguments, _run_data, takes_config_overrides=True),
     Subcommand("plot", "PNG curves of a run's metrics", _add_plot_arguments, _run_plot),
 )
 

@@ -26,10 +26,10 @@ VARIANTS = {
 }
 
 
-def make_hf_model(variant: str, seed: int = 0, dtype=torch.float32):
+def make_hf_model(variant: str, seed: int = 0, dtype=torch.float32, **overrides):
   """A randomly initialised transformers model; biases and norm scales randomised so every tensor matters."""
   config_cls, model_cls, fields = VARIANTS[variant]
-  config = config_cls(**{**BASE, **fields})
+  config = config_cls(**{**BASE, **fields, **overrides})
   config.pad_token_id = None
   torch.manual_seed(seed)
   model = model_cls(config).to(dtype).eval()

@@ -205,14 +205,3 @@ def test_flops_per_token_and_device_peaks():
   assert metrics.device_peak_flops(Device("NVIDIA H100 80GB HBM3")) == 989e12
   assert metrics.device_peak_flops(Device("NVIDIA A100-SXM4-40GB")) == 312e12
   assert metrics.device_peak_flops(Device("Quantum Abacus")) is None
-
-
-def test_verdict_counts_treat_a_missing_verdict_as_wrong():
-  from cftjax.train.verdict_eval import VerdictCounts
-
-  counts = VerdictCounts.from_verdicts([True, False, None, False, True, True],
-                                       [True, False, True, True, False, True])
-  metrics = counts.metrics()
-  assert metrics["verdict_accuracy"] == 3 / 6
-  assert metrics["verdict_balanced_accuracy"] == (2 / 4 + 1 / 2) / 2
-  assert metrics["verdict_missing_rate"] == 1 / 6

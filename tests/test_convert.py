@@ -9,24 +9,29 @@ import pytest
 import transformers
 
 from cftjax.models import checkpoint_io
-from cftjax.models.convert import checkpoint_to_hf, hf_to_checkpoint
+from cftjax import cli
+from cftjax.models.convert import hf_to_checkpoint
+from tests.tokenizer_fixtures import write_qwen_dir
 from tests.hf_reference import hf_logits, make_hf_model, save_hf_model
 
 
 def test_round_trip_keeps_weights_and_tokenizer(tmp_path):
-  model = make_hf_model("qwen3_head_dim")
+  model = make_hf_model("qwen3_head_dim", vocab_size=640)  # room for the test tokenizer's 531 ids
   hf_dir = tmp_path / "hf"
+  write_qwen_dir(hf_dir)
   save_hf_model(model, hf_dir)
-  (hf_dir / "tokenizer_config.json").write_text('{"chat_template": "x"}')
-  hf_to_checkpoint(str(hf_dir), str(tmp_path / "ckpt"))
+  assert cli.main(["convert", "--hf-dir", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 0
   cfg, params, tok = checkpoint_io.load_model_checkpoint(str(tmp_path / "ckpt"))
   assert cfg.model_type == "qwen3" and cfg.head_dim == 32
   assert tok and os.path.exists(os.path.join(tok, "tokenizer_config.json"))
-  checkpoint_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "back"), max_shard_size="40KB")
+  assert cli.main(["convert", "--to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back"),
+                   "--max-shard-size", "40KB"]) == 0
   back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"))
   tokens = np.arange(40, dtype=np.int64).reshape(2, 20) % cfg.vocab_size
   np.testing.assert_allclose(hf_logits(back, tokens), hf_logits(model, tokens), atol=1e-5)
   assert (tmp_path / "back" / "tokenizer_config.json").exists()
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))
+  assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
 
 
 def test_refuses_to_overwrite(tmp_path):

@@ -18,10 +18,9 @@ def hf_to_checkpoint(hf_dir: str, out_dir: str, dtype: str = "float32") -> None:
   log.info("converted %s (%s, %.2fB params) -> %s", hf_dir, cfg.model_type, cfg.num_params / 1e9, out_dir)
 
 
-def checkpoint_to_hf(ckpt_dir: str, out_dir: str, max_shard_size: str = "5GB", dtype: str | None = None) -> None:
-  """Writes a cftjax checkpoint back as an HF dir that transformers and vLLM load."""
-  cfg, params, tokenizer_dir = checkpoint_io.load_model_checkpoint(ckpt_dir)
+def export_hf(cfg, params, tokenizer, out_dir: str, max_shard_size: str = "5GB", dtype: str | None = None) -> None:
+  """Writes params (+ tokenizer files) as an HF dir that transformers and vLLM load."""
   save_hf(cfg, params, out_dir, max_shard_size=max_shard_size, dtype=dtype)
-  if tokenizer_dir:
-    checkpoint_io.copy_tokenizer_files(tokenizer_dir, out_dir)
-  log.info("exported %s -> %s", ckpt_dir, os.path.abspath(out_dir))
+  if tokenizer is not None:
+    tokenizer.save(out_dir)
+  log.info("exported %s model -> %s", cfg.model_type, os.path.abspath(out_dir))

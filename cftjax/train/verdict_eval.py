@@ -3,49 +3,20 @@ critiques (generated, parsed with `parse_verdict`, compared with the rows' corre
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
-from cftjax import parallel, sampling
-from cftjax.data import pipeline, sources, templates
+from cftjax import parallel
+from cftjax.data import pipeline, sources
 from cftjax.data.records import CritiqueRecord
-from cftjax.data.verdicts import parse_verdict
+from cftjax.eval import runner
 from cftjax.models import ModelConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class VerdictCounts:
-  """Verdicts of a set of critiques against labels; a missing verdict counts as wrong."""
-
-  correct_on_right: int  # label True, verdict True
-  correct_on_wrong: int  # label False, verdict False
-  num_right: int  # rows labelled True
-  num_wrong: int  # rows labelled False
-  missing: int  # critiques with no parseable verdict
-
-  @classmethod
-  def from_verdicts(cls, verdicts: list[bool | None], labels: list[bool]) -> "VerdictCounts":
-    return cls(correct_on_right=sum(v is True and l for v, l in zip(verdicts, labels)),
-               correct_on_wrong=sum(v is False and not l for v, l in zip(verdicts, labels)),
-               num_right=sum(labels), num_wrong=len(labels) - sum(labels),
-               missing=sum(v is None for v in verdicts))
-
-  def metrics(self) -> dict[str, float]:
-    """verdict_accuracy, verdict_balanced_accuracy (mean of the per-label accuracies), missing rate."""
-    total = max(self.num_right + self.num_wrong, 1)
-    per_label = [c / n for c, n in ((self.correct_on_right, self.num_right),
-                                    (self.correct_on_wrong, self.num_wrong)) if n]
-    return {"verdict_accuracy": (self.correct_on_right + self.correct_on_wrong) / total,
-            "verdict_balanced_accuracy": float(np.mean(per_label)) if per_label else 0.0,
-            "verdict_missing_rate": self.missing / total}
 
 
 def labelled_records(eval_path: str, data_format: str, limit: int, on_bad_row: str = "error"
@@ -87,11 +58,9 @@ class HeldOutEvaluator:
     self._config, self._model_cfg, self._tokenizer = config, model_cfg, tokenizer
     self._mesh, self._rules, self._eval_step = mesh, rules, eval_step
     self._records: list[CritiqueRecord] = []
-    self._prompts: list[np.ndarray] = []
     if config.eval.verdict_examples > 0:
       self._records = labelled_records(config.data.eval_path, config.data.format,
                                        config.eval.verdict_examples, config.data.on_bad_row)
-      self._prompts = [templates.render_prompt(r, config.data.template, tokenizer) for r in self._records]
 
   def _loss_data_config(self) -> dict[str, Any]:
     data, ev = self._config.data, self._config.eval
@@ -116,31 +85,21 @@ class HeldOutEvaluator:
     return {"eval_loss": float(totals["loss_sum"]) / count,
             "eval_accuracy": float(totals["correct_sum"]) / count}
 
-  def critiques(self, params: Any) -> list[str]:
-    """Greedy critiques of the held-out prompts, decoded."""
-    texts = []
-    batch_size = self._config.eval.batch_size
-    for start in range(0, len(self._prompts), batch_size):
-      prompts = self._prompts[start:start + batch_size]
-      real = len(prompts)
-      prompts = prompts + [prompts[-1]] * (batch_size - real)  # one compiled shape for every batch
-      result = sampling.generate(
-          params, self._model_cfg, prompts, rng=jax.random.PRNGKey(0),
-          max_new_tokens=self._config.eval.max_new_tokens, temperature=0.0,
-          stop_ids=self._tokenizer.eos_ids, pad_id=self._tokenizer.pad_id or 0)
-      for row in range(real):
-        ids = result.tokens[row, :result.lengths[row]]
-        texts.append(self._tokenizer.decode(ids, skip_special_tokens=True))
-    return texts
-
   def verdict_metrics(self, params: Any) -> tuple[dict[str, float], list[str]]:
-    """(verdict_accuracy / balanced accuracy / missing rate, the critiques they were parsed from)."""
+    """(verdict_accuracy / balanced accuracy / missing rate, the greedy critiques they were parsed from).
+
+    A missing verdict counts as wrong. Scored by `cftjax.eval.runner.score_critiques`, the same path
+    as `cftjax eval`.
+    """
     if not self._records:
       return {}, []
-    texts = self.critiques(params)
-    verdicts = [parse_verdict(t, self._config.eval.verdict_style) for t in texts]
-    counts = VerdictCounts.from_verdicts(verdicts, [bool(r.label) for r in self._records])
-    return counts.metrics(), texts
+    ev = self._config.eval
+    summary, texts = runner.score_critiques(
+        params, self._model_cfg, self._tokenizer, self._records, template=self._config.data.template,
+        verdict_style=ev.verdict_style, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens)
+    return {"verdict_accuracy": summary["accuracy"],
+            "verdict_balanced_accuracy": summary["balanced_accuracy"],
+            "verdict_missing_rate": summary["missing_rate"]}, texts
 
   def evaluate(self, params: Any) -> dict[str, float]:
     """All held-out metrics of `params`."""
