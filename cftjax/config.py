@@ -126,6 +126,9 @@ def base_config() -> config_dict.ConfigDict:
   c.eval.batch_size = 16  # prompts per generation batch
   c.eval.max_new_tokens = 256
   c.eval.verdict_style = "auto"  # parse_verdict style: auto | cft | crl | critique_rl
+  c.eval.suite = ""  # an eval config file (configs/eval_*.py) also run at every eval ("" = none);
+  # its metrics are logged as "<benchmark>/<metric>" and can be checkpoint.best_metric
+  c.eval.suite_limit = 32  # examples per benchmark of that suite during training
 
   # logging: process 0 writes metrics.jsonl, TensorBoard events and a progress bar.
   c.logging = config_dict.ConfigDict()

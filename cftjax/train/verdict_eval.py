@@ -61,6 +61,13 @@ class HeldOutEvaluator:
     if config.eval.verdict_examples > 0:
       self._records = labelled_records(config.data.eval_path, config.data.format,
                                        config.eval.verdict_examples, config.data.on_bad_row)
+    self._suite = None
+    if config.eval.get("suite"):
+      from cftjax import config as config_lib  # pylint: disable=import-outside-toplevel
+
+      suite_cfg = config_lib.load_config(config.eval.suite, [])
+      suite_cfg.limit, suite_cfg.output_dir, suite_cfg.progress_bar = config.eval.suite_limit, "", False
+      self._suite = runner.make_periodic_eval(suite_cfg, tokenizer, model_cfg)
 
   def _loss_data_config(self) -> dict[str, Any]:
     data, ev = self._config.data, self._config.eval
@@ -104,6 +111,8 @@ class HeldOutEvaluator:
   def evaluate(self, params: Any) -> dict[str, float]:
     """All held-out metrics of `params`."""
     metrics = self.heldout_loss(params) if self._config.eval.loss_batches > 0 else {}
+    if self._suite is not None:
+      metrics |= self._suite(params, step=0)
     verdicts, texts = self.verdict_metrics(params)
     if texts:
       log.info("sample held-out critique (label %s):\n%s", self._records[0].label, texts[0])
