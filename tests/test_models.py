@@ -41,14 +41,15 @@ def test_logits_match_transformers_f32(hf_pair):
 
 
 def test_bf16_compute_error_is_bounded(hf_pair):
-  """bf16 params and compute: measured max abs logit error vs the f32 reference stays below 0.1."""
+  """bf16 params and compute vs the f32 reference: measured max abs logit error 0.0036-0.0057 over the
+  five variants (logits of magnitude ~0.5); asserted below 0.02."""
   _, model, path = hf_pair
   cfg, params = load_hf(path, dtype=jnp.bfloat16, config_overrides={"dtype": "bfloat16"})
   tokens = _tokens(cfg.vocab_size)
   ours = np.asarray(Decoder(cfg).apply({"params": params}, jnp.asarray(tokens)))
   err = np.max(np.abs(ours - hf_logits(model, tokens)))
   print(f"bf16 max abs logit error: {err:.4f}")
-  assert err < 0.1
+  assert err < 0.02
 
 
 def test_sharded_checkpoint_loads_identically(tmp_path):
