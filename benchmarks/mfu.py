@@ -1,0 +1,118 @@
+"""cftjax efficiency against this machine's own limits, measured in the same invocation: train-step MFU
+against the measured dense f32 matmul peak, and rollout against the decode roofline.
+
+Usage: python benchmarks/mfu.py [--hiddens 512 1024] [--batch 8] [--rounds 2]
+Each measurement runs in a subprocess right after a fresh peak measurement (peers/cftjax_peak.py), so
+load from other processes hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+
+from peers import harness
+
+F32 = 4
+
+
+def train_flops(shapes: harness.Shapes) -> float:
+  """Model FLOPs of one train step: 6 x matmul params x tokens (forward + backward) + the causal
+  attention score and value products (2 x seq x heads x head_dim per token per layer forward,
+  x 3 for training). Remat recomputation is not counted (MFU, not HFU)."""
+  tokens = shapes.batch * shapes.seq
+  attention = 6 * shapes.layers * shapes.seq * shapes.heads * shapes.head_dim
+  return tokens * (6 * shapes.matmul_params + attention)
+
+
+def rollout_roofline_s(shapes: harness.Shapes, peak_flops: float, bandwidth: float) -> float:
+  """Lower bound on one rollout's seconds: the prefill at peak FLOP/s, then each decode step at the
+  slower of its FLOPs at peak and its bytes (all weights but the embedding table, plus the K/V of
+  the positions so far) at the measured read bandwidth."""
+  kv_per_position = 2 * shapes.layers * shapes.batch * shapes.kv_heads * shapes.head_dim * F32
+  weight_bytes = (shapes.params - shapes.vocab * shapes.hidden) * F32
+  attention_width = shapes.layers * shapes.heads * shapes.head_dim
+  prefill = shapes.batch * shapes.seq * (2 * shapes.matmul_params + 2 * shapes.seq * attention_width)
+  total = prefill / peak_flops
+  for step in range(1, shapes.new_tokens):  # the prefill emits the first new token
+    context = shapes.seq + step
+    flops = shapes.batch * (2 * shapes.matmul_params + 4 * context * attention_width)
+    total += max(flops / peak_flops, (weight_bytes + context * kv_per_position) / bandwidth)
+  return total
+
+
+def measure(script: str, shapes: harness.Shapes, timeout_s: float) -> tuple[dict, dict]:
+  """(peak result, worker result): a fresh peak measurement, then the worker."""
+  peak = harness.run_worker(harness.System("peak", sys.executable, "peers/cftjax_peak.py"), shapes,
+                            timeout_s)
+  if "error" in peak:
+    raise SystemExit(f"peak measurement failed: {peak['error']}")
+  print(f"  peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s, read {peak['read_bandwidth'] / 1e9:.1f} GB/s "
+        f"(load {harness.load_average()})", flush=True)
+  result = harness.run_worker(harness.System("cftjax", sys.executable, script), shapes, timeout_s)
+  if "error" in result:
+    raise SystemExit(f"{script} failed: {result['error']}")
+  print(f"  step seconds {['%.3f' % t for t in result['step_s']]}", flush=True)
+  return peak, result
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--hiddens", type=int, nargs="+", default=[512, 1024])
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--skip-rollout", action="store_true")
+  parser.add_argument("--timeout", type=float, default=900.0)
+  harness.add_shape_args(parser, ["vocab", "layers", "heads", "kv_heads", "batch", "seq", "warmup",
+                                  "steps"])
+  args = parser.parse_args()
+  base = harness.shapes_from_args(args)
+  info = harness.describe(base, "cftjax only; peak re-measured before every run")
+  info["load average (1/5/15 min) at start"] = harness.load_average()
+
+  rows = []
+  for hidden in args.hiddens:
+    shapes = dataclasses.replace(base, hidden=hidden, intermediate=0)
+    fractions, speeds, peaks = [], [], []
+    for r in range(args.rounds):
+      print(f"[train hidden {hidden}, round {r + 1}/{args.rounds}]", flush=True)
+      peak, result = measure("peers/cftjax_train.py", shapes, args.timeout)
+      step = statistics.median(result["step_s"])
+      fractions.append(train_flops(shapes) / step / peak["peak_flops"])
+      speeds.append(shapes.batch * shapes.seq / step)
+      peaks.append(peak["peak_flops"])
+    rows.append(("train", shapes, statistics.median(peaks), statistics.median(speeds),
+                 statistics.median(fractions),
+                 f"{train_flops(shapes) / (shapes.batch * shapes.seq) / 1e9:.2f} GFLOP/token"))
+
+  if not args.skip_rollout:
+    shapes = dataclasses.replace(base, seq=64, batch=8, intermediate=0, hidden=512)
+    fractions, speeds, peaks = [], [], []
+    for r in range(args.rounds):
+      print(f"[rollout, round {r + 1}/{args.rounds}]", flush=True)
+      peak, result = measure("peers/cftjax_rollout.py", shapes, args.timeout)
+      call = statistics.median(result["step_s"])
+      bound = rollout_roofline_s(shapes, peak["peak_flops"], peak["read_bandwidth"])
+      fractions.append(bound / call)
+      speeds.append(shapes.batch * shapes.new_tokens / call)
+      peaks.append(peak["read_bandwidth"])
+    rows.append(("rollout", shapes, statistics.median(peaks), statistics.median(speeds),
+                 statistics.median(fractions), f"roofline {shapes.batch * shapes.new_tokens / bound:,.0f}"
+                 " tokens/s at the last round's peaks"))
+
+  info["load average at end"] = harness.load_average()
+  print("\n## cftjax efficiency")
+  for key, value in info.items():
+    print(f"{key}: {value}")
+  print("| workload | hidden | shapes | measured peak | tokens/s | fraction of peak / roofline | note |")
+  print("|---|---|---|---|---|---|---|")
+  for kind, shapes, peak, speed, fraction, note in rows:
+    shape = (f"batch {shapes.batch} x {shapes.seq}" if kind == "train" else
+             f"batch {shapes.batch}, prompt {shapes.seq}, {shapes.new_tokens} new")
+    unit = f"{peak / 1e9:.1f} GFLOP/s" if kind == "train" else f"{peak / 1e9:.1f} GB/s"
+    print(f"| {kind} | {shapes.hidden} | {shape} | {unit} | {speed:,.0f} | {fraction:.0%} | {note} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,249 @@
+"""Stdlib-only benchmark plumbing shared by the drivers and every system's worker: the shape spec,
+step timing, worker subprocesses with their virtual environments, and the result table."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
+VENVS = os.environ.get("CFTJAX_BENCH_VENVS", os.path.join(BENCH_DIR, ".venv"))
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """A Qwen2-shaped decoder (QKV bias, untied head, SwiGLU, RMSNorm, RoPE) and the workload."""
+
+  vocab: int = 8192
+  hidden: int = 512
+  intermediate: int = 0  # 0: Qwen2's ratio, 5.5 x hidden rounded up to a multiple of 128
+  layers: int = 8
+  heads: int = 8
+  kv_heads: int = 2
+  batch: int = 8
+  seq: int = 512  # train: tokens per row; rollout: prompt length
+  new_tokens: int = 128  # rollout only
+  rope_theta: float = 1000000.0
+  rms_norm_eps: float = 1e-6
+  lr: float = 1e-4
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+  warmup: int = 1  # untimed calls after the compiling one
+  steps: int = 3  # timed calls
+  seed: int = 0
+
+  def __post_init__(self):
+    if not self.intermediate:
+      object.__setattr__(self, "intermediate", -(-self.hidden * 11 // 2 // 128) * 128)
+    if self.hidden % self.heads:
+      raise ValueError(f"hidden={self.hidden} is not a multiple of heads={self.heads}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden // self.heads
+
+  @property
+  def matmul_params(self) -> int:
+    """Parameters that take part in matmuls per token (all but the embedding table)."""
+    d, h, k, hd, f = self.hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate
+    layer = d * (h + 2 * k) * hd + h * hd * d + 3 * d * f
+    return self.layers * layer + d * self.vocab
+
+  @property
+  def params(self) -> int:
+    """All parameters, biases and norm scales included."""
+    d, h, k, hd = self.hidden, self.heads, self.kv_heads, self.head_dim
+    small = self.layers * ((h + 2 * k) * hd + 2 * d) + d
+    return self.matmul_params + self.vocab * d + small
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self))
+
+
+def shapes_from_argv(argv: Sequence[str] | None = None) -> Shapes:
+  """A worker's Shapes from its one argument, the driver's `Shapes.to_json()`."""
+  argv = sys.argv[1:] if argv is None else argv
+  if len(argv) != 1:
+    raise SystemExit(f"usage: {sys.argv[0]} SHAPES_JSON (the driver passes Shapes.to_json())")
+  return Shapes(**json.loads(argv[0]))
+
+
+def time_calls(call: Callable[[], object], warmup: int, steps: int) -> dict[str, object]:
+  """Runs call() once (compile), `warmup` more times, then `steps` timed times; call must block
+  until its work is done. Returns first-call seconds and the timed seconds of each step."""
+  start = time.perf_counter()
+  call()
+  first = time.perf_counter() - start
+  for _ in range(warmup):
+    call()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return {"first_call_s": first, "step_s": times}
+
+
+def emit(result: dict[str, object]) -> None:
+  """Prints a worker's result line for the driver."""
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver side.
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+  name: str
+  python: str  # interpreter of the system's own environment
+  script: str  # worker script (takes Shapes JSON, prints one RESULT_PREFIX line)
+
+
+def venv_python(name: str) -> str:
+  python = os.path.join(VENVS, name, "bin", "python")
+  if not os.path.exists(python):
+    raise SystemExit(f"{python} is missing: run `bash benchmarks/setup.sh {name}` first "
+                     "(or set CFTJAX_BENCH_VENVS to where the peer environments are)")
+  return python
+
+
+def run_worker(system: System, shapes: Shapes, timeout_s: float) -> dict[str, object]:
+  """Runs one system's worker in a subprocess and returns its result (or an "error" entry)."""
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+  cmd = [system.python, os.path.join(BENCH_DIR, system.script), shapes.to_json()]
+  try:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout_s:.0f} s"}
+  for line in proc.stdout.splitlines():
+    if line.startswith(RESULT_PREFIX):
+      return json.loads(line[len(RESULT_PREFIX):])
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+  return {"error": f"exit {proc.returncode}: " + "\n    ".join(tail)}
+
+
+def load_average() -> str:
+  return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_rounds(systems: Sequence[System], shapes: Shapes, rounds: int, timeout_s: float,
+               log: Callable[[str], None] = print) -> dict[str, list[dict[str, object]]]:
+  """Runs every system once per round, back to back, in the same order each round."""
+  results: dict[str, list[dict[str, object]]] = {s.name: [] for s in systems}
+  for r in range(rounds):
+    for system in systems:
+      log(f"[round {r + 1}/{rounds}] {system.name} (load {load_average()}) ...")
+      result = run_worker(system, shapes, timeout_s)
+      result["load_average"] = load_average()
+      if "error" in result:
+        log(f"  {system.name} failed: {result['error']}")
+      else:
+        log(f"  step seconds {['%.3f' % t for t in result['step_s']]}, first call "
+            f"{result['first_call_s']:.1f} s")
+      results[system.name].append(result)
+  return results
+
+
+def median_step_s(runs: Sequence[dict[str, object]]) -> float | None:
+  """Median of all timed steps of all successful rounds."""
+  times = [t for run in runs if "error" not in run for t in run["step_s"]]
+  return statistics.median(times) if times else None
+
+
+def print_table(title: str, results: dict[str, list[dict[str, object]]], tokens_per_call: int,
+                reference: str, extra: dict[str, str] | None = None) -> dict[str, float | None]:
+  """Prints tokens/s (median over all timed calls) per system and the reference's ratio to each."""
+  print(f"\n## {title}")
+  for key, value in (extra or {}).items():
+    print(f"{key}: {value}")
+  speeds = {}
+  for name, runs in results.items():
+    step = median_step_s(runs)
+    speeds[name] = tokens_per_call / step if step else None
+  ref = speeds.get(reference)
+  print(f"| system | median s/call | tokens/s | {reference} speed-up | calls | rounds ok |")
+  print("|---|---|---|---|---|---|")
+  for name, runs in results.items():
+    ok = [run for run in runs if "error" not in run]
+    speed = speeds[name]
+    if speed is None:
+      print(f"| {name} | failed | - | - | 0 | 0/{len(runs)} |")
+      continue
+    ratio = f"{ref / speed:.2f}x" if ref else "-"
+    calls = sum(len(run["step_s"]) for run in ok)
+    print(f"| {name} | {tokens_per_call / speed:.3f} | {speed:,.0f} | {ratio} | {calls} | "
+          f"{len(ok)}/{len(runs)} |")
+  return speeds
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "unknown CPU"
+
+
+def cpu_count() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def add_shape_args(parser: argparse.ArgumentParser, names: Sequence[str], **defaults) -> None:
+  """--name flags for the given Shapes fields (defaults: Shapes' own, overridden by `defaults`)."""
+  base = Shapes()
+  for name in names:
+    default = defaults.get(name, getattr(base, name))
+    parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+
+
+def shapes_from_args(args: argparse.Namespace) -> Shapes:
+  fields = {f.name for f in dataclasses.fields(Shapes)}
+  return Shapes(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def describe(shapes: Shapes, workload: str) -> dict[str, str]:
+  """The header lines of a result table: when, where, what model and workload."""
+  return {
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "machine": f"{cpu_model()} ({platform.machine()}), {cpu_count()} cores",
+      "model": (f"Qwen2-shaped, hidden {shapes.hidden}, {shapes.layers} layers, {shapes.heads} heads / "
+                f"{shapes.kv_heads} kv heads (head_dim {shapes.head_dim}), intermediate "
+                f"{shapes.intermediate}, vocab {shapes.vocab}, {shapes.params / 1e6:.1f}M params, "
+                "float32"),
+      "workload": workload,
+  }
+
+
+def compare(title: str, workload: str, systems: dict[str, Callable[[], System]],
+            shape_fields: Sequence[str], tokens_per_call: Callable[[Shapes], int],
+            description: str, **shape_defaults) -> None:
+  """The command line of a side-by-side benchmark: parse shapes, run the systems in rounds, print
+  the table (reference: the first system)."""
+  parser = argparse.ArgumentParser(description=description)
+  add_shape_args(parser, list(shape_fields) + ["warmup", "steps"], **shape_defaults)
+  parser.add_argument("--rounds", type=int, default=2, help="times each system runs, back to back")
+  parser.add_argument("--systems", nargs="+", default=list(systems), choices=list(systems))
+  parser.add_argument("--timeout", type=float, default=900.0, help="seconds per worker run")
+  args = parser.parse_args()
+  shapes = shapes_from_args(args)
+  chosen = [systems[name]() for name in args.systems]
+  info = describe(shapes, workload.format(s=shapes))
+  info["load average (1/5/15 min) at start"] = load_average()
+  results = run_rounds(chosen, shapes, args.rounds, args.timeout)
+  info["load average at end"] = load_average()
+  print_table(title, results, tokens_per_call(shapes), args.systems[0], info)

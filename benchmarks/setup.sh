@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Creates the peer systems' own virtual environments for the side-by-side benchmarks:
+#   $VENVS/torch : torch (local CPU wheel) + transformers      -> benchmarks/peers/hf_*.py
+#   $VENVS/tunix : google-tunix with its jax/flax deps, no torch -> benchmarks/peers/tunix_*.py
+# VENVS defaults to benchmarks/.venv (git-ignored). Re-running skips environments that import.
+# Usage: bash benchmarks/setup.sh [torch|tunix ...]
+set -euo pipefail
+
+cd "$(dirname "$0")"
+VENVS="${CFTJAX_BENCH_VENVS:-$PWD/.venv}"
+PYTHON="${PYTHON:-python3}"
+# Pinned to what the project venv runs, so the JAX peers share one jax/XLA build.
+TORCH_VERSION=2.13.0
+TRANSFORMERS_VERSION=5.24.0
+TUNIX_VERSION=0.1.7
+JAX_VERSION=0.10.2
+FLAX_VERSION=0.12.8
+
+make_venv() {  # make_venv NAME IMPORT_CHECK
+  local dir="$VENVS/$1"
+  if [[ -x "$dir/bin/python" ]] && "$dir/bin/python" -c "$2" 2>/dev/null; then
+    echo "[setup] $dir is ready"
+    return 1
+  fi
+  "$PYTHON" -m venv "$dir"
+  "$dir/bin/pip" install --quiet --upgrade pip
+}
+
+setup_torch() {
+  local dir="$VENVS/torch"
+  make_venv torch "import torch, transformers" || return 0
+  # torch first and pinned: the machine ships this CPU wheel; an unpinned torch pulls a CUDA build.
+  "$dir/bin/pip" install --quiet "torch==$TORCH_VERSION"
+  "$dir/bin/pip" install --quiet "transformers==$TRANSFORMERS_VERSION" numpy
+  echo "[setup] $dir: $("$dir/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
+}
+
+setup_tunix() {
+  local dir="$VENVS/tunix"
+  make_venv tunix "import tunix, jax" || return 0
+  "$dir/bin/pip" install --quiet "jax==$JAX_VERSION" "jaxlib==$JAX_VERSION" "flax==$FLAX_VERSION"
+  "$dir/bin/pip" install --quiet "google-tunix==$TUNIX_VERSION" "jax==$JAX_VERSION" "flax==$FLAX_VERSION"
+  if "$dir/bin/python" -c "import torch" 2>/dev/null; then
+    echo "[setup] error: torch got into $dir (a tunix dependency pulled it); remove it with" \
+         "'$dir/bin/pip uninstall torch'" >&2
+    exit 1
+  fi
+  echo "[setup] $dir: $("$dir/bin/python" -c 'import importlib.metadata as m; print(*(f"{p} {m.version(p)}" for p in ("google-tunix", "jax", "flax", "optax")))')"
+}
+
+targets=("$@")
+[[ ${#targets[@]} -gt 0 ]] || targets=(torch tunix)
+mkdir -p "$VENVS"
+for target in "${targets[@]}"; do
+  case "$target" in
+    torch) setup_torch ;;
+    tunix) setup_tunix ;;
+    *) echo "[setup] unknown target '$target'; use torch and/or tunix" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,25 @@
+"""Side-by-side CFT train-step throughput: cftjax vs transformers+torch vs tunix, same shapes and batch.
+
+Each system runs in its own subprocess and environment (benchmarks/setup.sh), back to back, for
+--rounds rounds. Usage: python benchmarks/train_step.py [--hidden 512] [--rounds 2] [--systems ...]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from peers import harness
+
+SYSTEMS = {
+    "cftjax": lambda: harness.System("cftjax", sys.executable, "peers/cftjax_train.py"),
+    "transformers+torch": lambda: harness.System("transformers+torch", harness.venv_python("torch"),
+                                                 "peers/hf_train.py"),
+    "tunix": lambda: harness.System("tunix", harness.venv_python("tunix"), "peers/tunix_train.py"),
+}
+
+if __name__ == "__main__":
+  harness.compare(
+      "CFT train step", "train step (forward + backward + grad clip + AdamW), batch {s.batch} x {s.seq} "
+      "tokens, {s.warmup} warm-up + {s.steps} timed steps per round",
+      SYSTEMS, ["vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "batch", "seq"],
+      lambda s: s.batch * s.seq, __doc__)
