@@ -1,7 +1,8 @@
 """The `cftjax` command line: one subcommand per task (`cftjax train`, `cftjax plot`, ...).
 
 A subcommand is a `Subcommand(name, help, add_arguments, run)` in SUBCOMMANDS; `run(args, overrides)`
-returns the exit code. `--config.a.b=v` overrides are split off before argparse sees the rest.
+returns the exit code. `--config.a.b=v` overrides are split off before argparse sees the rest. Bad
+input ends in one line `cftjax: error: ...` and exit code 1 (2 for config errors); `--debug` re-raises.
 """
 
 from __future__ import annotations
@@ -185,6 +186,8 @@ SUBCOMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="cftjax", description="JAX critique fine-tuning and critique RL.")
   parser.add_argument("--log_level", default="INFO", help="Python logging level (DEBUG, INFO, ...)")
+  parser.add_argument("--debug", action="store_true",
+                      help="show the full traceback of an error instead of a one-line message")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for command in SUBCOMMANDS:
     command.add_arguments(commands.add_parser(command.name, help=command.help, description=command.help))
@@ -211,9 +214,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
   try:
     return command.run(args, overrides)
-  except ConfigError as e:
-    print(f"cftjax {command.name}: config error: {e}", file=sys.stderr)
-    return 2
+  except Exception as e:  # pylint: disable=broad-except
+    if args.debug or not _is_input_error(e):
+      raise
+    print(f"cftjax: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2 if isinstance(e, ConfigError) else 1
+
+
+def _is_input_error(error: Exception) -> bool:
+  """Errors that describe bad input or a failed run in words (shown as one line without --debug):
+  cftjax's own error types (ConfigError, DataError, CheckpointError, ...), ValueError and OSError
+  (e.g. FileNotFoundError). Anything else is a bug and keeps its traceback."""
+  return isinstance(error, (ValueError, OSError)) or type(error).__module__.startswith("cftjax.")
 
 
 if __name__ == "__main__":

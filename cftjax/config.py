@@ -102,6 +102,9 @@ def base_config() -> config_dict.ConfigDict:
   c.train.chunk_size = 4096  # tokens per cross-entropy chunk ([chunk, vocab] logits at a time)
   c.train.z_loss_weight = 0.0
   c.train.cpu_peak_flops = 0.0  # MFU denominator on CPU; 0 = measure a matmul at start-up
+  # A step whose loss or gradients are NaN / inf skips its update (params and optimizer state
+  # unchanged, counted in metrics as skipped_updates); this many in a row stop the run (0 = never).
+  c.train.max_consecutive_nonfinite = 10
 
   # mesh: device mesh axis sizes (cftjax.parallel.make_mesh); -1 = all remaining devices.
   c.mesh = config_dict.ConfigDict()

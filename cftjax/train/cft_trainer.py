@@ -20,6 +20,7 @@ from cftjax import parallel
 from cftjax.data import pipeline, synthetic
 from cftjax.models import ModelConfig
 from cftjax.tokenizer import Tokenizer
+from cftjax.train import accumulation
 from cftjax.train import checkpoint as checkpoint_lib
 from cftjax.train import metrics as metrics_lib
 from cftjax.train import optimizer as optimizer_lib
@@ -134,6 +135,32 @@ def _due(step: int, every: int) -> bool:
   return every > 0 and step % every == 0
 
 
+class TrainingDivergedError(RuntimeError):
+  """Too many consecutive updates with a NaN / inf loss or gradient (train.max_consecutive_nonfinite)."""
+
+
+class NonFiniteGuard:
+  """Counts the updates the train step skipped for a non-finite loss or gradient (`update_skipped`);
+  raises TrainingDivergedError once `limit` (> 0) come in a row. The count restarts on resume."""
+
+  def __init__(self, limit: int):
+    self.limit, self.total, self.consecutive = limit, 0, 0
+
+  def observe(self, step: int, update_skipped: float) -> None:
+    if not update_skipped:
+      self.consecutive = 0
+      return
+    self.total += 1
+    self.consecutive += 1
+    log.warning("step %d: the loss or gradients are NaN/inf; the update was skipped (%d in a row, %d "
+                "in total)", step, self.consecutive, self.total)
+    if self.limit and self.consecutive >= self.limit:
+      raise TrainingDivergedError(
+          f"step {step}: the loss or gradients were NaN/inf in {self.consecutive} consecutive updates "
+          f"(train.max_consecutive_nonfinite={self.limit}), so the run stopped; lower optim.lr, check the "
+          "data, or resume from the last checkpoint")
+
+
 # ------------------------------------------------------------------------------------------------
 # The loop.
 
@@ -151,6 +178,8 @@ class _Run:
     self.mesh = parallel.make_mesh(config.mesh)
     self.rules = parallel.LOGICAL_RULES
     self.model_cfg, self.tokenizer = build_model(config)
+    accumulation.check_divisible(config.data.batch_size, config.train.micro_batches, self.mesh, self.rules,
+                                 "data.batch_size")
     self.data_cfg = train_data_config(config)
     self.total_steps = config.train.steps or count_batches(self.data_cfg, self.tokenizer)
     self.tx, self.schedule = optimizer_lib.make_optimizer(config.optim, self.total_steps)
@@ -167,6 +196,7 @@ class _Run:
         chunk_size=config.train.chunk_size, z_loss_weight=config.train.z_loss_weight,
         compute_dtype=config.model.dtype, schedule=self.schedule)
     self.evaluator = make_evaluator(config, self.model_cfg, self.tokenizer, self.mesh, self.rules)
+    self.nonfinite = NonFiniteGuard(config.train.max_consecutive_nonfinite)
     seq_len = config.data.max_seq_len
     self.meter = metrics_lib.ThroughputMeter(
         metrics_lib.train_flops_per_token(self.model_cfg, seq_len),
@@ -220,12 +250,13 @@ class _Run:
         self.state, step_metrics = self.sft_step(
             self.state, parallel.host_local_to_global(host_batch, self.mesh, self.rules))
         self.step += 1
+        self.nonfinite.observe(self.step, float(step_metrics["update_skipped"]))  # waits for the step
         self.meter.add_step(metrics_lib.count_tokens(host_batch["segment_ids"]) * jax.process_count())
         self.writer.advance(self.step)
         final = self.step == self.total_steps
         if _due(self.step, config.logging.every_steps) or final:
           last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-          last_metrics |= self.meter.rates()
+          last_metrics |= self.meter.rates() | {"skipped_updates": float(self.nonfinite.total)}
           self.writer.write(self.step, last_metrics)
           self.meter.reset()
         if self.evaluator is not None and _due(self.step, config.eval.every_steps) and not final:

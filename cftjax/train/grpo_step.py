@@ -18,7 +18,7 @@ from cftjax.models import Decoder, ModelConfig, abstract_params, lm_head_kernel
 from cftjax.train import accumulation
 from cftjax.train.losses import AGGREGATION_MODES, KL_KINDS, chunked_token_log_probs, grpo_loss
 from cftjax.train.sft_step import _cast_floats, _compute_config
-from cftjax.train.state import TrainState, train_state_shardings
+from cftjax.train.state import TrainState, apply_update_if_finite, train_state_shardings
 
 # The GRPO update batch (see cftjax.train.rollout.build_update_batch); all [B, T] unless noted:
 # inputs, targets (int32), positions, segment_ids (int32, 0 = padding), completion_mask (float32,
@@ -140,7 +140,8 @@ def make_grpo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mes
   micro-batches give the gradient of one full batch. Metrics (float32 scalars): loss, pg_loss,
   entropy, clip_frac_low / high, dual_clip_frac, ratio_mean / min / max, abs_log_ratio (mean
   |logp - old_logp|), kl and kl_loss (with a reference), completion_tokens, sequences, grad_norm
-  (before the optimizer's clipping) and lr (when a schedule is given).
+  (before the optimizer's clipping), update_skipped (1.0 when a NaN / inf loss or gradient made the
+  step skip its update: see `state.apply_update_if_finite`) and lr (when a schedule is given).
   """
   state_shardings = train_state_shardings(model_cfg, tx, mesh, rules)
   grad_shardings = parallel.param_shardings(abstract_params(model_cfg), mesh, rules)
@@ -160,13 +161,11 @@ def make_grpo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mes
     denominator = sums["denominator"]
     grads = jax.tree.map(lambda g: jnp.where(denominator > 0, g / jnp.maximum(denominator, 1e-9), 0.0),
                          grad_sums)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics = _mean_metrics(sums, loss_cfg.uses_reference) | {"grad_norm": optax.global_norm(grads)}
+    metrics = _mean_metrics(sums, loss_cfg.uses_reference)
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
-    return new_state, metrics
+    new_state, update_metrics = apply_update_if_finite(state, grads, metrics["loss"], tx)
+    return new_state, metrics | update_metrics
 
   return _select_keys(jax.jit(step, in_shardings=(state_shardings, _batch_shardings(mesh, rules, keys)),
                               out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),

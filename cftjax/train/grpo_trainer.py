@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from ml_collections import config_dict
 import numpy as np
@@ -279,6 +280,20 @@ def _due(step: int, every: int) -> bool:
   return every > 0 and step % every == 0
 
 
+def _on_any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any JAX process (a collective with several processes)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.process_allgather(np.bool_(flag)).any())
+
+
+def _max_over_processes(value: int) -> int:
+  """The largest of every JAX process's `value` (a collective with several processes)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.process_allgather(np.int64(value)).max())
+
+
 def _split_rows(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
   """Host-local batch -> `parts` batches of consecutive rows (the mini-batches)."""
   rows = len(batch["advantages"]) // parts
@@ -337,6 +352,7 @@ class _Run:
       self.score_log_probs = grpo_step_lib.make_log_prob_fn(
           self.model_cfg, self.mesh, self.rules, temperature=rl.temperature, **step_kwargs)
     self.rewards = RewardComputer(rl.rewards)
+    self.nonfinite = cft_trainer.NonFiniteGuard(config.train.max_consecutive_nonfinite)
     self.evaluator = self._make_evaluator()
     self.writer = metrics_lib.MetricsWriter(
         self.run_dir, self.total_steps, initial_step=self.step,
@@ -373,8 +389,8 @@ class _Run:
 
   def _collect(self) -> rollout_lib.Rollout:
     config, rl = self.config, self.config.rl
-    step_rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), self.step),
-                                  jax.process_index())
+    # One key on every process: generation is one global program over all processes' rows.
+    step_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), self.step)
 
     def sample(prompts, draw):
       return rollout_lib.sample_groups(self.state.params, self.model_cfg, prompts, self.settings,
@@ -386,17 +402,25 @@ class _Run:
 
     return rollout_lib.collect_rollout(lambda: next(self.data), sample, score,
                                        prompts_per_step=self.prompts_per_host,
-                                       dynamic_sampling=rl.dynamic_sampling, max_draws=rl.max_draws)
+                                       dynamic_sampling=rl.dynamic_sampling, max_draws=rl.max_draws,
+                                       any_process=_on_any_process)
 
   def _update_batches(self, rollout: rollout_lib.Rollout) -> list[dict[str, np.ndarray]]:
+    """This host's mini-batches; [] when no process has a group to train on. Every process builds
+    batches of one shape (the longest row anywhere), with all rows masked where it has no group."""
     rl = self.config.rl
-    rewards, group_ids = rollout_lib.group_rewards(rollout.groups)
-    advantages = np.asarray(group_advantages(rewards, group_ids=group_ids, scale=rl.advantage_scale,
-                                             eps=rl.advantage_eps))
+    longest = _max_over_processes(rollout_lib.longest_row(rollout.groups))
+    if not longest:
+      return []
+    advantages = np.zeros(0, np.float32)
+    if rollout.groups:
+      rewards, group_ids = rollout_lib.group_rewards(rollout.groups)
+      advantages = np.asarray(group_advantages(rewards, group_ids=group_ids, scale=rl.advantage_scale,
+                                               eps=rl.advantage_eps))
     batch = rollout_lib.build_update_batch(
         rollout.groups, advantages, self.prompts_per_host * rl.group_size,
         seq_buckets=tuple(rl.seq_buckets) or None, mask_truncated=rl.mask_truncated,
-        pad_id=self.settings.pad_id)
+        pad_id=self.settings.pad_id, longest=longest)
     return _split_rows(batch, rl.mini_batches)
 
   def _score_reference_and_old(self, batches: list[dict[str, jax.Array]]) -> float | None:
@@ -417,7 +441,7 @@ class _Run:
     rollout = self._collect()
     metrics = rollout_lib.rollout_metrics(rollout, self.config.rl.group_size)
     phase_started = time.perf_counter()
-    host_batches = self._update_batches(rollout) if rollout.groups else []
+    host_batches = self._update_batches(rollout)
     batches = [parallel.host_local_to_global(b, self.mesh, self.rules) for b in host_batches]
     recomputed_gap = self._score_reference_and_old(batches)
     jax.block_until_ready(batches)
@@ -429,6 +453,8 @@ class _Run:
         self.state, step_metrics = self.update(self.state, batch)
         update_metrics.append(step_metrics)
     update_metrics = [{k: float(v) for k, v in m.items()} for m in jax.device_get(update_metrics)]
+    for m in update_metrics:
+      self.nonfinite.observe(self.step + 1, m["update_skipped"])
     update_time = time.perf_counter() - phase_started
     if update_metrics:
       metrics |= _mean_over_updates(update_metrics)
@@ -443,7 +469,8 @@ class _Run:
                 "time_reference_s": reference_time, "time_update_s": update_time,
                 "step_time_s": step_time, "tokens_per_s": tokens / step_time,
                 "rollout_tokens_per_s": generated / max(rollout.rollout_time_s, 1e-9),
-                "reward_errors": float(self.rewards.error_count)}
+                "reward_errors": float(self.rewards.error_count),
+                "skipped_updates": float(self.nonfinite.total)}
     return metrics
 
   # -- the loop ------------------------------------------------------------------------------------

@@ -159,7 +159,8 @@ class Rollout:
 def collect_rollout(draw_prompts: Callable[[], list[Prompt]],
                     sample: Callable[[list[Prompt], int], list[Group]],
                     score: Callable[[list[Group]], None], *, prompts_per_step: int,
-                    dynamic_sampling: bool = False, max_draws: int = 1) -> Rollout:
+                    dynamic_sampling: bool = False, max_draws: int = 1,
+                    any_process: Callable[[bool], bool] = bool) -> Rollout:
   """Draws prompt batches, samples and scores them until prompts_per_step groups are kept.
 
   Without dynamic sampling one batch is drawn and all its groups are kept. With it (DAPO), groups
@@ -167,12 +168,15 @@ def collect_rollout(draw_prompts: Callable[[], list[Prompt]],
   up to max_draws batches; a step that still falls short trains on the groups it has (the rest of
   the update batch stays masked) and says so in the log and the counts.
   sample(prompts, draw_index) -> groups; score(groups) fills their rewards.
+  any_process(flag) -> whether flag is true on any JAX process: with several processes every one
+  draws (and generates, a collective) until none needs more groups.
   """
   if max_draws < 1:
     raise ValueError(f"rl.max_draws={max_draws}: at least one prompt batch must be drawn")
   kept, sampled = [], []
   rollout = Rollout([], sampled, 0, 0, 0, 0)
-  while rollout.draws < (max_draws if dynamic_sampling else 1) and len(kept) < prompts_per_step:
+  while rollout.draws < (max_draws if dynamic_sampling else 1) and any_process(
+      len(kept) < prompts_per_step):
     prompts = draw_prompts()
     started = time.perf_counter()
     groups = sample(prompts, rollout.draws)
@@ -208,13 +212,20 @@ def group_rewards(groups: Sequence[Group]) -> tuple[np.ndarray, np.ndarray]:
   return rewards, group_ids
 
 
+def longest_row(groups: Sequence[Group]) -> int:
+  """Tokens in the longest prompt + completion of the groups (0 without groups)."""
+  return max((len(g.prompt["prompt_ids"]) + len(c) for g in groups for c in g.completions), default=0)
+
+
 def build_update_batch(groups: Sequence[Group], advantages: np.ndarray, num_rows: int, *,
                        seq_buckets: Sequence[int] | None = None, mask_truncated: bool = False,
-                       pad_id: int = 0) -> dict[str, np.ndarray]:
+                       pad_id: int = 0, longest: int | None = None) -> dict[str, np.ndarray]:
   """The GRPO update batch (host numpy) of the groups' completions, padded to num_rows rows.
 
   Row r is prompt + completion, right padded; with ids x_0..x_{n-1}: inputs = x[:-1], targets =
-  x[1:]. Width T: the smallest of seq_buckets (default powers of two >= 16) >= the longest row - 1.
+  x[1:]. Width T: the smallest of seq_buckets (default powers of two >= 16) >= longest - 1, where
+  longest defaults to `longest_row(groups)` (pass the longest over all processes so their batches
+  have one shape; groups may then be empty: all rows masked).
   Returns inputs, targets, positions, segment_ids (1 on real tokens, 0 on padding), completion_mask
   (1 where the target is a generated token, stop token included; 0 on prompt, padding, extra rows
   and, with mask_truncated, truncated completions), old_logp (the sampler's log-probs aligned to
@@ -226,8 +237,7 @@ def build_update_batch(groups: Sequence[Group], advantages: np.ndarray, num_rows
     raise ValueError(f"{len(rows)} completions do not fit an update batch of {num_rows} rows")
   if len(advantages) != len(rows):
     raise ValueError(f"{len(advantages)} advantages for {len(rows)} completions")
-  longest = max(len(p) + len(c) for p, c, _, _ in rows)
-  width = sampling.bucket_length(longest - 1, seq_buckets)
+  width = sampling.bucket_length((longest or longest_row(groups)) - 1, seq_buckets)
   tokens = np.full((num_rows, width + 1), pad_id, np.int32)
   batch = {"completion_mask": np.zeros((num_rows, width), np.float32),
            "old_logp": np.zeros((num_rows, width), np.float32),

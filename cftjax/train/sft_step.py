@@ -15,7 +15,7 @@ from cftjax import parallel
 from cftjax.models import Decoder, ModelConfig, abstract_params, lm_head_kernel
 from cftjax.train import accumulation
 from cftjax.train.losses import chunked_cross_entropy
-from cftjax.train.state import TrainState, train_state_shardings
+from cftjax.train.state import TrainState, apply_update_if_finite, train_state_shardings
 
 Batch = dict[str, jax.Array]  # the CFT batch: inputs, targets, loss_mask, positions, segment_ids [B, T]
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
@@ -98,8 +98,9 @@ def make_sft_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh
   one process), [B, T] with B a multiple of micro_batches x the batch shards. The loss is the mean
   over all target tokens of the global batch (+ z-loss); k micro-batches give the gradient of one
   full batch. Metrics (float32 scalars): loss, z_loss, accuracy, entropy (means over target tokens),
-  tokens, grad_norm (global L2, before the optimizer's clipping) and lr (`schedule(state.step)`,
-  when a schedule is given).
+  tokens, grad_norm (global L2, before the optimizer's clipping), update_skipped (1.0 when a NaN /
+  inf loss or gradient made the step skip its update: see `state.apply_update_if_finite`) and lr
+  (`schedule(state.step)`, when a schedule is given).
   """
   state_shardings = train_state_shardings(model_cfg, tx, mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -109,13 +110,11 @@ def make_sft_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh
         model_cfg, state.params, batch, mesh, rules, micro_batches=micro_batches,
         chunk_size=chunk_size, z_loss_weight=z_loss_weight, compute_dtype=compute_dtype)
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums["token_count"], 1.0), grad_sums)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics = _mean_metrics(sums) | {"grad_norm": optax.tree.norm(grads)}
+    metrics = _mean_metrics(sums)
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
-    return new_state, metrics
+    new_state, update_metrics = apply_update_if_finite(state, grads, metrics["loss"], tx)
+    return new_state, metrics | update_metrics
 
   return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh, rules)),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -92,3 +92,24 @@ def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
   _check_same_structure(init_params, abstract_master_params(model_cfg))
   placed = jax.device_put(init_params, shardings.params)
   return jax.jit(new_state, out_shardings=shardings)(placed, state_rng)
+
+
+def apply_update_if_finite(state: TrainState, grads: Any, loss: jax.Array,
+                           tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+  """(state after one `tx` update with `grads`, {"grad_norm", "update_skipped"}); call under jit.
+
+  When `loss` or any gradient is NaN or infinite (the gradients' global norm is then not finite),
+  the update is skipped inside the jitted step: params and optimizer state (Adam moments and the
+  optimizer's own count, which drives the lr schedule) come back unchanged. `state.step` advances
+  either way: it counts the batches consumed (the data position, checkpoint and log step numbers).
+  update_skipped: float32 1.0 for a skipped update, else 0.0; grad_norm: the global L2 norm.
+  """
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+  new_state = state.replace(step=state.step + 1,
+                            params=jax.tree.map(keep_if_bad, params, state.params),
+                            opt_state=jax.tree.map(keep_if_bad, opt_state, state.opt_state))
+  return new_state, {"grad_norm": grad_norm, "update_skipped": (~finite).astype(jnp.float32)}

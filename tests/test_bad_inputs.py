@@ -1,0 +1,176 @@
+"""Bad input through the real `cftjax` command line: each ends in ONE line `cftjax: error: ...` naming
+the culprit and the fix, a non-zero exit code and no traceback; `--debug` shows the traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from cftjax import cli
+from cftjax import config as config_lib
+from cftjax.data import synthetic
+from cftjax.models import ModelConfig, init_params, save_hf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(REPO, "configs", "demo_cft.py")
+TINY = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                   num_kv_heads=1, head_dim=8, model_type="llama")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("bad_inputs") / "world")
+  synthetic.write_world(path, seed=0, num_train=20, num_heldout=4)
+  return path
+
+
+def run_cli(capsys, args: list[str]) -> tuple[int, str]:
+  """(exit code, the error line) of `cftjax ARGS`; asserts stderr ends in that one line, the only
+  error there (a progress bar may precede it), with no traceback."""
+  code = cli.main(["--log_level=ERROR"] + args)
+  err = capsys.readouterr().err
+  errors = [line for line in err.splitlines() if "error" in line.lower()]
+  assert errors == [err.strip().splitlines()[-1]] and errors[0].startswith("cftjax: error: "), err
+  assert "Traceback" not in err
+  return code, errors[0]
+
+
+def train_args(world: str, run_dir: str, **overrides) -> list[str]:
+  """`train` on the synthetic world with a tiny model; no eval, so bad input is the only failure."""
+  values = {"train.run_dir": run_dir, "data.world_dir": world, "train.steps": 1, "optim.warmup_ratio": 0,
+            "data.batch_size": 8, "eval.loss_batches": 0, "eval.verdict_examples": 0,
+            "checkpoint.best_metric": "", "logging.progress_bar": "false",
+            "logging.tensorboard": "false", "model.arch.hidden_size": 16,
+            "model.arch.intermediate_size": 32, "model.arch.num_layers": 1} | overrides
+  return ["train", "--config", DEMO_CONFIG] + [f"--config.{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def hf_template(tmp_path_factory):
+  """A tiny Hugging Face model directory written by cftjax's own exporter, in several shards."""
+  path = str(tmp_path_factory.mktemp("hf_template") / "hf")
+  save_hf(TINY, init_params(TINY, jax.random.key(0)), path, max_shard_size="2KB")
+  return path
+
+
+@pytest.fixture()
+def hf_dir(hf_template, tmp_path):
+  """A fresh copy of the template for a test to damage."""
+  return shutil.copytree(hf_template, str(tmp_path / "hf"))
+
+
+def convert_args(hf_dir: str, out: str) -> list[str]:
+  return ["convert", "--hf-dir", hf_dir, "--out", out]
+
+
+def shards(hf_dir: str) -> list[str]:
+  return sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Model files.
+
+
+def test_truncated_safetensors(hf_dir, tmp_path, capsys):
+  shard = os.path.join(hf_dir, shards(hf_dir)[0])
+  with open(shard, "rb") as f:
+    data = f.read()
+  with open(shard, "wb") as f:
+    f.write(data[:len(data) // 2])
+  code, line = run_cli(capsys, convert_args(hf_dir, str(tmp_path / "out")))
+  assert code == 1 and shard in line and "re-download or re-export it" in line
+
+
+def test_corrupt_safetensors_header(hf_dir, tmp_path, capsys):
+  shard = os.path.join(hf_dir, shards(hf_dir)[-1])
+  with open(shard, "r+b") as f:
+    f.write(b"\xff" * 16)  # the header length and the start of its JSON
+  code, line = run_cli(capsys, convert_args(hf_dir, str(tmp_path / "out")))
+  assert code == 1 and shard in line and "not a readable safetensors file" in line
+
+
+def test_missing_shard(hf_dir, tmp_path, capsys):
+  missing = shards(hf_dir)[1]
+  os.remove(os.path.join(hf_dir, missing))
+  code, line = run_cli(capsys, convert_args(hf_dir, str(tmp_path / "out")))
+  assert code == 1 and missing in line and "model.safetensors.index.json lists shard(s)" in line
+
+
+def test_unsupported_config_json(hf_dir, tmp_path, capsys):
+  path = os.path.join(hf_dir, "config.json")
+  with open(path) as f:
+    hf_config = json.load(f)
+  with open(path, "w") as f:
+    json.dump(hf_config | {"model_type": "gpt2"}, f)
+  code, line = run_cli(capsys, convert_args(hf_dir, str(tmp_path / "out")))
+  assert code == 1 and path in line and "model_type 'gpt2' is not supported; supported:" in line
+
+
+def test_tokenizer_vocab_larger_than_the_model(world, tmp_path, capsys):
+  code, line = run_cli(capsys, train_args(world, str(tmp_path / "run"), **{"model.arch.vocab_size": 8}))
+  assert code == 1
+  assert os.path.join(world, "tokenizer") in line and "model's vocab_size is 8" in line
+  assert "use the checkpoint's own tokenizer or a model with vocab_size >=" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# Config, mesh and run directory.
+
+
+def test_mesh_that_does_not_match_the_devices(world, tmp_path, capsys):
+  code, line = run_cli(capsys, train_args(world, str(tmp_path / "run"), **{"mesh.data": 3, "mesh.fsdp": 1}))
+  assert code == 1
+  assert (f"the product 3 does not match the {jax.device_count()} devices; "
+          "change mesh.data/fsdp/tensor") in line
+
+
+def test_unknown_config_key(world, tmp_path, capsys):
+  code, line = run_cli(capsys, train_args(world, str(tmp_path / "run"), **{"optim.lrr": 1e-3}))
+  assert code == 2 and line.startswith("cftjax: error: unknown config key 'config.optim.lrr'; did you "
+                                       "mean 'config.optim.lr'")
+
+
+def test_run_dir_written_by_another_config(world, tmp_path, capsys):
+  run_dir = str(tmp_path / "run")
+  other = config_lib.load_config(DEMO_CONFIG, [("model.arch.hidden_size", "64")])
+  config_lib.write_run_config(run_dir, other)
+  code, line = run_cli(capsys, train_args(world, run_dir))
+  assert code == 2 and os.path.join(run_dir, "config.json") in line
+  assert "model.arch.hidden_size: 64 -> 16" in line and "use a new --config.train.run_dir" in line
+
+
+def test_malformed_data_rows(world, tmp_path, capsys):
+  rows = str(tmp_path / "rows.jsonl")
+  with open(os.path.join(world, "train.jsonl")) as f:
+    good = f.readlines()[:8]
+  with open(rows, "w") as f:
+    f.writelines(good[:3] + ['{"question": "1 + 1", "solution": \n'] + good[3:])
+  code, line = run_cli(capsys, train_args(world, str(tmp_path / "run"), **{"data.train_path": rows}))
+  assert code == 1 and f"{rows} line 4" in line and "on_bad_row" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# --debug and the real process.
+
+
+def test_debug_shows_the_traceback(world, tmp_path):
+  with pytest.raises(ValueError, match="does not match the"):
+    cli.main(["--debug", "--log_level=ERROR"] + train_args(world, str(tmp_path / "run"),
+                                                           **{"mesh.data": 3, "mesh.fsdp": 1}))
+
+
+def test_console_exit_code_and_stderr(world, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  result = subprocess.run([sys.executable, "-m", "cftjax.cli", "--log_level=ERROR"] + train_args(
+      world, str(tmp_path / "run"), **{"model.arch.vocab_size": 8}), cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip().startswith("cftjax: error: The tokenizer of")
+  assert "Traceback" not in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
