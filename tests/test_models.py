@@ -156,3 +156,17 @@ def test_unexpected_tensor_is_named(tmp_path):
   save_file(state, os.path.join(tmp_path, "model.safetensors"), metadata={"format": "pt"})
   with pytest.raises(CheckpointError, match=r"unexpected.*extra\.weight"):
     load_hf(str(tmp_path))
+
+
+def test_bias_free_qwen2_exports_with_zero_biases(tmp_path):
+  """transformers' Qwen2 always has q/k/v biases: a bias-free cftjax qwen2 model must still load exactly."""
+  from cftjax.models import init_params
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8, attention_bias=False)
+  params = init_params(cfg, jax.random.key(1))
+  save_hf(cfg, params, str(tmp_path))
+  reloaded, info = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  tokens = _tokens(cfg.vocab_size, 2, 16)
+  ours = np.asarray(Decoder(cfg).apply({"params": params}, tokens))
+  np.testing.assert_allclose(hf_logits(reloaded.eval(), tokens), ours, atol=1e-4)

@@ -267,6 +267,16 @@ def _plan_shards(cfg: ModelConfig, itemsize: int, limit: int) -> list[list[str]]
   return shards
 
 
+def _with_qwen2_biases(cfg: ModelConfig, params: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any]]:
+  """transformers' Qwen2 always has q/k/v biases; a bias-free qwen2 model is exported with zero biases."""
+  if cfg.model_type != "qwen2" or cfg.attention_bias:
+    return cfg, params
+  layers, n, k, h = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  zeros = lambda heads: np.zeros((layers, heads, h), np.float32)
+  attn = {**params["layers"]["attn"], "q_bias": zeros(n), "k_bias": zeros(k), "v_bias": zeros(k)}
+  return cfg.replace(attention_bias=True), {**params, "layers": {**params["layers"], "attn": attn}}
+
+
 def save_hf(cfg: ModelConfig, params: dict[str, Any], out_dir: str, max_shard_size: int | str = "5GB",
             dtype: Any = None) -> list[str]:
   """Writes config.json and (sharded) safetensors that `transformers` loads; returns the files written.
@@ -276,6 +286,7 @@ def save_hf(cfg: ModelConfig, params: dict[str, Any], out_dir: str, max_shard_si
   """
   os.makedirs(out_dir, exist_ok=True)
   dtype = jnp.dtype(dtype or cfg.param_dtype)
+  cfg, params = _with_qwen2_biases(cfg, params)
   plan = _plan_shards(cfg, dtype.itemsize, _parse_size(max_shard_size))
   files = ([SINGLE_FILE] if len(plan) == 1 else
            [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
