@@ -3,11 +3,9 @@ metrics, held-out evaluation and checkpoints (resume, periodic, final, on SIGTER
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -24,13 +22,13 @@ from cftjax.train import accumulation
 from cftjax.train import checkpoint as checkpoint_lib
 from cftjax.train import metrics as metrics_lib
 from cftjax.train import optimizer as optimizer_lib
+from cftjax.train import run_loop
 from cftjax.train import sft_step as sft_step_lib
 from cftjax.train import state as state_lib
 from cftjax.train.verdict_eval import HeldOutEvaluator
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
 WORLD_DIR = "world"
 
 
@@ -131,10 +129,6 @@ def make_evaluator(config: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, me
   return HeldOutEvaluator(config, model_cfg, tokenizer, mesh, rules, eval_step)
 
 
-def _due(step: int, every: int) -> bool:
-  return every > 0 and step % every == 0
-
-
 class TrainingDivergedError(RuntimeError):
   """Too many consecutive updates with a NaN / inf loss or gradient (train.max_consecutive_nonfinite)."""
 
@@ -165,8 +159,8 @@ class NonFiniteGuard:
 # The loop.
 
 
-class _Run:
-  """Everything one `train` call builds; `loop()` runs the steps."""
+class _Run(run_loop.RunLoop):
+  """Everything one CFT `train` call builds; `RunLoop.loop()` runs the steps."""
 
   def __init__(self, config: Any):
     self.config = config
@@ -222,64 +216,21 @@ class _Run:
     return state_lib.create_train_state(self.model_cfg, self.tx, jax.random.PRNGKey(config.train.seed),
                                         self.mesh, self.rules, init_params)
 
-  def evaluate(self) -> dict[str, float]:
-    metrics = self.evaluator.evaluate(self.state.params)
-    self.writer.write(self.step, metrics, split="eval")
-    self.checkpoints.maybe_save_best(self.step, self.state.params, metrics)
+  def on_start(self) -> None:
+    self.meter.reset()
+
+  def train_step(self, log_now: bool) -> dict[str, float]:
+    host_batch = next(self.data)
+    self.state, step_metrics = self.sft_step(
+        self.state, parallel.host_local_to_global(host_batch, self.mesh, self.rules))
+    self.nonfinite.observe(self.step + 1, float(step_metrics["update_skipped"]))  # waits for the step
+    self.meter.add_step(metrics_lib.count_tokens(host_batch["segment_ids"]) * jax.process_count())
+    if not log_now:
+      return {}
+    metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    metrics |= self.meter.rates() | {"skipped_updates": float(self.nonfinite.total)}
+    self.meter.reset()
     return metrics
-
-  def save(self) -> None:
-    self.checkpoints.save(self.step, self.state, self.data.get_state(), self.config_record)
-
-  def loop(self) -> dict[str, Any]:
-    config = self.config
-    start_step, started = self.step, time.perf_counter()
-    summary: dict[str, Any] = {"run_dir": self.run_dir, "start_step": start_step,
-                               "total_steps": self.total_steps, "preempted": False}
-    if self.evaluator is not None and config.eval.at_start and self.step == 0:
-      summary["initial_eval"] = self.evaluate()
-    last_metrics: dict[str, float] = {}
-    with checkpoint_lib.PreemptionFlag(self.checkpoints) as preemption:
-      self.meter.reset()
-      while self.step < self.total_steps:
-        try:
-          host_batch = next(self.data)
-        except StopIteration:
-          log.warning("training data ended at step %d of %d", self.step, self.total_steps)
-          break
-        self.state, step_metrics = self.sft_step(
-            self.state, parallel.host_local_to_global(host_batch, self.mesh, self.rules))
-        self.step += 1
-        self.nonfinite.observe(self.step, float(step_metrics["update_skipped"]))  # waits for the step
-        self.meter.add_step(metrics_lib.count_tokens(host_batch["segment_ids"]) * jax.process_count())
-        self.writer.advance(self.step)
-        final = self.step == self.total_steps
-        if _due(self.step, config.logging.every_steps) or final:
-          last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-          last_metrics |= self.meter.rates() | {"skipped_updates": float(self.nonfinite.total)}
-          self.writer.write(self.step, last_metrics)
-          self.meter.reset()
-        if self.evaluator is not None and _due(self.step, config.eval.every_steps) and not final:
-          self.evaluate()
-        summary["preempted"] = preemption.should_stop(self.step)
-        if _due(self.step, config.checkpoint.every_steps) or summary["preempted"]:
-          self.save()
-        if summary["preempted"]:
-          break
-    if not summary["preempted"]:
-      self.save()  # the final state (a no-op when this step was just saved)
-      if self.evaluator is not None and self.step > start_step:
-        summary["final_eval"] = self.evaluate()
-    self.checkpoints.wait()
-    summary.update(steps=self.step, final_train_metrics=last_metrics,
-                   wall_time_s=time.perf_counter() - started, data_counts=self.data.length_counts,
-                   best_value=self.checkpoints.best_value())
-    return summary
-
-  def close(self) -> None:
-    self.writer.close()
-    self.checkpoints.close()
-    self.data.close()
 
 
 def train(config: Any) -> dict[str, Any]:
@@ -290,15 +241,7 @@ def train(config: Any) -> dict[str, Any]:
   best_value (of checkpoint.best_metric), data_counts (kept / dropped examples) and wall_time_s.
   """
   parallel.maybe_initialize_distributed()
-  run = _Run(config)
-  try:
-    summary = run.loop()
-  finally:
-    run.close()
-  if jax.process_index() == 0:
-    with open(os.path.join(run.run_dir, SUMMARY_FILE), "w") as f:
-      json.dump(summary, f, indent=2, default=float)
-  return summary
+  return run_loop.run_and_summarize(_Run(config))
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from cftjax.train import cft_trainer
 from cftjax.train import grpo_step as grpo_step_lib
 from cftjax.train import metrics as metrics_lib
 from cftjax.train import optimizer as optimizer_lib
+from cftjax.train import run_loop
 from cftjax.train import rollout as rollout_lib
 from cftjax.train import sft_step as sft_step_lib
 from cftjax.train import state as state_lib
@@ -97,7 +98,7 @@ def grpo_config() -> config_dict.ConfigDict:
 def paper_crl_recipe(*, init_from: str, rl_path: str, rl_task: str, rl_template: str, crl_path: str,
                      eval_path: str, max_new_tokens: int, crl_weight: float = 0.2,
                      steps: int = 200) -> config_dict.ConfigDict:
-  """Critique-Coder's published GRPO settings (arXiv 2509.22824; docs/recipes.md) for a CRL + RL mix.
+  r"""Critique-Coder's published GRPO settings (arXiv 2509.22824; docs/recipes.md) for a CRL + RL mix.
 
   8 samples per prompt, 128 prompts per step, lr 1e-6 (constant), clip 0.2 / 0.3, token-mean loss
   over the global batch, no KL (no reference model), std-normalised group advantages, DAPO dynamic
@@ -220,7 +221,7 @@ def maybe_warmstart(config: Any) -> None:
   that run has already finished (written its summary)."""
   rl = config.rl
   if not (rl.init_from_run and rl.warmstart_config) or os.path.exists(
-      os.path.join(rl.init_from_run, cft_trainer.SUMMARY_FILE)):
+      os.path.join(rl.init_from_run, run_loop.SUMMARY_FILE)):
     return
   overrides = [("train.run_dir", rl.init_from_run)]
   if rl.warmstart_steps:
@@ -276,10 +277,6 @@ def reference_params(config: Any, model_cfg: ModelConfig, mesh: Any, rules: Any)
 # The loop.
 
 
-def _due(step: int, every: int) -> bool:
-  return every > 0 and step % every == 0
-
-
 def _on_any_process(flag: bool) -> bool:
   """Whether `flag` is true on any JAX process (a collective with several processes)."""
   if jax.process_count() == 1:
@@ -310,8 +307,8 @@ def _mean_over_updates(update_metrics: list[dict[str, float]]) -> dict[str, floa
   return merged
 
 
-class _Run:
-  """Everything one GRPO `train` call builds; `loop()` runs the steps."""
+class _Run(run_loop.RunLoop):
+  """Everything one GRPO `train` call builds; `RunLoop.loop()` runs the steps."""
 
   def __init__(self, config: Any):
     self.config = config
@@ -435,8 +432,9 @@ class _Run:
         tokens += float(jnp.sum(batch["completion_mask"]))
     return gap_sum / max(tokens, 1.0) if self.config.rl.recompute_old_logp else None
 
-  def train_step(self) -> dict[str, float]:
-    """One rollout + update step; returns its metrics."""
+  def train_step(self, log_now: bool) -> dict[str, float]:
+    """One rollout + update step; returns its metrics (always gathered: the rollout is on the host)."""
+    del log_now
     started = time.perf_counter()
     rollout = self._collect()
     metrics = rollout_lib.rollout_metrics(rollout, self.config.rl.group_size)
@@ -473,55 +471,9 @@ class _Run:
                 "skipped_updates": float(self.nonfinite.total)}
     return metrics
 
-  # -- the loop ------------------------------------------------------------------------------------
-
-  def evaluate(self) -> dict[str, float]:
-    metrics = self.evaluator.evaluate(self.state.params)
-    self.writer.write(self.step, metrics, split="eval")
-    self.checkpoints.maybe_save_best(self.step, self.state.params, metrics)
-    return metrics
-
-  def save(self) -> None:
-    self.checkpoints.save(self.step, self.state, self.data.get_state(), self.config_record)
-
-  def loop(self) -> dict[str, Any]:
-    config = self.config
-    start_step, started = self.step, time.perf_counter()
-    summary: dict[str, Any] = {"run_dir": self.run_dir, "start_step": start_step,
-                               "total_steps": self.total_steps, "preempted": False}
-    if self.evaluator is not None and config.eval.at_start and self.step == 0:
-      summary["initial_eval"] = self.evaluate()
-    last_metrics: dict[str, float] = {}
-    with checkpoint_lib.PreemptionFlag(self.checkpoints) as preemption:
-      while self.step < self.total_steps:
-        last_metrics = self.train_step()
-        self.step += 1
-        self.writer.advance(self.step)
-        final = self.step == self.total_steps
-        if _due(self.step, config.logging.every_steps) or final:
-          self.writer.write(self.step, last_metrics)
-        if self.evaluator is not None and _due(self.step, config.eval.every_steps) and not final:
-          self.evaluate()
-        summary["preempted"] = preemption.should_stop(self.step)
-        if _due(self.step, config.checkpoint.every_steps) or summary["preempted"]:
-          self.save()
-        if summary["preempted"]:
-          break
-    if not summary["preempted"]:
-      self.save()
-      if self.evaluator is not None and self.step > start_step:
-        summary["final_eval"] = self.evaluate()
-    self.checkpoints.wait()
-    summary.update(steps=self.step, final_train_metrics=last_metrics,
-                   wall_time_s=time.perf_counter() - started, data_counts=self.data.length_counts,
-                   best_value=self.checkpoints.best_value())
-    return summary
-
   def close(self) -> None:
     self.rewards.close()
-    self.writer.close()
-    self.checkpoints.close()
-    self.data.close()
+    super().close()
 
 
 def train(config: Any) -> dict[str, Any]:
@@ -532,12 +484,4 @@ def train(config: Any) -> dict[str, Any]:
   `format_summary` prints both.
   """
   parallel.maybe_initialize_distributed()
-  run = _Run(config)
-  try:
-    summary = run.loop()
-  finally:
-    run.close()
-  if jax.process_index() == 0:
-    with open(os.path.join(run.run_dir, cft_trainer.SUMMARY_FILE), "w") as f:
-      json.dump(summary, f, indent=2, default=float)
-  return summary
+  return run_loop.run_and_summarize(_Run(config))
