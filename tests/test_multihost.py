@@ -167,37 +167,14 @@ def _flat(tree, prefix=""):
 
 
 _GRPO_CONFIG = textwrap.dedent("""
-    import os
-    from cftjax.train.grpo_trainer import grpo_config
+    from tests.test_grpo_trainer import smoke_config
 
     def get_config(world):
-      c = grpo_config()
-      c.model.tokenizer_dir = os.path.join(world, "tokenizer")
-      c.model.arch.hidden_size = 32
-      c.model.arch.intermediate_size = 64
-      c.model.arch.num_layers = 1
-      c.model.arch.num_heads = 2
-      c.model.arch.num_kv_heads = 1
-      c.model.arch.max_position_embeddings = 512
-      c.data.sources = (
-          {"path": os.path.join(world, "rl_crl_train.jsonl"), "task": "crl", "template": "crl",
-           "name": "crl", "weight": 0.5},
-          {"path": os.path.join(world, "rl_math_train.jsonl"), "task": "math", "template": "math_cot",
-           "name": "math", "weight": 0.5})
-      c.data.template = "crl"
-      c.data.batch_size = 4  # prompts per step: 2 per process, x 2 samples = 4 update rows each
-      c.rl.group_size = 2
-      c.rl.max_new_tokens = 6
-      c.rl.max_prompt_len = 256
-      c.rl.overlong_buffer = 4
-      c.rl.rewards.options.verdict.style = "crl"
-      c.optim.lr = 1e-3
-      c.optim.warmup_ratio = 0.0
-      c.mesh.fsdp = 4
-      c.checkpoint.every_steps = 1
-      c.logging.every_steps = 1
-      c.logging.tensorboard = False
-      c.logging.progress_bar = False
+      c = smoke_config(world, run_dir="", steps=2)  # the one-process smoke run's tiny model and data
+      c.rl.kl_coef = 0.0
+      c.data.eval_path = ""  # no held-out eval: this run checks the collective rollout + update
+      c.mesh.data, c.mesh.fsdp = 1, 4  # 2 processes x 2 devices
+      c.checkpoint.async_save = True
       return c
 """)
 
