@@ -6,16 +6,9 @@ Usage: python benchmarks/rollout.py [--batch 8] [--seq 64] [--new-tokens 128] [-
 
 from __future__ import annotations
 
-import sys
-
 from peers import harness
 
-SYSTEMS = {
-    "cftjax": lambda: harness.System("cftjax", sys.executable, "peers/cftjax_rollout.py"),
-    "transformers+torch": lambda: harness.System("transformers+torch", harness.venv_python("torch"),
-                                                 "peers/hf_rollout.py"),
-    "tunix": lambda: harness.System("tunix", harness.venv_python("tunix"), "peers/tunix_rollout.py"),
-}
+SYSTEMS = harness.peer_systems("rollout")
 
 if __name__ == "__main__":
   harness.compare(

@@ -6,16 +6,9 @@ Each system runs in its own subprocess and environment (benchmarks/setup.sh), ba
 
 from __future__ import annotations
 
-import sys
-
 from peers import harness
 
-SYSTEMS = {
-    "cftjax": lambda: harness.System("cftjax", sys.executable, "peers/cftjax_train.py"),
-    "transformers+torch": lambda: harness.System("transformers+torch", harness.venv_python("torch"),
-                                                 "peers/hf_train.py"),
-    "tunix": lambda: harness.System("tunix", harness.venv_python("tunix"), "peers/tunix_train.py"),
-}
+SYSTEMS = harness.peer_systems("train")
 
 if __name__ == "__main__":
   harness.compare(

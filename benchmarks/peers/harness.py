@@ -119,6 +119,16 @@ def venv_python(name: str) -> str:
   return python
 
 
+def peer_systems(workload: str) -> dict[str, Callable[[], System]]:
+  """The three systems compared, each running its `peers/<system>_<workload>.py` worker."""
+  return {
+      "cftjax": lambda: System("cftjax", sys.executable, f"peers/cftjax_{workload}.py"),
+      "transformers+torch": lambda: System("transformers+torch", venv_python("torch"),
+                                           f"peers/hf_{workload}.py"),
+      "tunix": lambda: System("tunix", venv_python("tunix"), f"peers/tunix_{workload}.py"),
+  }
+
+
 def run_worker(system: System, shapes: Shapes, timeout_s: float) -> dict[str, object]:
   """Runs one system's worker in a subprocess and returns its result (or an "error" entry)."""
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
