@@ -163,6 +163,7 @@ def test_consecutive_non_finite_updates_are_counted_then_stop_the_run(world, tmp
 # SIGKILL at random moments, during steps and during async checkpoint writes.
 
 KILL_STEPS = 16
+KILL_MARGIN = 4  # steps left to run when a random kill is armed
 
 
 def _start(world: str, run_dir: str, cache: str) -> subprocess.Popen:
@@ -222,12 +223,16 @@ def test_sigkill_at_random_moments_then_resume_reproduces_the_uninterrupted_run(
   err = _kill_when(_start(world, run_dir, cache), lambda: _checkpoint_entries(run_dir)[1],
                    "a checkpoint write")
   assert _checkpoint_entries(run_dir)[1], "the kill should leave a partial (temporary) checkpoint"
-  # 2.-4. Killed at random moments: after 3-8 more metrics rows (steps) plus a random fraction of a
-  # step, so mid-step, mid-save or in between; each resume starts from the newest finalized step.
+  # 2.-4. Killed at random moments: after 2-6 more steps (metrics rows) plus a random fraction of a
+  # step, so mid-step, mid-save or in between; each resume starts from the newest finalized step. At
+  # least KILL_MARGIN steps stay to run when the kill is armed, so the trainer cannot finish first.
   rng, starts = random.Random(0), []
   for _ in range(3):
     expected_start = (_checkpoint_entries(run_dir)[0] or [0])[-1]
-    rows_target = len(_metric_rows(run_dir)) + rng.randint(3, 8)
+    more_steps = min(rng.randint(2, 6), KILL_STEPS - expected_start - KILL_MARGIN)
+    if more_steps < 1:
+      break
+    rows_target = len(_metric_rows(run_dir)) + more_steps
     delay, reached = rng.uniform(0.0, 0.2), []
 
     def reached_then_waited():
