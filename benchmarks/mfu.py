@@ -1,7 +1,8 @@
 """cftjax efficiency against this machine's own limits, measured in the same invocation: train-step MFU
 against the measured dense f32 matmul peak, and rollout against the decode roofline.
 
-Usage: python benchmarks/mfu.py [--hiddens 512 1024] [--batch 8] [--rounds 2]
+Usage: python benchmarks/mfu.py [--hiddens 512 1024] [--batch 8] [--rounds 2] [--skip-rollout]
+(`--hiddens` with no value: the rollout roofline only)
 Each measurement runs in a subprocess right after a fresh peak measurement (peers/cftjax_peak.py), so
 load from other processes hits both alike.
 """
@@ -60,7 +61,8 @@ def measure(script: str, shapes: harness.Shapes, timeout_s: float) -> tuple[dict
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--hiddens", type=int, nargs="+", default=[512, 1024])
+  parser.add_argument("--hiddens", type=int, nargs="*", default=[512, 1024],
+                      help="train MFU at these hidden sizes (none: rollout only)")
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--skip-rollout", action="store_true")
   parser.add_argument("--timeout", type=float, default=900.0)
