@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from cftjax.models import CheckpointError, ConfigError, Decoder, ModelConfig, init_cache, load_hf, save_hf
+from cftjax.models.decoder import decode_unrolled, lm_head_kernel, unstack_cache, unstack_layers
 from tests.hf_reference import VARIANTS, hf_logits, make_hf_model, save_hf_model
 
 SEQ = 64
@@ -104,10 +105,18 @@ def test_incremental_decoding_matches_full_forward(hf_pair):
   pos = np.broadcast_to(np.arange(prefix, dtype=np.int32), (2, prefix))
   logits, cache = model.apply({"params": params}, tokens[:, :prefix], pos, cache=cache)
   np.testing.assert_allclose(np.asarray(logits), full[:, :prefix], atol=1e-5)
+  layer_caches = unstack_cache(cache)
   step = jax.jit(lambda c, t, p: model.apply({"params": params}, t, p, cache=c))
   for t in range(prefix, tokens.shape[1]):
     logits, cache = step(cache, tokens[:, t:t + 1], np.full((2, 1), t, np.int32))
     np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5)
+
+  # The sampler's decode path: layers unrolled over per-layer params and caches.
+  unrolled = jax.jit(lambda c, t, p: decode_unrolled(cfg, params, unstack_layers(params["layers"]), t, p, c))
+  head = np.asarray(lm_head_kernel(cfg, params))
+  for t in range(prefix, tokens.shape[1]):
+    hidden, layer_caches = unrolled(layer_caches, tokens[:, t:t + 1], np.full((2, 1), t, np.int32))
+    np.testing.assert_allclose(np.asarray(hidden)[:, 0] @ head, full[:, t], atol=1e-4)
 
 
 def test_unsupported_model_type_lists_supported(tmp_path):
