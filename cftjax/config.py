@@ -78,6 +78,7 @@ def base_config() -> config_dict.ConfigDict:
   c.data.world.num_train = 4000
   c.data.world.num_heldout = 500
   c.data.world.digits = 3  # operand digits of the world's additions
+  c.data.world.teacher_leading_carry_slip = 0.0  # P(a critique forgets the leading column's carry)
 
   # optim: AdamW and the learning-rate schedule (cftjax.train.optimizer.make_optimizer).
   c.optim = config_dict.ConfigDict()

@@ -1,12 +1,15 @@
 """Demo: critique RL (GRPO with the verdict reward) on the synthetic critique world, on a laptop CPU.
 
-The policy starts from a CFT warm start: RUN_DIR/cft_warmstart, trained first with
-configs/demo_cft.py for rl.warmstart_steps steps when it has no best params yet (a critic whose
-critiques are well formed but whose verdicts are 78% right). GRPO then samples 8 critiques for each
-of 16 training problems per step and rewards those whose "Conclusion: right/wrong" verdict matches
-the label. Measured in docs/recipes.md: the sampled reward rises, held-out verdict accuracy only
-by ~2-3 points. To start from a finished CFT demo instead:
---config.rl.init_from_run=runs/demo_cft --config.rl.warmstart_config=
+CRL's premise in miniature: a critic fine-tuned on a fallible teacher's critiques copies the
+teacher's blind spot, and a reward on exact verdict labels removes it. This world's teacher forgets
+the carry into the leading column in 70% of the critiques where there is one (data.world.
+teacher_leading_carry_slip), so it calls many right answers wrong; the labels stay exact. The policy
+starts from RUN_DIR/cft_warmstart, trained first with configs/demo_cft.py on this world (1200 steps,
+~4 minutes): it writes well-formed critiques, inherits the slip (held-out verdict accuracy ~82%,
+~7% on right answers with a leading carry) and still samples the carry in ~40% of its critiques
+there. GRPO then samples 8 critiques for each of 16 training problems per step and rewards those
+whose "Conclusion: right/wrong" verdict matches the label. Measured in docs/recipes.md: held-out
+verdict accuracy reaches >= 99% within 10-20 GRPO steps (about a minute).
 
   cftjax train --config configs/demo_crl.py
   cftjax plot runs/demo_crl
@@ -27,13 +30,14 @@ def get_config():
   c.data.sources = ({"path": WORLD_DIR + "/rl_crl_train.jsonl", "task": "crl", "template": "cft",
                      "name": "crl"},)
   c.data.eval_path = WORLD_DIR + "/heldout.jsonl"
-  c.data.batch_size = 16  # prompts per step (8 gave updates too noisy to help)
+  c.data.batch_size = 16  # prompts per step
   c.data.max_seq_len = 128  # held-out loss rows: one CFT example each, as in configs/demo_cft.py
   c.data.packing = False
+  c.data.world.teacher_leading_carry_slip = 0.7  # the fallible teacher of the CFT warm start
 
   c.rl.init_from_run = RUN_DIR + "/cft_warmstart"
   c.rl.warmstart_config = "configs/demo_cft.py"
-  c.rl.warmstart_steps = 500
+  c.rl.warmstart_steps = 0  # demo_cft's own 1200 steps: the critic has learned the teacher's slip
   c.rl.group_size = 8
   c.rl.max_new_tokens = 72  # a critique is 56-58 tokens; prompt (50) + completion fit 128
   c.rl.max_prompt_len = 128
@@ -46,12 +50,12 @@ def get_config():
   c.rl.eps_high = 0.28
   c.rl.kl_coef = 0.0
 
-  c.optim.lr = 1e-4  # 2e-4 drifts (held-out loss x3 in 20 steps), 3e-5 barely moves
+  c.optim.lr = 1e-4  # the lr sweeps are in docs/recipes.md
   c.optim.schedule = "constant"
   c.optim.warmup_ratio = 0.0
   c.optim.b2 = 0.98
 
-  c.train.steps = 50  # ~10 s a step on 2 busy CPU cores: ~9 minutes
+  c.train.steps = 50  # ~3.5 s a step on 2 CPU cores: ~3 minutes, held-out evals included
   c.train.chunk_size = 2048
   c.mesh.fsdp = 1  # one CPU device
 

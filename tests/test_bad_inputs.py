@@ -130,6 +130,12 @@ def test_mesh_that_does_not_match_the_devices(world, tmp_path, capsys):
           "change mesh.data/fsdp/tensor") in line
 
 
+def test_eval_batch_that_does_not_split_over_the_devices(world, tmp_path, capsys):
+  code, line = run_cli(capsys, train_args(world, str(tmp_path / "run"), **{
+      "eval.loss_batches": 1, "eval.batch_size": jax.device_count() + 1}))
+  assert code == 1 and "eval.batch_size: global batch" in line and "change the batch size" in line
+
+
 def test_unknown_config_key(world, tmp_path, capsys):
   code, line = run_cli(capsys, train_args(world, str(tmp_path / "run"), **{"optim.lrr": 1e-3}))
   assert code == 2 and line.startswith("cftjax: error: unknown config key 'config.optim.lrr'; did you "

@@ -205,3 +205,25 @@ def test_flops_per_token_and_device_peaks():
   assert metrics.device_peak_flops(Device("NVIDIA H100 80GB HBM3")) == 989e12
   assert metrics.device_peak_flops(Device("NVIDIA A100-SXM4-40GB")) == 312e12
   assert metrics.device_peak_flops(Device("Quantum Abacus")) is None
+
+
+def test_an_existing_world_is_used_as_written_and_the_config_says_so(workspace, tmp_path, caplog):
+  from cftjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from cftjax.train import cft_trainer  # pylint: disable=import-outside-toplevel
+
+  config = config_lib.load_config(os.path.join(REPO, "configs", "demo_cft.py"), [
+      ("train.run_dir", str(tmp_path / "run")), ("data.world_dir", workspace["world"]),
+      ("data.world.teacher_leading_carry_slip", "0.5")])
+  with caplog.at_level("WARNING", logger="cftjax.train.cft_trainer"):
+    cft_trainer.ensure_synthetic_world(config)
+  assert (config.data.world.num_train, config.data.world.num_heldout) == (200, 20)
+  assert config.data.world.teacher_leading_carry_slip == 0.0
+  assert "teacher_leading_carry_slip': (0.5, 0.0)" in caplog.text and "num_train" in caplog.text
+  assert config.data.train_path == os.path.join(workspace["world"], "train.jsonl")
+
+  fresh = config_lib.load_config(os.path.join(REPO, "configs", "demo_cft.py"), [
+      ("train.run_dir", str(tmp_path / "run")), ("data.world.num_train", "40"),
+      ("data.world.num_heldout", "8"), ("data.world.teacher_leading_carry_slip", "0.5")])
+  cft_trainer.ensure_synthetic_world(fresh)
+  assert fresh.data.world_dir == str(tmp_path / "run" / "world")
+  assert synthetic.written_world_params(fresh.data.world_dir)["teacher_leading_carry_slip"] == 0.5

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+from ml_collections import config_dict
 import numpy as np
 import pytest
 
 from cftjax.data import synthetic
+from cftjax.eval import runner
 from cftjax.train import grpo_trainer, rollout
 
 # ------------------------------------------------------------------------------------------------
@@ -156,3 +159,77 @@ def test_grpo_smoke_run_writes_metrics_and_resumes(tmp_path):
     steps = [json.loads(line)["step"] for line in f if '"train"' in line]
   assert steps == [1, 2, 3]
   assert "3" in os.listdir(os.path.join(run_dir, "checkpoints"))
+
+
+TINY_CFT_CONFIG = '''
+from cftjax.config import base_config
+
+def get_config():
+  c = base_config()
+  c.data.synthetic_world = True
+  c.data.template = "cft"
+  c.data.max_seq_len = 128
+  c.data.batch_size = 8
+  c.data.packing = False
+  for key, value in dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=16, max_position_embeddings=256).items():
+    c.model.arch[key] = value
+  c.optim.lr = 1e-3
+  c.train.steps = 6
+  c.checkpoint.best_metric = "verdict_accuracy"
+  c.checkpoint.best_mode = "max"
+  c.checkpoint.async_save = False
+  c.eval.every_steps = 3
+  c.eval.verdict_examples = 8
+  c.eval.batch_size = 8
+  c.eval.max_new_tokens = 6
+  c.eval.verdict_style = "cft"
+  c.logging.tensorboard = False
+  c.logging.progress_bar = False
+  return c
+'''
+
+
+def test_grpo_warm_starts_from_a_cft_config_and_its_run_dir_evaluates(tmp_path):
+  """rl.warmstart_config trains the CFT run first (in the GRPO run's world); the GRPO run starts from
+  its best params, and `cftjax eval` loads the GRPO run dir with the CFT run's architecture."""
+  cft_config = tmp_path / "tiny_cft.py"
+  cft_config.write_text(TINY_CFT_CONFIG)
+  world = str(tmp_path / "world")
+  c = smoke_config(world, str(tmp_path / "grpo"), steps=1)
+  c.model.tokenizer_dir = ""
+  c.data.synthetic_world = True
+  c.data.world_dir = world
+  c.data.world.num_train = 40
+  c.data.world.num_heldout = 8
+  c.data.world.teacher_leading_carry_slip = 0.5
+  c.data.template = "cft"
+  c.data.sources = ({"path": os.path.join(world, "rl_crl_train.jsonl"), "task": "crl",
+                     "template": "cft", "name": "crl"},)
+  c.data.eval_path = os.path.join(world, "heldout.jsonl")
+  c.rl.rewards.options.verdict.style = "cft"
+  c.eval.verdict_style = "cft"
+  c.rl.init_from_run = str(tmp_path / "cft")
+  c.rl.warmstart_config = str(cft_config)
+  c.rl.warmstart_steps = 4
+  c.checkpoint.best_metric = "verdict_accuracy"
+  c.checkpoint.best_mode = "max"
+  summary = grpo_trainer.train(c)
+
+  with open(os.path.join(tmp_path, "cft", "summary.json")) as f:
+    cft_summary = json.load(f)
+  with open(os.path.join(tmp_path, "cft", "config.json")) as f:
+    cft_run_config = json.load(f)["config"]
+  assert cft_summary["steps"] == 4
+  assert cft_run_config["data"]["world"]["teacher_leading_carry_slip"] == 0.5
+  assert cft_run_config["data"]["world_dir"] == world
+  assert summary["steps"] == 1
+
+  eval_config = config_dict.ConfigDict({"dtype": "", "tokenizer_dir": ""})
+  model_cfg, grpo_params, _ = runner.load_for_eval(str(tmp_path / "grpo"), eval_config)
+  assert (model_cfg.hidden_size, model_cfg.num_layers) == (32, 1)
+  _, cft_params, _ = runner.load_for_eval(str(tmp_path / "cft"), eval_config)
+  # the policy started from the CFT best params: at most one AdamW step (lr 1e-3) away from them
+  distance = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(grpo_params),
+                                                               jax.tree.leaves(cft_params)))
+  assert distance <= 2e-3

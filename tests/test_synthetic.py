@@ -205,3 +205,37 @@ def test_make_world_rejects_impossible_sizes():
   assert len(synthetic.make_world(num_train=8, num_heldout=1, digits=1)["train"]) == 8
   with pytest.raises(ValueError, match="digits"):
     synthetic.make_world(digits=0)
+
+
+def test_fallible_teacher_only_forgets_the_leading_carry_and_keeps_labels_exact(world):
+  slipping = synthetic.make_world(seed=3, num_train=3000, num_heldout=2000,
+                                  teacher_leading_carry_slip=0.7)
+  slipped = eligible = 0
+  for exact, record in zip(world["train"], slipping["train"]):
+    assert (record.question, record.solution, record.label) == (
+        exact.question, exact.solution, exact.label)
+    a, b, _ = _operands(record)
+    if record.critique == exact.critique:
+      continue
+    columns, exact_columns = _COLUMN.findall(record.critique), _COLUMN.findall(exact.critique)
+    assert columns[:2] == exact_columns[:2]  # only the leading (hundreds) column differs
+    x, y, carry_in, total, said, flag = columns[2]
+    assert (carry_in, exact_columns[2][2]) == ("0", "1")
+    assert int(total) == int(x) + int(y) and flag == ("ok" if said == total[1] else "no")
+    # wrong answers never err in the leading column, so the slip flips only right answers
+    assert parse_verdict(record.critique, "cft") is False
+    assert parse_verdict(exact.critique, "cft") is record.label
+    slipped += 1
+  for record in world["train"]:
+    a, b, _ = _operands(record)
+    eligible += synthetic._carry_in_columns(a, b)[2]  # pylint: disable=protected-access
+  assert abs(slipped / eligible - 0.7) < 0.05
+  with pytest.raises(ValueError, match="teacher_leading_carry_slip"):
+    synthetic.make_world(teacher_leading_carry_slip=1.5)
+
+
+def test_written_world_records_its_arguments(world_dir, tmp_path):
+  params = synthetic.written_world_params(os.path.dirname(world_dir["train"]))
+  assert params["seed"] == 1 and params["num_train"] == 400
+  assert params["teacher_leading_carry_slip"] == 0.0
+  assert synthetic.written_world_params(str(tmp_path)) is None

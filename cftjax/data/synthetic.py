@@ -26,6 +26,7 @@ CHATML_TEMPLATE = (
 ERROR_KINDS = ("digit_off", "dropped_carry", "swapped_digits")
 _TOKENIZER_CORPUS_TEMPLATES = ("cft", "crl", "math_cot")
 _TOKENIZER_CORPUS_SIZE = 1000
+WORLD_FILE = "world.json"
 
 
 def question_text(a: int, b: int) -> str:
@@ -36,29 +37,31 @@ def solution_text(a: int, b: int, claimed: str) -> str:
   return f"{a} + {b} = {claimed}"
 
 
-def addition_critique(a: int, b: int, claimed: str) -> str:
+def addition_critique(a: int, b: int, claimed: str, forget_carry_column: int | None = None) -> str:
   """The column-by-column check of `claimed` as the sum of a and b, ending in the verdict.
 
   Each column (from the right) is written "x+y+carry=TT vs D ok|no": TT is the two-digit column
   total, D the solution's digit in that column ("_" when it has none). Columns past the operands
-  are written "carry C vs D ok|no"; a digit past the true sum's length never matches.
+  are written "carry C vs D ok|no"; a digit past the true sum's length never matches. The verdict
+  follows the marks. `forget_carry_column` (counted from the right) makes the critique a fallible
+  teacher's: that column adds 0 instead of its incoming carry and is marked against that total.
   """
   a_digits, b_digits = str(a)[::-1], str(b)[::-1]
-  expected, claimed_digits = str(a + b)[::-1], claimed[::-1]
+  claimed_digits = claimed[::-1]
   num_columns = max(len(a_digits), len(b_digits))
-  steps, carry = [], 0
-  for i in range(max(len(expected), len(claimed_digits))):
+  steps, marks, carry = [], [], 0
+  for i in range(max(len(str(a + b)), len(claimed_digits))):
     if i < num_columns:
       x, y = _digit(a_digits, i), _digit(b_digits, i)
-      step = f"{x}+{y}+{carry}={x + y + carry:02d}"
-      carry = (x + y + carry) // 10
-    else:
-      step, carry = f"carry {carry}", 0
+      carry_in = 0 if i == forget_carry_column else carry
+      total = x + y + carry_in
+      step, digit, carry = f"{x}+{y}+{carry_in}={total:02d}", total % 10, total // 10
+    else:  # a carry column exists only when it holds a 1
+      step, digit, carry = f"carry {carry}", carry if carry else None, 0
     said = claimed_digits[i] if i < len(claimed_digits) else "_"
-    match = i < len(expected) and said == expected[i]
-    steps.append(f"{step} vs {said} {'ok' if match else 'no'}")
-  all_match = claimed == str(a + b)
-  verdict = ("All digits match. Conclusion: right [END]" if all_match
+    marks.append(digit is not None and said == str(digit))
+    steps.append(f"{step} vs {said} {'ok' if marks[-1] else 'no'}")
+  verdict = ("All digits match. Conclusion: right [END]" if all(marks)
              else "A digit does not match. Conclusion: wrong [END]")
   return "From the right: " + ", ".join(steps) + ". " + verdict
 
@@ -115,7 +118,8 @@ def _carry_in_columns(a: int, b: int) -> list[bool]:
 
 
 def make_world(seed: int = 0, num_train: int = 4000, num_heldout: int = 500, digits: int = 3,
-               carry_out: bool = False) -> dict[str, list[CritiqueRecord]]:
+               carry_out: bool = False, teacher_leading_carry_slip: float = 0.0
+               ) -> dict[str, list[CritiqueRecord]]:
   """Critique records for splits "train" and "heldout": disjoint problems, half right, half wrong.
 
   A candidate "a + b = c" can only be judged by redoing the sum: a wrong c is a plausible slip
@@ -124,9 +128,16 @@ def make_world(seed: int = 0, num_train: int = 4000, num_heldout: int = 500, dig
   `digits`-digit numbers; no unordered pair {a, b} appears twice. Unless `carry_out`, the sum
   keeps `digits` digits too, so every example has the same layout (a tiny model then finds each
   digit at a fixed distance).
+
+  `teacher_leading_carry_slip` makes the critiques a fallible teacher's: with that probability a
+  critique forgets the carry into the leading column (wrong answers never err there, so the slip
+  only ever turns right answers into "wrong" verdicts). Labels stay exact; problems and answers do
+  not depend on it.
   """
   if digits < 1:
     raise ValueError(f"digits must be >= 1, got {digits}")
+  if not 0.0 <= teacher_leading_carry_slip <= 1.0:
+    raise ValueError(f"teacher_leading_carry_slip must be in [0, 1], got {teacher_leading_carry_slip}")
   first, last = 10 ** (digits - 1), 10 ** digits - 1
   max_sum = 2 * last if carry_out else last
   ordered_pairs = sum(max(0, min(last, max_sum - a) - first + 1) for a in range(first, last + 1))
@@ -142,20 +153,26 @@ def make_world(seed: int = 0, num_train: int = 4000, num_heldout: int = 500, dig
       seen.add((min(a, b), max(a, b)))
       problems.append((a, b))
   splits = {"train": problems[:num_train], "heldout": problems[num_train:]}
-  return {name: _label_and_critique(pairs, name, rng, max_sum) for name, pairs in splits.items()}
+  teacher_rng = random.Random(f"{seed}:teacher")
+  return {name: _label_and_critique(pairs, name, rng, max_sum, teacher_rng,
+                                    teacher_leading_carry_slip)
+          for name, pairs in splits.items()}
 
 
 def _label_and_critique(pairs: Sequence[tuple[int, int]], split: str, rng: random.Random,
-                        max_sum: int) -> list[CritiqueRecord]:
+                        max_sum: int, teacher_rng: random.Random,
+                        leading_carry_slip: float) -> list[CritiqueRecord]:
   labels = [i % 2 == 0 for i in range(len(pairs))]
   rng.shuffle(labels)
   records = []
   for i, ((a, b), label) in enumerate(zip(pairs, labels)):
     claimed = str(a + b) if label else plausible_wrong_sum(a, b, rng, max_sum)[0]
+    leading = max(len(str(a)), len(str(b))) - 1
+    slips = _carry_in_columns(a, b)[leading] and teacher_rng.random() < leading_carry_slip
     records.append(CritiqueRecord(
         question=question_text(a, b), solution=solution_text(a, b, claimed),
-        critique=addition_critique(a, b, claimed), label=label, reference_answer=str(a + b),
-        source=SOURCE, id=f"{split}-{i}"))
+        critique=addition_critique(a, b, claimed, leading if slips else None), label=label,
+        reference_answer=str(a + b), source=SOURCE, id=f"{split}-{i}"))
   return records
 
 
@@ -218,13 +235,15 @@ def _chatml_text(messages: Sequence[dict[str, str]]) -> str:
 
 
 def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout: int = 500,
-                digits: int = 3, carry_out: bool = False, vocab_size: int = 384) -> dict[str, str]:
+                digits: int = 3, carry_out: bool = False, vocab_size: int = 384,
+                teacher_leading_carry_slip: float = 0.0) -> dict[str, str]:
   """Writes the world under `out_dir` and returns the paths by name.
 
   Files: train.jsonl, heldout.jsonl (CFT records), rl_math_{split}.jsonl, rl_crl_{split}.jsonl
-  (RL rows) in cftjax's JSONL schema, and tokenizer/. Same arguments -> same bytes.
+  (RL rows) in cftjax's JSONL schema, tokenizer/, and last world.json (these arguments; see
+  written_world_params). Same arguments -> same bytes.
   """
-  world = make_world(seed, num_train, num_heldout, digits, carry_out)
+  world = make_world(seed, num_train, num_heldout, digits, carry_out, teacher_leading_carry_slip)
   os.makedirs(out_dir, exist_ok=True)
   paths = {}
   for split, records in world.items():
@@ -234,9 +253,23 @@ def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout:
       _write_text(paths[name], "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
   paths["tokenizer"] = train_tokenizer(world["train"], os.path.join(out_dir, "tokenizer"),
                                        vocab_size)
-  log.info("wrote synthetic world (seed=%d, digits=%d, train=%d, heldout=%d) to %s", seed, digits,
-           num_train, num_heldout, out_dir)
+  log.info("wrote synthetic world (seed=%d, digits=%d, train=%d, heldout=%d, teacher leading-carry "
+           "slip %.2f) to %s", seed, digits, num_train, num_heldout, teacher_leading_carry_slip,
+           out_dir)
+  params = {"seed": seed, "num_train": num_train, "num_heldout": num_heldout, "digits": digits,
+            "carry_out": carry_out, "vocab_size": vocab_size,
+            "teacher_leading_carry_slip": teacher_leading_carry_slip}
+  _write_text(os.path.join(out_dir, WORLD_FILE), json.dumps(params, indent=2) + "\n")
   return paths
+
+
+def written_world_params(out_dir: str) -> dict | None:
+  """The write_world arguments of the world in `out_dir`, or None when no finished world is there."""
+  path = os.path.join(out_dir, WORLD_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def _write_text(path: str, text: str) -> None:

@@ -462,11 +462,11 @@ def _load_run_best(run_dir: str, overrides: dict[str, Any] | None) -> tuple[Mode
 
   from cftjax.models import abstract_params  # pylint: disable=import-outside-toplevel
   from cftjax.train import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
-  from cftjax.train import cft_trainer  # pylint: disable=import-outside-toplevel
+  from cftjax.train import grpo_trainer  # pylint: disable=import-outside-toplevel
 
   with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
     run_config = config_dict.ConfigDict(json.load(f)["config"])
-  model_cfg, tokenizer = cft_trainer.build_model(run_config)
+  model_cfg, tokenizer = grpo_trainer.build_model(run_config)  # a CFT run's config too
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           nn.unbox(abstract_params(model_cfg)))

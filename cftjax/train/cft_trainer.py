@@ -37,15 +37,34 @@ WORLD_DIR = "world"
 
 
 def ensure_synthetic_world(config: Any) -> None:
-  """Writes the synthetic critique world (if missing) and points unset data/tokenizer keys at it."""
+  """Writes the synthetic critique world (if missing) and points unset data/tokenizer keys at it.
+
+  A world already in data.world_dir is used as written: data.world keys that differ from it are
+  logged and set to the written values, so the run's config.json describes the data it trained on.
+  """
   world_dir = config.data.world_dir or os.path.join(config.train.run_dir, WORLD_DIR)
-  train_file = os.path.join(world_dir, "train.jsonl")
-  if jax.process_index() == 0 and not os.path.exists(train_file):
-    world = config.data.world
-    synthetic.write_world(world_dir, seed=config.data.seed, num_train=world.num_train,
-                          num_heldout=world.num_heldout, digits=world.digits)
+  world = config.data.world
+  if jax.process_index() == 0 and synthetic.written_world_params(world_dir) is None:
+    synthetic.write_world(world_dir, seed=config.data.seed, **world)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("synthetic world written")
+  written = synthetic.written_world_params(world_dir)
+  if written is None:
+    raise FileNotFoundError(f"no synthetic world in data.world_dir={world_dir!r} on process "
+                            f"{jax.process_index()}: process 0 writes it, so it must be on a "
+                            "filesystem every host sees")
+  differing = {key: (value, written[key]) for key, value in world.items()
+               if key in written and written[key] != value}
+  if differing:
+    log.warning("data.world_dir=%s holds a world written with other data.world settings (asked, "
+                "written: %s); using it as written. Point data.world_dir at a fresh directory for "
+                "a new world", world_dir, differing)
+    for key, (_, value) in differing.items():
+      world[key] = value
+  if written["seed"] != config.data.seed:
+    log.warning("data.world_dir=%s holds a world written with seed %d; data.seed=%d only seeds the "
+                "shuffle here", world_dir, written["seed"], config.data.seed)
+  train_file = os.path.join(world_dir, "train.jsonl")
   config.data.world_dir = world_dir
   config.data.train_path = config.data.train_path or train_file
   config.data.eval_path = config.data.eval_path or os.path.join(world_dir, "heldout.jsonl")
@@ -124,6 +143,8 @@ def make_evaluator(config: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, me
   """The held-out evaluator, or None when there is no eval data or nothing to evaluate."""
   if not config.data.eval_path or not (config.eval.loss_batches or config.eval.verdict_examples):
     return None
+  if config.eval.loss_batches:
+    accumulation.check_divisible(config.eval.batch_size, 1, mesh, rules, "eval.batch_size")
   eval_step = sft_step_lib.make_eval_step(model_cfg, mesh, rules, chunk_size=config.train.chunk_size,
                                           compute_dtype=config.model.dtype)
   return HeldOutEvaluator(config, model_cfg, tokenizer, mesh, rules, eval_step)

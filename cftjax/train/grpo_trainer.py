@@ -228,6 +228,7 @@ def maybe_warmstart(config: Any) -> None:
     overrides.append(("train.steps", str(rl.warmstart_steps)))
   if config.data.world_dir:
     overrides.append(("data.world_dir", config.data.world_dir))
+    overrides += [(f"data.world.{key}", str(value)) for key, value in config.data.world.items()]
   log.info("rl.init_from_run=%s is not trained yet: training %s there first (%s)", rl.init_from_run,
            rl.warmstart_config, overrides)
   summary = cft_trainer.train(config_lib.load_config(rl.warmstart_config, overrides))
@@ -236,8 +237,8 @@ def maybe_warmstart(config: Any) -> None:
 
 def build_model(config: Any) -> tuple[ModelConfig, Any]:
   """(model config with the run's compute dtype and remat, tokenizer); from rl.init_from_run's own
-  config when set, else as the CFT trainer builds it."""
-  if not config.rl.init_from_run:
+  config when set, else as the CFT trainer builds it (so also for a CFT run's config)."""
+  if "rl" not in config or not config.rl.init_from_run:
     return cft_trainer.build_model(config)
   source = _run_dir_config(config.rl.init_from_run)
   if config.model.tokenizer_dir:
