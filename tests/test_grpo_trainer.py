@@ -12,6 +12,7 @@ from ml_collections import config_dict
 import numpy as np
 import pytest
 
+from cftjax import config as config_lib
 from cftjax.data import synthetic
 from cftjax.eval import runner
 from cftjax.train import grpo_trainer, rollout
@@ -233,3 +234,14 @@ def test_grpo_warm_starts_from_a_cft_config_and_its_run_dir_evaluates(tmp_path):
   distance = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(grpo_params),
                                                                jax.tree.leaves(cft_params)))
   assert distance <= 2e-3
+
+  # a warm start trained on an older version of this world directory is refused, not reused
+  cft_config_path = os.path.join(tmp_path, "cft", "config.json")
+  with open(cft_config_path) as f:
+    record = json.load(f)
+  record["config"]["data"]["world"]["teacher_leading_carry_slip"] = 0.0
+  with open(cft_config_path, "w") as f:
+    json.dump(record, f)
+  c.train.run_dir = str(tmp_path / "grpo_again")
+  with pytest.raises(config_lib.ConfigError, match="rl.init_from_run=.*other data.world settings"):
+    grpo_trainer.train(c)

@@ -235,6 +235,23 @@ def maybe_warmstart(config: Any) -> None:
   log.info("warm start done:\n%s", format_summary(summary))
 
 
+def check_init_run_world(config: Any) -> None:
+  """Raises when rl.init_from_run was trained on this run's synthetic world directory as written
+  with other data.world settings (e.g. a warm start left over from an older world)."""
+  if not (config.rl.init_from_run and config.data.synthetic_world):
+    return
+  source = _run_dir_config(config.rl.init_from_run).data
+  if source.get("world_dir") != config.data.world_dir:
+    return
+  differing = {key: (source.world.get(key), value) for key, value in config.data.world.items()
+               if source.world.get(key) != value}
+  if differing:
+    raise config_lib.ConfigError(
+        f"rl.init_from_run={config.rl.init_from_run!r} was trained on {config.data.world_dir} with "
+        f"other data.world settings (it, this run: {differing}): delete that run to train it again "
+        "on this world, or point rl.init_from_run elsewhere")
+
+
 def build_model(config: Any) -> tuple[ModelConfig, Any]:
   """(model config with the run's compute dtype and remat, tokenizer); from rl.init_from_run's own
   config when set, else as the CFT trainer builds it (so also for a CFT run's config)."""
@@ -318,6 +335,7 @@ class _Run(run_loop.RunLoop):
     if config.data.synthetic_world:
       cft_trainer.ensure_synthetic_world(config)
     maybe_warmstart(config)
+    check_init_run_world(config)
     config_lib.write_run_config(self.run_dir, config, write=jax.process_index() == 0)
     self.config_record = config_lib.to_plain_dict(config)
     self.mesh = parallel.make_mesh(config.mesh)
