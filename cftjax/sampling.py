@@ -18,8 +18,8 @@ import numpy as np
 
 from cftjax import parallel
 from cftjax.models.config import ModelConfig
-from cftjax.models.decoder import (Decoder, decode_unrolled, init_cache, lm_head_kernel, unstack_cache,
-                                   unstack_layers)
+from cftjax.models.decode import decode_step, decode_weights, lm_logits
+from cftjax.models.decoder import Decoder, init_cache, unstack_cache
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +119,6 @@ def _cfg_key(cfg: ModelConfig) -> str:
   return json.dumps(cfg.to_json_dict(), sort_keys=True)
 
 
-def _next_token_logits(cfg: ModelConfig, params: dict[str, Any], hidden: Array) -> Array:
-  """hidden: [batch, hidden] after the final norm -> logits [batch, vocab] float32, as `Decoder` does."""
-  head = lm_head_kernel(cfg, params).astype(jnp.dtype(cfg.dtype))
-  return jnp.einsum("bd,dv->bv", hidden, head).astype(jnp.float32)
-
-
 @functools.lru_cache(maxsize=64)
 def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, greedy: bool, top_k: int,
                        use_top_p: bool, stop_ids: tuple[int, ...], pad_id: int) -> Callable:
@@ -158,6 +152,7 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
     positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
     hidden, cache = model.apply(variables, prompt_tokens, positions, cache=cache, return_hidden=True)
     last_hidden = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    weights = decode_weights(cfg, params)  # laid out once per call, not at every decode step
     state = {
         "step": jnp.int32(0),
         "tokens": jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
@@ -166,21 +161,19 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
         "done": jnp.zeros((batch,), bool),
         "cache": unstack_cache(cache),
     }
-    state = emit(state, _next_token_logits(cfg, params, last_hidden), rng, temperature, top_p)
-    layer_params = unstack_layers(params["layers"])  # sliced once, not at every decode step
+    state = emit(state, lm_logits(weights, last_hidden), rng, temperature, top_p)
 
     def keep_going(state):
       return (state["step"] < max_new_tokens) & ~jnp.all(state["done"])
 
-    def decode_step(state):
+    def next_token(state):
       # Row b's previous token sits at position prompt_lengths[b] + step - 1 (its cache slot).
-      previous = jax.lax.dynamic_index_in_dim(state["tokens"], state["step"] - 1, axis=1)
-      positions = (prompt_lengths + state["step"] - 1)[:, None]
-      hidden, cache = decode_unrolled(cfg, params, layer_params, previous, positions, state["cache"])
-      logits = _next_token_logits(cfg, params, hidden[:, 0])
+      previous = jax.lax.dynamic_index_in_dim(state["tokens"], state["step"] - 1, axis=1, keepdims=False)
+      positions = prompt_lengths + state["step"] - 1
+      logits, cache = decode_step(cfg, weights, previous, positions, state["cache"])
       return emit(dict(state, cache=cache), logits, rng, temperature, top_p)
 
-    state = jax.lax.while_loop(keep_going, decode_step, state)
+    state = jax.lax.while_loop(keep_going, next_token, state)
     return state["tokens"], state["logprobs"], state["lengths"], ~state["done"]
 
   return jax.jit(run)
@@ -222,9 +215,10 @@ def generate(params: dict[str, Any], cfg: ModelConfig, prompts: Sequence[Sequenc
   i-th new token is written at slot prompt_lengths[b] + i and the padding slots after its prompt are
   overwritten before any query can attend to them. One jitted function runs the prefill (all prompt
   tokens in one forward, layers scanned) and then a `lax.while_loop` of one-token decode steps that
-  exits as soon as every row is done. Decode steps run the layers unrolled on per-layer weights and
-  caches split once before the loop (`decode_unrolled`): a scan would copy each layer's weight and
-  cache slices at every step, which cost a third of decode time on CPU.
+  exits as soon as every row is done. Decode steps (`models.decode.decode_step`) run the layers unrolled
+  on per-layer [out, in] weights cast and laid out once before the loop (`decode_weights`) and on
+  per-layer caches: on CPU this makes a decode step 2x faster than the scanned `Decoder` (see
+  docs/benchmarks.md).
 
   Sampling: greedy when temperature == 0, else temperature, then top-k (0 = off), then top-p (1.0 = off).
   `logprobs` are log softmax(logits / temperature) of the sampled token under the *unfiltered*

@@ -13,7 +13,8 @@ import torch
 import transformers
 
 from cftjax.models import CheckpointError, ConfigError, Decoder, ModelConfig, init_cache, load_hf, save_hf
-from cftjax.models.decoder import decode_unrolled, lm_head_kernel, unstack_cache, unstack_layers
+from cftjax.models.decode import decode_step, decode_weights
+from cftjax.models.decoder import unstack_cache
 from tests.hf_reference import VARIANTS, hf_logits, make_hf_model, save_hf_model
 
 SEQ = 64
@@ -111,12 +112,11 @@ def test_incremental_decoding_matches_full_forward(hf_pair):
     logits, cache = step(cache, tokens[:, t:t + 1], np.full((2, 1), t, np.int32))
     np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5)
 
-  # The sampler's decode path: layers unrolled over per-layer params and caches.
-  unrolled = jax.jit(lambda c, t, p: decode_unrolled(cfg, params, unstack_layers(params["layers"]), t, p, c))
-  head = np.asarray(lm_head_kernel(cfg, params))
+  # The sampler's decode path: [out, in] weights, layers unrolled over per-layer caches.
+  step = jax.jit(lambda c, t, p: decode_step(cfg, decode_weights(cfg, params), t, p, c))
   for t in range(prefix, tokens.shape[1]):
-    hidden, layer_caches = unrolled(layer_caches, tokens[:, t:t + 1], np.full((2, 1), t, np.int32))
-    np.testing.assert_allclose(np.asarray(hidden)[:, 0] @ head, full[:, t], atol=1e-4)
+    logits, layer_caches = step(layer_caches, tokens[:, t], np.full((2,), t, np.int32))
+    np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=1e-4)
 
 
 def test_unsupported_model_type_lists_supported(tmp_path):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from cftjax.models.config import ModelConfig
 
 Array = jax.Array
-KVCache = dict[str, Array]  # {"k": [layers, batch, slots, kv_heads, head_dim], "v": same}
+KVCache = dict[str, Array]  # {"k": [layers, batch, kv_heads, slots, head_dim], "v": same}
 
 
 def _dtype(name: str):
@@ -61,6 +61,13 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(cfg.param_dtype))
 
 
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+  """RMS-normalises x [..., dim] over its last axis in float32 and scales it by scale [dim]."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (scale.astype(jnp.float32) * x32).astype(x.dtype)
+
+
 class RMSNorm(nn.Module):
   cfg: ModelConfig
   dim: int
@@ -69,9 +76,7 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     scale = _param(self, "scale", (self.dim,), (self.axis_name,), nn.initializers.ones)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
-    return (scale.astype(jnp.float32) * x32).astype(x.dtype)
+    return rms_norm(x, scale, self.cfg.rms_norm_eps)
 
 
 def attention_mask(q_positions: Array, k_positions: Array, q_segments: Array | None,
@@ -111,11 +116,9 @@ class Attention(nn.Module):
     q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
 
     if cache is not None:
-      start = positions[:, 0]
-      write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
-      cache = {"k": write(cache["k"], key.astype(cache["k"].dtype), start),
-               "v": write(cache["v"], value.astype(cache["v"].dtype), start)}
-      key, value = cache["k"].astype(dt), cache["v"].astype(dt)
+      cache = {"k": write_cache(cache["k"], key, positions[:, 0]),
+               "v": write_cache(cache["v"], value, positions[:, 0])}
+      key, value = (cache[name].swapaxes(1, 2).astype(dt) for name in ("k", "v"))
 
     if mask is None:  # one causal segment, no cache: lets XLA pick cuDNN flash attention on GPU.
       out = jax.nn.dot_product_attention(q, key, value, is_causal=True)
@@ -187,6 +190,14 @@ def embed(cfg: ModelConfig, embedding: Array, tokens: Array) -> Array:
   return nn.with_logical_constraint(x.astype(_dtype(cfg.dtype)), ("batch", "seq", "act_embed"))
 
 
+def write_cache(layer_cache: Array, new: Array, start: Array) -> Array:
+  """Writes new [batch, seq, kv_heads, head_dim] into one layer's cache [batch, kv_heads, slots, head_dim]
+  at slots start[b] .. start[b] + seq - 1 of each row b (start: [batch] int32)."""
+  new = new.swapaxes(1, 2).astype(layer_cache.dtype)
+  write_row = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1)
+  return jax.vmap(write_row)(layer_cache, new, start)
+
+
 def cache_mask(positions: Array, num_slots: int) -> Array:
   """Mask [batch, 1, seq, slots] of queries at `positions` [batch, seq] over cache slots (slot i holds
   position i of its row)."""
@@ -217,7 +228,7 @@ class Decoder(nn.Module):
     cos, sin = rope_angles(cfg, positions)
 
     if cache is not None:
-      mask = cache_mask(positions, cache["k"].shape[2])
+      mask = cache_mask(positions, cache["k"].shape[3])
     elif segment_ids is not None:
       index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
       mask = attention_mask(index, index, segment_ids, segment_ids)
@@ -255,29 +266,8 @@ def unstack_layers(layers: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def unstack_cache(cache: KVCache) -> list[KVCache]:
-  """A stacked cache ([layers, batch, slots, kv, hd]) -> one {"k", "v"} per layer."""
+  """A stacked cache ([layers, batch, kv, slots, hd]) -> one {"k", "v"} per layer."""
   return [{"k": k, "v": v} for k, v in zip(cache["k"], cache["v"], strict=True)]
-
-
-def decode_unrolled(cfg: ModelConfig, params: dict[str, Any], layer_params: list[dict[str, Any]],
-                    tokens: Array, positions: Array, layer_caches: list[KVCache]
-                    ) -> tuple[Array, list[KVCache]]:
-  """The cached forward of `Decoder` with the layers unrolled: (final-norm hidden [batch, seq, hidden],
-  updated per-layer caches).
-
-  For decode loops: `layer_params` (`unstack_layers`, split once per generate) and per-layer caches
-  spare every step the copies a scan makes when it slices stacked weights and caches.
-  tokens, positions: [batch, seq] int32.
-  """
-  x = embed(cfg, params["embedding"], tokens)
-  cos, sin = rope_angles(cfg, positions)
-  mask = cache_mask(positions, layer_caches[0]["k"].shape[1])
-  block, new_caches = Block(cfg), []
-  for layer, layer_cache in zip(layer_params, layer_caches, strict=True):
-    x, layer_cache = block.apply({"params": layer}, x, layer_cache, cos, sin, mask, positions)
-    new_caches.append(layer_cache)
-  x = RMSNorm(cfg, cfg.hidden_size).apply({"params": params["final_norm"]}, x)
-  return x, new_caches
 
 
 def lm_head_kernel(cfg: ModelConfig, params: dict[str, Any]) -> Array:
@@ -286,8 +276,12 @@ def lm_head_kernel(cfg: ModelConfig, params: dict[str, Any]) -> Array:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-  """An empty KV cache: K/V of position p of row b live in slot p ([layers, batch, max_len, kv, hd])."""
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  """An empty KV cache: K/V of position p of row b live in slot p ([layers, batch, kv, max_len, hd]).
+
+  KV heads come before slots so that a decode step's attention reads each (row, KV head) block of the
+  cache as one contiguous [slots, head_dim] matrix, with no transposed copy of the cache per step.
+  """
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
