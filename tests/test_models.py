@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -14,7 +15,7 @@ import transformers
 
 from cftjax.models import CheckpointError, ConfigError, Decoder, ModelConfig, init_cache, load_hf, save_hf
 from cftjax.models.decode import decode_step, decode_weights
-from cftjax.models.decoder import unstack_cache
+from cftjax.models.decoder import attention_mask, causal_attention, unstack_cache
 from tests.hf_reference import VARIANTS, hf_logits, make_hf_model, save_hf_model
 
 SEQ = 64
@@ -93,6 +94,29 @@ def test_packed_row_equals_separate_sequences(hf_pair):
     alone = np.asarray(model.apply({"params": params}, seq[None]))
     np.testing.assert_allclose(out[0, start:start + len(seq)], alone[0], atol=1e-5)
     start += len(seq)
+
+
+@pytest.mark.parametrize("seq", [300, 1024])
+def test_causal_attention_by_blocks_equals_full_masked_attention(seq):
+  """Query blocks over key prefixes (uneven blocks at 300, the 8-block cap at 1024), packed segments,
+  grouped KV heads: values and gradients equal one masked attention over the whole square."""
+  rng = np.random.default_rng(seq)
+  q = jnp.asarray(rng.standard_normal((2, seq, 4, 8)), jnp.float32)
+  key, value = (jnp.asarray(rng.standard_normal((2, seq, 2, 8)), jnp.float32) for _ in range(2))
+  segments = jnp.asarray(np.sort(rng.integers(1, 4, (2, seq)), axis=1), jnp.int32)
+  index = jnp.broadcast_to(jnp.arange(seq), (2, seq))
+  mask = attention_mask(index, index, segments, segments)
+  weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+  def loss(attend, q, key, value):
+    return jnp.sum(weights * attend(q, key, value, mask))
+
+  full = lambda q, key, value, mask: jax.nn.dot_product_attention(q, key, value, mask=mask)
+  expected = jax.value_and_grad(functools.partial(loss, full), argnums=(0, 1, 2))(q, key, value)
+  actual = jax.value_and_grad(functools.partial(loss, causal_attention), argnums=(0, 1, 2))(q, key, value)
+  np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
+  for got, want in zip(actual[1], expected[1], strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_incremental_decoding_matches_full_forward(hf_pair):

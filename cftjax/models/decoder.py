@@ -88,6 +88,31 @@ def attention_mask(q_positions: Array, k_positions: Array, q_segments: Array | N
   return mask[:, None]
 
 
+MIN_QUERY_BLOCK = 128  # causal attention splits queries into blocks of at least this many rows
+MAX_QUERY_BLOCKS = 8
+
+
+def causal_attention(q: Array, key: Array, value: Array, mask: Array) -> Array:
+  """`jax.nn.dot_product_attention` under a mask that is causal by index, skipping the masked half.
+
+  q: [batch, seq, heads, head_dim], key/value: [batch, seq, kv_heads, head_dim], mask: [batch, 1, seq,
+  seq] with mask[..., i, j] False wherever j > i (segment masks may clear more). Queries are split
+  into up to MAX_QUERY_BLOCKS blocks and block b attends only to keys before its end, so the blocks
+  above the diagonal (all masked) are never computed: (n + 1) / 2n of the full work for n blocks. Each
+  block's softmax still covers every key it may see, so the result is exact. On CPU at 8 x 512
+  tokens this runs attention forward + backward 1.8x faster (docs/benchmarks.md).
+  """
+  seq = q.shape[1]
+  num_blocks = min(MAX_QUERY_BLOCKS, seq // MIN_QUERY_BLOCK)
+  if num_blocks < 2:
+    return jax.nn.dot_product_attention(q, key, value, mask=mask)
+  bounds = [seq * i // num_blocks for i in range(num_blocks + 1)]
+  blocks = [jax.nn.dot_product_attention(q[:, start:end], key[:, :end], value[:, :end],
+                                         mask=mask[:, :, start:end, :end])
+            for start, end in zip(bounds[:-1], bounds[1:])]
+  return jnp.concatenate(blocks, axis=1)
+
+
 class Attention(nn.Module):
   """Grouped-query attention with optional QKV bias (Qwen2) and QK-norm (Qwen3)."""
 
@@ -122,6 +147,8 @@ class Attention(nn.Module):
 
     if mask is None:  # one causal segment, no cache: lets XLA pick cuDNN flash attention on GPU.
       out = jax.nn.dot_product_attention(q, key, value, is_causal=True)
+    elif cache is None:  # packed segments: causal by index within the row
+      out = causal_attention(q, key, value, mask)
     else:
       out = jax.nn.dot_product_attention(q, key, value, mask=mask)
     wo = _param(self, "o_kernel", (n, h, d), ("heads", "head_dim", "embed"), init)
