@@ -1,7 +1,7 @@
 """cftjax efficiency against this machine's own limits, measured in the same invocation: train-step MFU
 against the measured dense f32 matmul peak, and rollout against the decode roofline.
 
-Usage: python benchmarks/mfu.py [--hiddens 512 1024] [--batch 8] [--rounds 2] [--skip-rollout]
+Usage: python benchmarks/mfu.py [--hiddens 512 1024] [--batch 8] [--rounds 2] [--skip-rollout] [--huge-pages]
 (`--hiddens` with no value: the rollout roofline only)
 Each measurement runs in a subprocess right after a fresh peak measurement (peers/cftjax_peak.py), so
 load from other processes hits both alike.
@@ -68,7 +68,9 @@ def main() -> None:
   parser.add_argument("--timeout", type=float, default=900.0)
   harness.add_shape_args(parser, ["vocab", "layers", "heads", "kv_heads", "batch", "seq", "warmup",
                                   "steps"])
+  harness.add_host_memory_arg(parser)
   args = parser.parse_args()
+  harness.apply_host_memory_arg(args)
   base = harness.shapes_from_args(args)
   info = harness.describe(base, "cftjax only; peak re-measured before every run")
   info["load average (1/5/15 min) at start"] = harness.load_average()

@@ -212,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   if logging.getLogger().level > logging.DEBUG:
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
+  if command.name in ("train", "eval", "generate"):
+    from cftjax import host_memory  # pylint: disable=import-outside-toplevel
+    host_memory.log_huge_pages_hint()
   try:
     return command.run(args, overrides)
   except Exception as e:  # pylint: disable=broad-except

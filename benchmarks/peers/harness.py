@@ -19,6 +19,8 @@ BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 VENVS = os.environ.get("CFTJAX_BENCH_VENVS", os.path.join(BENCH_DIR, ".venv"))
 RESULT_PREFIX = "BENCH_RESULT "
+THP_MODE_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"  # glibc madvises huge pages for its large allocations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +228,28 @@ def shapes_from_args(args: argparse.Namespace) -> Shapes:
   return Shapes(**{k: v for k, v in vars(args).items() if k in fields})
 
 
+def add_host_memory_arg(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--huge-pages", action="store_true",
+                      help=f"run every system's worker with GLIBC_TUNABLES={HUGETLB_TUNABLE} (malloc "
+                           "asks for transparent huge pages; matters where the THP mode is 'madvise')")
+
+
+def apply_host_memory_arg(args: argparse.Namespace) -> None:
+  """Workers inherit os.environ, so every system gets the same allocator setting."""
+  if args.huge_pages:
+    os.environ["GLIBC_TUNABLES"] = HUGETLB_TUNABLE
+
+
+def host_memory() -> str:
+  """The page setting all workers run under: the kernel's THP mode and GLIBC_TUNABLES."""
+  try:
+    with open(THP_MODE_PATH) as f:
+      mode = f.read().strip()
+  except OSError:
+    mode = "unknown"
+  return f"THP mode '{mode}', GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'} (all systems)"
+
+
 def describe(shapes: Shapes, workload: str) -> dict[str, str]:
   """The header lines of a result table: when, where, what model and workload."""
   return {
@@ -236,6 +260,7 @@ def describe(shapes: Shapes, workload: str) -> dict[str, str]:
                 f"{shapes.intermediate}, vocab {shapes.vocab}, {shapes.params / 1e6:.1f}M params, "
                 "float32"),
       "workload": workload,
+      "host memory": host_memory(),
   }
 
 
@@ -249,7 +274,9 @@ def compare(title: str, workload: str, systems: dict[str, Callable[[], System]],
   parser.add_argument("--rounds", type=int, default=2, help="times each system runs, back to back")
   parser.add_argument("--systems", nargs="+", default=list(systems), choices=list(systems))
   parser.add_argument("--timeout", type=float, default=900.0, help="seconds per worker run")
+  add_host_memory_arg(parser)
   args = parser.parse_args()
+  apply_host_memory_arg(args)
   shapes = shapes_from_args(args)
   chosen = [systems[name]() for name in args.systems]
   info = describe(shapes, workload.format(s=shapes))
