@@ -17,26 +17,32 @@ THP_MODE_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
+def thp_mode(mode_path: str = THP_MODE_PATH) -> str | None:
+  """The kernel's transparent-huge-page mode ('always', 'madvise' or 'never'), None if unreadable."""
+  try:
+    with open(mode_path) as f:
+      mode = re.search(r"\[(\w+)\]", f.read())
+  except OSError:
+    return None
+  return mode.group(1) if mode else None
+
+
 def huge_pages_hint(mode_path: str = THP_MODE_PATH, glibc_tunables: str | None = None) -> str | None:
   """A one-line hint when large allocations of this process get 4 KiB pages, else None.
 
   None also when the kernel's transparent-huge-page mode cannot be read (not Linux). glibc_tunables
   defaults to $GLIBC_TUNABLES, which glibc reads at process start only.
   """
-  try:
-    with open(mode_path) as f:
-      mode = re.search(r"\[(\w+)\]", f.read())
-  except OSError:
-    return None
-  if mode is None or mode.group(1) == "always":
+  mode = thp_mode(mode_path)
+  if mode in (None, "always"):
     return None
   if glibc_tunables is None:
     glibc_tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if mode.group(1) == "madvise" and re.search(r"glibc\.malloc\.hugetlb=[12]", glibc_tunables):
+  if mode == "madvise" and re.search(r"glibc\.malloc\.hugetlb=[12]", glibc_tunables):
     return None
-  fix = (f"start the process with GLIBC_TUNABLES={HUGETLB_TUNABLE}" if mode.group(1) == "madvise"
+  fix = (f"start the process with GLIBC_TUNABLES={HUGETLB_TUNABLE}" if mode == "madvise"
          else f"set {mode_path} to 'always' or 'madvise' (root)")
-  return (f"host memory: transparent huge pages are '{mode.group(1)}' and glibc does not request them, "
+  return (f"host memory: transparent huge pages are '{mode}' and glibc does not request them, "
           f"so XLA's CPU buffers use 4 KiB pages; on CPU backends train steps run up to 1.25x slower. "
           f"Fix: {fix} (docs/troubleshooting.md)")
 

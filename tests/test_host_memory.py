@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cftjax.host_memory import HUGETLB_TUNABLE, THP_MODE_PATH, huge_pages_hint
+from cftjax.host_memory import HUGETLB_TUNABLE, huge_pages_hint, thp_mode
 
 
 def _mode_file(tmp_path, text: str) -> str:
@@ -58,13 +58,9 @@ def _page_faults(tunables: str | None) -> int:
 
 
 def test_the_recommended_fix_gives_large_allocations_huge_pages():
-  try:
-    with open(THP_MODE_PATH) as f:
-      mode = f.read()
-  except OSError:
-    pytest.skip("no transparent huge pages on this OS")
-  if "[madvise]" not in mode:
-    pytest.skip(f"THP mode is {mode.strip()!r}; the tunable only matters under 'madvise'")
+  mode = thp_mode()
+  if mode != "madvise":
+    pytest.skip(f"THP mode is {mode!r}; the tunable only matters under 'madvise'")
   default, fixed = _page_faults(None), _page_faults(HUGETLB_TUNABLE)
   assert default > 50_000  # 256 MiB in 4 KiB pages
   assert fixed * 10 < default, (default, fixed)

@@ -1,5 +1,6 @@
-"""Stdlib-only benchmark plumbing shared by the drivers and every system's worker: the shape spec,
-step timing, worker subprocesses with their virtual environments, and the result table."""
+"""Benchmark plumbing shared by the drivers and every system's worker: the shape spec, step timing,
+worker subprocesses with their virtual environments, and the result table. Standard library only,
+plus `cftjax.host_memory` (itself standard library only), so it imports in every peer environment."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 VENVS = os.environ.get("CFTJAX_BENCH_VENVS", os.path.join(BENCH_DIR, ".venv"))
 RESULT_PREFIX = "BENCH_RESULT "
-THP_MODE_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
-HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"  # glibc madvises huge pages for its large allocations
+
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+from cftjax import host_memory as host_memory_lib  # pylint: disable=wrong-import-position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,23 +233,20 @@ def shapes_from_args(args: argparse.Namespace) -> Shapes:
 
 def add_host_memory_arg(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--huge-pages", action="store_true",
-                      help=f"run every system's worker with GLIBC_TUNABLES={HUGETLB_TUNABLE} (malloc "
-                           "asks for transparent huge pages; matters where the THP mode is 'madvise')")
+                      help=f"run every system's worker with GLIBC_TUNABLES="
+                           f"{host_memory_lib.HUGETLB_TUNABLE} (malloc asks for transparent huge pages; "
+                           "matters where the THP mode is 'madvise')")
 
 
 def apply_host_memory_arg(args: argparse.Namespace) -> None:
   """Workers inherit os.environ, so every system gets the same allocator setting."""
   if args.huge_pages:
-    os.environ["GLIBC_TUNABLES"] = HUGETLB_TUNABLE
+    os.environ["GLIBC_TUNABLES"] = host_memory_lib.HUGETLB_TUNABLE
 
 
 def host_memory() -> str:
   """The page setting all workers run under: the kernel's THP mode and GLIBC_TUNABLES."""
-  try:
-    with open(THP_MODE_PATH) as f:
-      mode = f.read().strip()
-  except OSError:
-    mode = "unknown"
+  mode = host_memory_lib.thp_mode() or "unknown"
   return f"THP mode '{mode}', GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'} (all systems)"
 
 
