@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from cftjax.models.config import ModelConfig
-from cftjax.models.decoder import (KVCache, apply_rope, embed, rms_norm, rope_angles, unstack_layers,
-                                   write_cache)
+from cftjax.models.decoder import (KVCache, apply_rope, embed, lm_head_kernel, rms_norm, rope_angles,
+                                   unstack_layers, write_cache)
 
 Array = jax.Array
 DecodeWeights = dict[str, Any]  # {"embedding", "final_norm", "lm_head": [vocab, hidden], "layers": [...]}
@@ -58,8 +58,7 @@ def decode_weights(cfg: ModelConfig, params: dict[str, Any]) -> DecodeWeights:
   return {
       "embedding": params["embedding"],
       "final_norm": params["final_norm"]["scale"],
-      # The tied head is the embedding table itself, already [vocab, hidden].
-      "lm_head": (params["embedding"] if cfg.tie_embeddings else params["lm_head"].T).astype(dtype),
+      "lm_head": lm_head_kernel(cfg, params).T.astype(dtype),  # tied: the embedding table itself
       "layers": [_layer_weights(cfg, layer, dtype) for layer in unstack_layers(params["layers"])],
   }
 
