@@ -2,7 +2,9 @@
 against the measured dense f32 matmul peak, and rollout against the decode roofline.
 
 Usage: python benchmarks/mfu.py [--hiddens 512 1024] [--batch 8] [--rounds 2] [--skip-rollout] [--huge-pages]
-(`--hiddens` with no value: the rollout roofline only)
+(`--hiddens` with no value: the rollout roofline only). The model flags (--hidden, --intermediate,
+--layers, --vocab, --tie-embeddings, --dtype ...) set the rollout's model and, at --hidden, the
+train model's; benchmarks/gpu.sh passes a Qwen2.5-1.5B shape in bf16.
 Each measurement runs in a subprocess right after a fresh peak measurement (peers/cftjax_peak.py), so
 load from other processes hits both alike.
 """
@@ -16,9 +18,6 @@ import sys
 
 from peers import harness
 
-F32 = 4
-
-
 def train_flops(shapes: harness.Shapes) -> float:
   """Model FLOPs of one train step: 6 x matmul params x tokens (forward + backward) + the causal
   attention score and value products (2 x seq x heads x head_dim per token per layer forward,
@@ -30,10 +29,11 @@ def train_flops(shapes: harness.Shapes) -> float:
 
 def rollout_roofline_s(shapes: harness.Shapes, peak_flops: float, bandwidth: float) -> float:
   """Lower bound on one rollout's seconds: the prefill at peak FLOP/s, then each decode step at the
-  slower of its FLOPs at peak and its bytes (all weights but the embedding table, plus the K/V of
-  the positions so far) at the measured read bandwidth."""
-  kv_per_position = 2 * shapes.layers * shapes.batch * shapes.kv_heads * shapes.head_dim * F32
-  weight_bytes = (shapes.params - shapes.vocab * shapes.hidden) * F32
+  slower of its FLOPs at peak and its bytes (every weight in the compute dtype, an untied embedding
+  table excepted, plus the K/V of the positions so far) at the measured read bandwidth."""
+  kv_per_position = 2 * shapes.layers * shapes.batch * shapes.kv_heads * shapes.head_dim * shapes.dtype_bytes
+  gathered_only = 0 if shapes.tie_embeddings else shapes.vocab * shapes.hidden  # the embedding table
+  weight_bytes = (shapes.params - gathered_only) * shapes.dtype_bytes
   attention_width = shapes.layers * shapes.heads * shapes.head_dim
   prefill = shapes.batch * shapes.seq * (2 * shapes.matmul_params + 2 * shapes.seq * attention_width)
   total = prefill / peak_flops
@@ -50,7 +50,7 @@ def measure(script: str, shapes: harness.Shapes, timeout_s: float) -> tuple[dict
                             timeout_s)
   if "error" in peak:
     raise SystemExit(f"peak measurement failed: {peak['error']}")
-  print(f"  peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s, read {peak['read_bandwidth'] / 1e9:.1f} GB/s "
+  print(f"  peak {flops_text(peak['peak_flops'])}, read {peak['read_bandwidth'] / 1e9:.1f} GB/s "
         f"(load {harness.load_average()})", flush=True)
   result = harness.run_worker(harness.System("cftjax", sys.executable, script), shapes, timeout_s)
   if "error" in result:
@@ -59,14 +59,21 @@ def measure(script: str, shapes: harness.Shapes, timeout_s: float) -> tuple[dict
   return peak, result
 
 
+def flops_text(flops: float) -> str:
+  return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--hiddens", type=int, nargs="*", default=[512, 1024],
                       help="train MFU at these hidden sizes (none: rollout only)")
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--skip-rollout", action="store_true")
+  parser.add_argument("--prompt", type=int, default=64, help="rollout prompt tokens")
+  parser.add_argument("--rollout-batch", type=int, default=8)
   parser.add_argument("--timeout", type=float, default=900.0)
-  harness.add_shape_args(parser, ["vocab", "layers", "heads", "kv_heads", "batch", "seq", "warmup",
+  harness.add_shape_args(parser, ["vocab", "hidden", "intermediate", "layers", "heads", "kv_heads",
+                                  "tie_embeddings", "dtype", "batch", "seq", "new_tokens", "warmup",
                                   "steps"])
   harness.add_host_memory_arg(parser)
   args = parser.parse_args()
@@ -77,7 +84,8 @@ def main() -> None:
 
   rows = []
   for hidden in args.hiddens:
-    shapes = dataclasses.replace(base, hidden=hidden, intermediate=0)
+    intermediate = args.intermediate if hidden == base.hidden else 0  # 0: Qwen2's ratio
+    shapes = dataclasses.replace(base, hidden=hidden, intermediate=intermediate)
     fractions, speeds, peaks = [], [], []
     for r in range(args.rounds):
       print(f"[train hidden {hidden}, round {r + 1}/{args.rounds}]", flush=True)
@@ -91,7 +99,7 @@ def main() -> None:
                  f"{train_flops(shapes) / (shapes.batch * shapes.seq) / 1e9:.2f} GFLOP/token"))
 
   if not args.skip_rollout:
-    shapes = dataclasses.replace(base, seq=64, batch=8, intermediate=0, hidden=512)
+    shapes = dataclasses.replace(base, seq=args.prompt, batch=args.rollout_batch)
     fractions, speeds, peaks = [], [], []
     for r in range(args.rounds):
       print(f"[rollout, round {r + 1}/{args.rounds}]", flush=True)
@@ -114,7 +122,7 @@ def main() -> None:
   for kind, shapes, peak, speed, fraction, note in rows:
     shape = (f"batch {shapes.batch} x {shapes.seq}" if kind == "train" else
              f"batch {shapes.batch}, prompt {shapes.seq}, {shapes.new_tokens} new")
-    unit = f"{peak / 1e9:.1f} GFLOP/s" if kind == "train" else f"{peak / 1e9:.1f} GB/s"
+    unit = flops_text(peak) if kind == "train" else f"{peak / 1e9:.1f} GB/s"
     print(f"| {kind} | {shapes.hidden} | {shape} | {unit} | {speed:,.0f} | {fraction:.0%} | {note} |")
 
 

@@ -42,6 +42,7 @@ def base_config() -> config_dict.ConfigDict:
   c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay param_dtype
   c.model.param_dtype = "float32"  # master weights
   c.model.remat = "none"  # activation checkpointing: none | minimal | full
+  c.model.attention = "xla"  # training attention: xla | cudnn (GPU flash attention; bf16, packing off)
   # model.arch: the architecture of a from-scratch model (ignored with init_from).
   c.model.arch = config_dict.ConfigDict()
   c.model.arch.model_type = "qwen2"

@@ -16,6 +16,7 @@ from cftjax import cli
 from cftjax import config as config_lib
 from cftjax.data import synthetic
 from cftjax.models import ModelConfig, init_params, save_hf
+from cftjax.train import cft_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo_cft.py")
@@ -134,6 +135,28 @@ def test_eval_batch_that_does_not_split_over_the_devices(world, tmp_path, capsys
   code, line = run_cli(capsys, train_args(world, str(tmp_path / "run"), **{
       "eval.loss_batches": 1, "eval.batch_size": jax.device_count() + 1}))
   assert code == 1 and "eval.batch_size: global batch" in line and "change the batch size" in line
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.attention": "flash"}, "config.model: attention='flash'; choose one of ('xla', 'cudnn')"),
+    ({"model.attention": "cudnn"}, "config.model: attention='cudnn' needs dtype bfloat16 or float16"),
+    pytest.param({"model.attention": "cudnn", "model.dtype": "bfloat16"},
+                 "model.attention='cudnn' runs on GPUs only (JAX's backend here is 'cpu')",
+                 marks=pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU message")),
+])
+def test_attention_settings_that_cannot_run(world, tmp_path, capsys, overrides, message):
+  code, line = run_cli(capsys, train_args(world, str(tmp_path / "run"), **overrides))
+  assert code == 2 and message in line, line
+
+
+def test_length_based_attention_refuses_packed_rows():
+  config = config_lib.base_config()
+  config.data.train_path, config.model.attention, config.data.packing = "rows.jsonl", "cudnn", True
+  with pytest.raises(config_lib.ConfigError, match="model.attention='cudnn' takes one sequence per row: "
+                     "set --config.data.packing=False"):
+    cft_trainer.train_data_config(config)
+  config.data.packing = False
+  assert not cft_trainer.train_data_config(config)["packing"]
 
 
 def test_unknown_config_key(world, tmp_path, capsys):

@@ -16,7 +16,8 @@ import transformers
 
 from cftjax.models import CheckpointError, ConfigError, Decoder, ModelConfig, init_cache, load_hf, save_hf
 from cftjax.models.decode import decode_step, decode_weights
-from cftjax.models.decoder import attention_mask, causal_attention, swiglu_down, unstack_cache
+from cftjax.models.decoder import (attention_mask, causal_attention, padded_causal_attention,
+                                   sequence_lengths, swiglu_down, unstack_cache)
 from cftjax.models.hf_io import iter_hf_tensors
 from tests.hf_reference import VARIANTS, hf_logits, make_hf_model, save_hf_model
 
@@ -149,6 +150,34 @@ def test_causal_attention_by_blocks_equals_full_masked_attention(seq):
   actual = jax.value_and_grad(functools.partial(loss, causal_attention), argnums=(0, 1, 2))(q, key, value)
   np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
   for got, want in zip(actual[1], expected[1], strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_length_based_causal_attention_equals_masked_attention_on_real_tokens():
+  """The cuDNN path's formulation (causal + per-row lengths from segment ids 1..1 0..0, no mask array),
+  run with the XLA implementation: values and gradients equal masked attention on every real token."""
+  rng = np.random.default_rng(0)
+  seq, lengths = 48, np.array([48, 30, 5])
+  segments = jnp.asarray((np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32))
+  real = np.asarray(segments, bool)[:, :, None, None]
+  q = jnp.asarray(rng.standard_normal((3, seq, 4, 8)), jnp.float32)
+  key, value = (jnp.asarray(rng.standard_normal((3, seq, 2, 8)), jnp.float32) for _ in range(2))
+  index = jnp.broadcast_to(jnp.arange(seq), (3, seq))
+  mask = attention_mask(index, index, segments, segments)
+  weights = jnp.asarray(rng.standard_normal(q.shape) * real, jnp.float32)  # loss on real tokens only
+
+  def loss(attend, q, key, value):
+    return jnp.sum(weights * attend(q, key, value))
+
+  masked = lambda q, key, value: causal_attention(q, key, value, mask)
+  by_length = lambda q, key, value: padded_causal_attention(q, key, value, sequence_lengths(segments),
+                                                            implementation="xla")
+  np.testing.assert_array_equal(sequence_lengths(segments), lengths)
+  np.testing.assert_allclose(np.where(real, by_length(q, key, value), 0),
+                             np.where(real, masked(q, key, value), 0), atol=1e-6)
+  expected = jax.grad(functools.partial(loss, masked), argnums=(0, 1, 2))(q, key, value)
+  actual = jax.grad(functools.partial(loss, by_length), argnums=(0, 1, 2))(q, key, value)
+  for got, want in zip(actual, expected, strict=True):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 

@@ -23,11 +23,12 @@ def main() -> None:
 
   def call():
     out = sampling.generate(params, cfg, prompts, prompt_lengths=lengths, rng=jax.random.key(0),
-                            max_new_tokens=shapes.new_tokens, temperature=0.0)
+                            max_new_tokens=shapes.new_tokens, temperature=0.0, cache_dtype=shapes.dtype)
     box["generated"] = int(out.lengths.sum())
 
   result = harness.time_calls(call, shapes.warmup, shapes.steps)
-  harness.emit(result | {"system": "cftjax", "generated_tokens": box["generated"], "jax": jax.__version__})
+  harness.emit(result | {"system": "cftjax", "generated_tokens": box["generated"],
+                         "device": jax.devices()[0].device_kind, "jax": jax.__version__})
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ class Shapes:
   batch: int = 8
   seq: int = 512  # train: tokens per row; rollout: prompt length
   new_tokens: int = 128  # rollout only
+  tie_embeddings: bool = False
+  dtype: str = "float32"  # compute dtype; "bfloat16" on GPUs (float32 master weights where training)
   rope_theta: float = 1000000.0
   rms_norm_eps: float = 1e-6
   lr: float = 1e-4
@@ -70,7 +72,11 @@ class Shapes:
     """All parameters, biases and norm scales included."""
     d, h, k, hd = self.hidden, self.heads, self.kv_heads, self.head_dim
     small = self.layers * ((h + 2 * k) * hd + 2 * d) + d
-    return self.matmul_params + self.vocab * d + small
+    return self.matmul_params + (0 if self.tie_embeddings else self.vocab * d) + small
+
+  @property
+  def dtype_bytes(self) -> int:
+    return {"float32": 4, "bfloat16": 2}[self.dtype]
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self))
@@ -136,7 +142,8 @@ def peer_systems(workload: str) -> dict[str, Callable[[], System]]:
 
 def run_worker(system: System, shapes: Shapes, timeout_s: float) -> dict[str, object]:
   """Runs one system's worker in a subprocess and returns its result (or an "error" entry)."""
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+  path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="2")
   cmd = [system.python, os.path.join(BENCH_DIR, system.script), shapes.to_json()]
   try:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -214,16 +221,33 @@ def cpu_model() -> str:
   return "unknown CPU"
 
 
+def gpu_names() -> str | None:
+  """The NVIDIA GPUs nvidia-smi lists, or None where there is none."""
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=30)
+  except (OSError, subprocess.TimeoutExpired):
+    return None
+  names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+  return "; ".join(names) if out.returncode == 0 and names else None
+
+
 def cpu_count() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def add_shape_args(parser: argparse.ArgumentParser, names: Sequence[str], **defaults) -> None:
   """--name flags for the given Shapes fields (defaults: Shapes' own, overridden by `defaults`)."""
-  base = Shapes()
+  field_defaults = {f.name: f.default for f in dataclasses.fields(Shapes)}  # intermediate 0: the ratio
   for name in names:
-    default = defaults.get(name, getattr(base, name))
-    parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    default = defaults.get(name, field_defaults[name])
+    flag = f"--{name.replace('_', '-')}"
+    if isinstance(default, bool):
+      parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+    elif name == "dtype":
+      parser.add_argument(flag, choices=["float32", "bfloat16"], default=default)
+    else:
+      parser.add_argument(flag, type=type(default), default=default)
 
 
 def shapes_from_args(args: argparse.Namespace) -> Shapes:
@@ -252,13 +276,16 @@ def host_memory() -> str:
 
 def describe(shapes: Shapes, workload: str) -> dict[str, str]:
   """The header lines of a result table: when, where, what model and workload."""
+  gpus = gpu_names()
   return {
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "machine": f"{cpu_model()} ({platform.machine()}), {cpu_count()} cores",
+      "machine": f"{cpu_model()} ({platform.machine()}), {cpu_count()} cores"
+                 + (f"; GPU (name, driver): {gpus}" if gpus else ""),
       "model": (f"Qwen2-shaped, hidden {shapes.hidden}, {shapes.layers} layers, {shapes.heads} heads / "
                 f"{shapes.kv_heads} kv heads (head_dim {shapes.head_dim}), intermediate "
-                f"{shapes.intermediate}, vocab {shapes.vocab}, {shapes.params / 1e6:.1f}M params, "
-                "float32"),
+                f"{shapes.intermediate}, vocab {shapes.vocab}"
+                f"{' (tied head)' if shapes.tie_embeddings else ''}, {shapes.params / 1e6:.1f}M params, "
+                f"{shapes.dtype} compute"),
       "workload": workload,
       "host memory": host_memory(),
   }

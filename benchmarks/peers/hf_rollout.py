@@ -1,5 +1,6 @@
 """transformers + torch worker: greedy `generate` of exactly `new_tokens` tokens per prompt with
-Qwen2ForCausalLM (KV cache, float32). Usage: python hf_rollout.py SHAPES_JSON"""
+Qwen2ForCausalLM (KV cache; weights in the compute dtype, on CUDA when torch sees a GPU).
+Usage: python hf_rollout.py SHAPES_JSON"""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import hf_train
 
 def main() -> None:
   shapes = harness.shapes_from_argv()
-  model = hf_train.qwen2_model(shapes).eval()
+  model = hf_train.qwen2_model(shapes).to(getattr(torch, shapes.dtype)).eval()
   generator = torch.Generator().manual_seed(shapes.seed)
-  prompts = torch.randint(1, shapes.vocab, (shapes.batch, shapes.seq), generator=generator)
+  prompts = torch.randint(1, shapes.vocab, (shapes.batch, shapes.seq), generator=generator).to(hf_train.DEVICE)
   attention_mask = torch.ones_like(prompts)
   box = {}
 
@@ -27,7 +28,8 @@ def main() -> None:
 
   result = harness.time_calls(call, shapes.warmup, shapes.steps)
   harness.emit(result | {"system": "transformers+torch", "generated_tokens": box["generated"],
-                         "torch": torch.__version__, "transformers": transformers.__version__})
+                         "torch": torch.__version__, "transformers": transformers.__version__,
+                         "device": hf_train.DEVICE})
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class IdTokenizer:
 
 def main() -> None:
   shapes = harness.shapes_from_argv()
-  model = tunix_common.qwen2_model(shapes)
+  model = tunix_common.qwen2_model(shapes, param_dtype=shapes.dtype)  # sampling weights, as HF's
   sampler = sampler_lib.Sampler(
       model, IdTokenizer(),
       sampler_lib.CacheConfig(cache_size=shapes.seq + shapes.new_tokens, num_layers=shapes.layers,

@@ -114,13 +114,30 @@ def causal_attention(q: Array, key: Array, value: Array, mask: Array) -> Array:
   return jnp.concatenate(blocks, axis=1)
 
 
+def padded_causal_attention(q: Array, key: Array, value: Array, seq_lengths: Array | None,
+                            implementation: str) -> Array:
+  """Causal attention over rows that each hold one sequence of seq_lengths[b] tokens, then padding.
+
+  q: [batch, seq, heads, head_dim], key/value: [batch, seq, kv_heads, head_dim], seq_lengths: [batch]
+  int32 or None (no padding). No mask array is built: cuDNN's flash kernel ("cudnn") skips the tiles
+  above the diagonal and past each length. Padded query rows are not meaningful; losses mask them.
+  """
+  return jax.nn.dot_product_attention(q, key, value, is_causal=True, query_seq_lengths=seq_lengths,
+                                      key_value_seq_lengths=seq_lengths, implementation=implementation)
+
+
+def sequence_lengths(segment_ids: Array) -> Array:
+  """Tokens per row [batch] int32 of rows laid out as one segment then padding (ids 1..1 0..0)."""
+  return jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
+
+
 class Attention(nn.Module):
   """Grouped-query attention with optional QKV bias (Qwen2) and QK-norm (Qwen3)."""
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None,
+  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None, seq_lengths: Array | None,
                cache: KVCache | None, positions: Array) -> tuple[Array, KVCache | None]:
     cfg = self.cfg
     dt = _dtype(cfg.dtype)
@@ -146,7 +163,9 @@ class Attention(nn.Module):
                "v": write_cache(cache["v"], value, positions[:, 0])}
       key, value = (cache[name].swapaxes(1, 2).astype(dt) for name in ("k", "v"))
 
-    if mask is None:  # one causal segment, no cache: lets XLA pick cuDNN flash attention on GPU.
+    if cache is None and cfg.attention == "cudnn":
+      out = padded_causal_attention(q, key, value, seq_lengths, implementation="cudnn")
+    elif mask is None:  # one causal segment per row, no padding, no cache
       out = jax.nn.dot_product_attention(q, key, value, is_causal=True)
     elif cache is None:  # packed segments: causal by index within the row
       out = causal_attention(q, key, value, mask)
@@ -206,10 +225,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, layer_cache: KVCache | None, cos: Array, sin: Array,
-               mask: Array | None, positions: Array) -> tuple[Array, KVCache | None]:
+               mask: Array | None, seq_lengths: Array | None,
+               positions: Array) -> tuple[Array, KVCache | None]:
     cfg = self.cfg
     attn_out, layer_cache = Attention(cfg, name="attn")(
-        RMSNorm(cfg, cfg.hidden_size, name="input_norm")(x), cos, sin, mask, layer_cache, positions)
+        RMSNorm(cfg, cfg.hidden_size, name="input_norm")(x), cos, sin, mask, seq_lengths, layer_cache,
+        positions)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, cfg.hidden_size, name="post_attn_norm")(x))
     x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
@@ -266,13 +287,14 @@ class Decoder(nn.Module):
     x = embed(cfg, embedding, tokens)
     cos, sin = rope_angles(cfg, positions)
 
+    mask = seq_lengths = None
     if cache is not None:
       mask = cache_mask(positions, cache["k"].shape[3])
+    elif segment_ids is not None and cfg.attention == "cudnn":
+      seq_lengths = sequence_lengths(segment_ids)
     elif segment_ids is not None:
       index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
       mask = attention_mask(index, index, segment_ids, segment_ids)
-    else:
-      mask = None
 
     block = Block
     if cfg.remat != "none":
@@ -281,11 +303,11 @@ class Decoder(nn.Module):
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, name="layers")
-    x, cache = layers(x, cache, cos, sin, mask, positions)
+    x, cache = layers(x, cache, cos, sin, mask, seq_lengths, positions)
     x = RMSNorm(cfg, cfg.hidden_size, name="final_norm")(x)
     if return_hidden:
       return x if cache is None else (x, cache)

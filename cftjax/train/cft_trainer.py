@@ -16,6 +16,7 @@ import numpy as np
 from cftjax import config as config_lib
 from cftjax import parallel
 from cftjax.data import pipeline, synthetic
+from cftjax.models import ConfigError as ModelConfigError
 from cftjax.models import ModelConfig
 from cftjax.tokenizer import Tokenizer
 from cftjax.train import accumulation
@@ -72,7 +73,7 @@ def ensure_synthetic_world(config: Any) -> None:
 
 
 def build_model(config: Any) -> tuple[ModelConfig, Tokenizer]:
-  """(model config with the compute dtype and remat policy, tokenizer)."""
+  """(model config with the run's compute settings, tokenizer)."""
   model = config.model
   if model.init_from:
     model_cfg, tokenizer_dir = checkpoint_lib.init_model_config(model.init_from)
@@ -90,9 +91,25 @@ def build_model(config: Any) -> tuple[ModelConfig, Tokenizer]:
     arch = model.arch.to_dict()
     arch["vocab_size"] = arch["vocab_size"] or tokenizer.vocab_size
     model_cfg = ModelConfig(**arch, param_dtype=model.param_dtype)
-  model_cfg = model_cfg.replace(dtype=model.dtype, remat=model.remat)
+  model_cfg = with_run_settings(model_cfg, model)
   tokenizer.check_fits_model(model_cfg.vocab_size)
   return model_cfg, tokenizer
+
+
+def with_run_settings(model_cfg: ModelConfig, model: Any) -> ModelConfig:
+  """model_cfg with the run's compute settings: config.model's dtype, remat and attention."""
+  try:  # run configs written before model.attention existed read as "xla"
+    return model_cfg.replace(dtype=model.dtype, remat=model.remat,
+                             attention=model.get("attention", "xla"))
+  except ModelConfigError as e:
+    raise config_lib.ConfigError(f"config.model: {e}") from None
+
+
+def check_attention_backend(model_cfg: ModelConfig) -> None:
+  """Refuses to train with cuDNN attention where JAX has no GPU (sampling never uses it)."""
+  if model_cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+    raise config_lib.ConfigError(f"model.attention='cudnn' runs on GPUs only (JAX's backend here is "
+                                 f"{jax.default_backend()!r}); set --config.model.attention=xla")
 
 
 def train_data_config(config: Any) -> dict[str, Any]:
@@ -104,6 +121,9 @@ def train_data_config(config: Any) -> dict[str, Any]:
     sources = [{"path": p.strip(), "format": data.format} for p in data.train_path.split(",")]
   else:
     raise config_lib.ConfigError("no training data: set --config.data.train_path (or data.sources)")
+  if data.packing and config.model.attention == "cudnn":
+    raise config_lib.ConfigError("model.attention='cudnn' takes one sequence per row: set "
+                                 "--config.data.packing=False, or --config.model.attention=xla")
   return {"sources": sources, "template": data.template, "max_seq_len": data.max_seq_len,
           "batch_size": data.batch_size, "packing": data.packing, "length_policy": data.length_policy,
           "on_bad_row": data.on_bad_row, "seed": data.seed, "num_workers": data.num_workers,
@@ -193,6 +213,7 @@ class _Run(run_loop.RunLoop):
     self.mesh = parallel.make_mesh(config.mesh)
     self.rules = parallel.LOGICAL_RULES
     self.model_cfg, self.tokenizer = build_model(config)
+    check_attention_backend(self.model_cfg)
     accumulation.check_divisible(config.data.batch_size, config.train.micro_batches, self.mesh, self.rules,
                                  "data.batch_size")
     self.data_cfg = train_data_config(config)

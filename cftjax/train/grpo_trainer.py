@@ -253,7 +253,7 @@ def check_init_run_world(config: Any) -> None:
 
 
 def build_model(config: Any) -> tuple[ModelConfig, Any]:
-  """(model config with the run's compute dtype and remat, tokenizer); from rl.init_from_run's own
+  """(model config with the run's compute settings, tokenizer); from rl.init_from_run's own
   config when set, else as the CFT trainer builds it (so also for a CFT run's config)."""
   if "rl" not in config or not config.rl.init_from_run:
     return cft_trainer.build_model(config)
@@ -261,7 +261,7 @@ def build_model(config: Any) -> tuple[ModelConfig, Any]:
   if config.model.tokenizer_dir:
     source.model.tokenizer_dir = config.model.tokenizer_dir
   model_cfg, tokenizer = cft_trainer.build_model(source)
-  return model_cfg.replace(dtype=config.model.dtype, remat=config.model.remat), tokenizer
+  return cft_trainer.with_run_settings(model_cfg, config.model), tokenizer
 
 
 def initial_params(config: Any, model_cfg: ModelConfig, mesh: Any, rules: Any) -> Any:
@@ -341,6 +341,7 @@ class _Run(run_loop.RunLoop):
     self.mesh = parallel.make_mesh(config.mesh)
     self.rules = parallel.LOGICAL_RULES
     self.model_cfg, self.tokenizer = build_model(config)
+    cft_trainer.check_attention_backend(self.model_cfg)
     self.prompts_per_host = config.data.batch_size // jax.process_count()
     _check_config(config, self.prompts_per_host)
     self.total_steps = config.train.steps
