@@ -31,7 +31,8 @@ def rollout_roofline_s(shapes: harness.Shapes, peak_flops: float, bandwidth: flo
   """Lower bound on one rollout's seconds: the prefill at peak FLOP/s, then each decode step at the
   slower of its FLOPs at peak and its bytes (every weight in the compute dtype, an untied embedding
   table excepted, plus the K/V of the positions so far) at the measured read bandwidth."""
-  kv_per_position = 2 * shapes.layers * shapes.batch * shapes.kv_heads * shapes.head_dim * shapes.dtype_bytes
+  kv_per_position = (2 * shapes.layers * shapes.batch * shapes.kv_heads * shapes.head_dim
+                     * shapes.dtype_bytes)
   gathered_only = 0 if shapes.tie_embeddings else shapes.vocab * shapes.hidden  # the embedding table
   weight_bytes = (shapes.params - gathered_only) * shapes.dtype_bytes
   attention_width = shapes.layers * shapes.heads * shapes.head_dim

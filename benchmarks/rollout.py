@@ -14,6 +14,6 @@ if __name__ == "__main__":
   harness.compare(
       "Rollout (generated tokens/s)", "greedy rollout, batch {s.batch}, prompt {s.seq}, exactly "
       "{s.new_tokens} new tokens per row, {s.warmup} warm-up + {s.steps} timed calls per round",
-      SYSTEMS, ["vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "tie_embeddings", "dtype",
-                "batch", "seq", "new_tokens"],
+      SYSTEMS, ["vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "tie_embeddings",
+                "dtype", "batch", "seq", "new_tokens"],
       lambda s: s.batch * s.new_tokens, __doc__, seq=64)

@@ -14,6 +14,6 @@ if __name__ == "__main__":
   harness.compare(
       "CFT train step", "train step (forward + backward + grad clip + AdamW), batch {s.batch} x {s.seq} "
       "tokens, {s.warmup} warm-up + {s.steps} timed steps per round",
-      SYSTEMS, ["vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "tie_embeddings", "dtype",
-                "batch", "seq"],
+      SYSTEMS, ["vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "tie_embeddings",
+                "dtype", "batch", "seq"],
       lambda s: s.batch * s.seq, __doc__)

@@ -15,7 +15,8 @@ def main() -> None:
   shapes = harness.shapes_from_argv()
   model = hf_train.qwen2_model(shapes).to(getattr(torch, shapes.dtype)).eval()
   generator = torch.Generator().manual_seed(shapes.seed)
-  prompts = torch.randint(1, shapes.vocab, (shapes.batch, shapes.seq), generator=generator).to(hf_train.DEVICE)
+  prompts = torch.randint(1, shapes.vocab, (shapes.batch, shapes.seq), generator=generator)
+  prompts = prompts.to(hf_train.DEVICE)
   attention_mask = torch.ones_like(prompts)
   box = {}
 
