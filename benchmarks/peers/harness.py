@@ -20,6 +20,7 @@ BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 VENVS = os.environ.get("CFTJAX_BENCH_VENVS", os.path.join(BENCH_DIR, ".venv"))
 RESULT_PREFIX = "BENCH_RESULT "
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # the compute dtypes the workers accept
 
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
@@ -76,7 +77,7 @@ class Shapes:
 
   @property
   def dtype_bytes(self) -> int:
-    return {"float32": 4, "bfloat16": 2}[self.dtype]
+    return DTYPE_BYTES[self.dtype]
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self))
@@ -245,7 +246,7 @@ def add_shape_args(parser: argparse.ArgumentParser, names: Sequence[str], **defa
     if isinstance(default, bool):
       parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
     elif name == "dtype":
-      parser.add_argument(flag, choices=["float32", "bfloat16"], default=default)
+      parser.add_argument(flag, choices=list(DTYPE_BYTES), default=default)
     else:
       parser.add_argument(flag, type=type(default), default=default)
 
