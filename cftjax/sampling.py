@@ -18,8 +18,8 @@ import numpy as np
 
 from cftjax import parallel
 from cftjax.models.config import ModelConfig
-from cftjax.models.decode import decode_step, decode_weights, lm_logits
-from cftjax.models.decoder import Decoder, init_cache, unstack_cache
+from cftjax.models.decode import decode_caches, decode_step, decode_weights, lm_logits
+from cftjax.models.decoder import Decoder, init_cache
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
         "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
         "lengths": jnp.zeros((batch,), jnp.int32),
         "done": jnp.zeros((batch,), bool),
-        "cache": unstack_cache(cache),
+        "cache": decode_caches(cache),
     }
     state = emit(state, lm_logits(weights, last_hidden), rng, temperature, top_p)
 

@@ -15,9 +15,9 @@ import torch
 import transformers
 
 from cftjax.models import CheckpointError, ConfigError, Decoder, ModelConfig, init_cache, load_hf, save_hf
-from cftjax.models.decode import decode_step, decode_weights
+from cftjax.models.decode import decode_caches, decode_step, decode_weights
 from cftjax.models.decoder import (attention_mask, causal_attention, padded_causal_attention,
-                                   sequence_lengths, swiglu_down, unstack_cache)
+                                   sequence_lengths, swiglu_down)
 from cftjax.models.hf_io import iter_hf_tensors
 from tests.hf_reference import VARIANTS, hf_logits, make_hf_model, save_hf_model
 
@@ -192,7 +192,7 @@ def test_incremental_decoding_matches_full_forward(hf_pair):
   pos = np.broadcast_to(np.arange(prefix, dtype=np.int32), (2, prefix))
   logits, cache = model.apply({"params": params}, tokens[:, :prefix], pos, cache=cache)
   np.testing.assert_allclose(np.asarray(logits), full[:, :prefix], atol=1e-5)
-  layer_caches = unstack_cache(cache)
+  layer_caches = decode_caches(cache)
   step = jax.jit(lambda c, t, p: model.apply({"params": params}, t, p, cache=c))
   for t in range(prefix, tokens.shape[1]):
     logits, cache = step(cache, tokens[:, t:t + 1], np.full((2, 1), t, np.int32))

@@ -63,6 +63,36 @@ def decode_weights(cfg: ModelConfig, params: dict[str, Any]) -> DecodeWeights:
   }
 
 
+def decode_caches(cache: KVCache) -> list[KVCache]:
+  """The prefill's stacked cache ([layers, batch, kv, slots, hd]) -> one {"k", "v"} per layer for
+  `decode_step`: keys [batch, kv, head_dim, slots], values [batch, kv, slots, head_dim].
+
+  Why keys turn: `_scores` works along the slot axis, which [hd, slots] keys hold contiguously. It
+  costs one copy of the keys per `generate` call.
+  """
+  return [{"k": k.swapaxes(-1, -2), "v": v} for k, v in zip(cache["k"], cache["v"], strict=True)]
+
+
+def _write_key(keys: Array, new: Array, positions: Array) -> Array:
+  """Writes new [batch, kv, head_dim] into keys [batch, kv, head_dim, slots] at slot positions[b] of row b."""
+  write_row = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n[..., None], i, axis=2)
+  return jax.vmap(write_row)(keys, new.astype(keys.dtype), positions)
+
+
+def _scores(q: Array, keys: Array) -> Array:
+  """q [batch, kv, group, hd] . keys [batch, kv, hd, slots] -> float32 scores [batch, kv, group, slots].
+
+  A sum of head_dim broadcast products along the slot axis, which XLA fuses into one elementwise
+  loop that reads the keys once. At batch 8 a layer's scores are 16 small [group, hd] @ [hd, slots]
+  products; XLA CPU ran them as a batched dot 5x slower (docs/benchmarks.md).
+  """
+  q, keys = q.astype(jnp.float32), keys.astype(jnp.float32)
+  scores = q[..., 0, None] * keys[:, :, None, 0, :]
+  for h in range(1, q.shape[-1]):
+    scores = scores + q[..., h, None] * keys[:, :, None, h, :]
+  return scores
+
+
 def linear(x: Array, weight: Array) -> Array:
   """x [batch, in] times weight [out, in] -> [batch, out], computed as (weight @ x.T).T.
 
@@ -92,10 +122,10 @@ def _attention(cfg: ModelConfig, layer: dict[str, Array], x: Array, cos: Array, 
   if cfg.qk_norm:
     q, k = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps), rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-  cache = {"k": write_cache(cache["k"], k, positions), "v": write_cache(cache["v"], v, positions)}
-  keys, values = cache["k"].astype(x.dtype), cache["v"].astype(x.dtype)  # [batch, kv, slots, hd]
+  cache = {"k": _write_key(cache["k"], k[:, 0], positions), "v": write_cache(cache["v"], v, positions)}
+  keys, values = cache["k"].astype(x.dtype), cache["v"].astype(x.dtype)  # [b, kv, hd, s], [b, kv, s, hd]
   q = q.reshape(batch, kv, n // kv, hd)
-  scores = jnp.einsum("bkgh,bksh->bkgs", q, keys, preferred_element_type=jnp.float32) / math.sqrt(hd)
+  scores = _scores(q, keys) / math.sqrt(hd)
   scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
   out = jnp.einsum("bkgs,bksh->bkgh", probs, values).reshape(batch, n * hd)
@@ -110,14 +140,14 @@ def decode_step(cfg: ModelConfig, weights: DecodeWeights, tokens: Array, positio
   """One token per row through the decoder: (next-token logits [batch, vocab] float32, updated caches).
 
   tokens, positions: [batch] int32; a token's K/V go to cache slot = its position, and it attends to
-  slots <= its position. caches: one {"k", "v"} [batch, kv_heads, slots, head_dim] per layer
-  (`decoder.unstack_cache`). Layers are unrolled over per-layer weights and caches: a scan would
-  copy each layer's slice of stacked weights and caches at every step.
+  slots <= its position. caches: one {"k", "v"} per layer, laid out by `decode_caches`. Layers are
+  unrolled over per-layer weights and caches: a scan would copy each layer's slice of stacked weights
+  and caches at every step.
   """
   eps = cfg.rms_norm_eps
   x = embed(cfg, weights["embedding"], tokens[:, None])[:, 0]  # [batch, hidden]
   cos, sin = rope_angles(cfg, positions[:, None])
-  num_slots = caches[0]["k"].shape[2]
+  num_slots = caches[0]["k"].shape[3]
   visible = jnp.arange(num_slots, dtype=jnp.int32)[None, :] <= positions[:, None]  # [batch, slots]
   new_caches = []
   for layer, cache in zip(weights["layers"], caches, strict=True):

@@ -326,11 +326,6 @@ def unstack_layers(layers: dict[str, Any]) -> list[dict[str, Any]]:
   return [jax.tree.map(lambda p, i=i: p[i], layers) for i in range(num_layers)]
 
 
-def unstack_cache(cache: KVCache) -> list[KVCache]:
-  """A stacked cache ([layers, batch, kv, slots, hd]) -> one {"k", "v"} per layer."""
-  return [{"k": k, "v": v} for k, v in zip(cache["k"], cache["v"], strict=True)]
-
-
 def lm_head_kernel(cfg: ModelConfig, params: dict[str, Any]) -> Array:
   """The output projection [hidden, vocab] (the transposed embedding when tied)."""
   return params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
@@ -339,8 +334,9 @@ def lm_head_kernel(cfg: ModelConfig, params: dict[str, Any]) -> Array:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
   """An empty KV cache: K/V of position p of row b live in slot p ([layers, batch, kv, max_len, hd]).
 
-  KV heads come before slots so that a decode step's attention reads each (row, KV head) block of the
-  cache as one contiguous [slots, head_dim] matrix, with no transposed copy of the cache per step.
+  KV heads come before slots so that attention reads each (row, KV head) block of the cache as one
+  contiguous matrix, with no transposed copy of the cache per step (the sampler's decode loop turns
+  the keys to [head_dim, slots] once per call: `decode.decode_caches`).
   """
   shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
