@@ -73,12 +73,6 @@ def decode_caches(cache: KVCache) -> list[KVCache]:
   return [{"k": k.swapaxes(-1, -2), "v": v} for k, v in zip(cache["k"], cache["v"], strict=True)]
 
 
-def _write_key(keys: Array, new: Array, positions: Array) -> Array:
-  """Writes new [batch, kv, head_dim] into keys [batch, kv, head_dim, slots] at slot positions[b] of row b."""
-  write_row = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n[..., None], i, axis=2)
-  return jax.vmap(write_row)(keys, new.astype(keys.dtype), positions)
-
-
 def _scores(q: Array, keys: Array) -> Array:
   """q [batch, kv, group, hd] . keys [batch, kv, hd, slots] -> float32 scores [batch, kv, group, slots].
 
@@ -122,7 +116,8 @@ def _attention(cfg: ModelConfig, layer: dict[str, Array], x: Array, cos: Array, 
   if cfg.qk_norm:
     q, k = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps), rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-  cache = {"k": _write_key(cache["k"], k[:, 0], positions), "v": write_cache(cache["v"], v, positions)}
+  cache = {"k": write_cache(cache["k"], k, positions, slots_last=True),
+           "v": write_cache(cache["v"], v, positions)}
   keys, values = cache["k"].astype(x.dtype), cache["v"].astype(x.dtype)  # [b, kv, hd, s], [b, kv, s, hd]
   q = q.reshape(batch, kv, n // kv, hd)
   scores = _scores(q, keys) / math.sqrt(hd)

@@ -250,11 +250,12 @@ def embed(cfg: ModelConfig, embedding: Array, tokens: Array) -> Array:
   return nn.with_logical_constraint(x.astype(_dtype(cfg.dtype)), ("batch", "seq", "act_embed"))
 
 
-def write_cache(layer_cache: Array, new: Array, start: Array) -> Array:
+def write_cache(layer_cache: Array, new: Array, start: Array, *, slots_last: bool = False) -> Array:
   """Writes new [batch, seq, kv_heads, head_dim] into one layer's cache [batch, kv_heads, slots, head_dim]
-  at slots start[b] .. start[b] + seq - 1 of each row b (start: [batch] int32)."""
-  new = new.swapaxes(1, 2).astype(layer_cache.dtype)
-  write_row = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1)
+  (with slots_last: [batch, kv_heads, head_dim, slots], the decode loop's keys) at slots
+  start[b] .. start[b] + seq - 1 of each row b (start: [batch] int32)."""
+  new = (new.transpose(0, 2, 3, 1) if slots_last else new.swapaxes(1, 2)).astype(layer_cache.dtype)
+  write_row = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=2 if slots_last else 1)
   return jax.vmap(write_row)(layer_cache, new, start)
 
 
