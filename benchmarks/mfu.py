@@ -18,15 +18,6 @@ import sys
 
 from peers import harness
 
-def train_flops(shapes: harness.Shapes) -> float:
-  """Model FLOPs of one train step: 6 x matmul params x tokens (forward + backward) + the causal
-  attention score and value products (2 x seq x heads x head_dim per token per layer forward,
-  x 3 for training). Remat recomputation is not counted (MFU, not HFU)."""
-  tokens = shapes.batch * shapes.seq
-  attention = 6 * shapes.layers * shapes.seq * shapes.heads * shapes.head_dim
-  return tokens * (6 * shapes.matmul_params + attention)
-
-
 def rollout_roofline_s(shapes: harness.Shapes, peak_flops: float, bandwidth: float) -> float:
   """Lower bound on one rollout's seconds: the prefill at peak FLOP/s, then each decode step at the
   slower of its FLOPs at peak and its bytes (every weight in the compute dtype, an untied embedding
@@ -47,21 +38,12 @@ def rollout_roofline_s(shapes: harness.Shapes, peak_flops: float, bandwidth: flo
 
 def measure(script: str, shapes: harness.Shapes, timeout_s: float) -> tuple[dict, dict]:
   """(peak result, worker result): a fresh peak measurement, then the worker."""
-  peak = harness.run_worker(harness.System("peak", sys.executable, "peers/cftjax_peak.py"), shapes,
-                            timeout_s)
-  if "error" in peak:
-    raise SystemExit(f"peak measurement failed: {peak['error']}")
-  print(f"  peak {flops_text(peak['peak_flops'])}, read {peak['read_bandwidth'] / 1e9:.1f} GB/s "
-        f"(load {harness.load_average()})", flush=True)
+  peak = harness.measure_peak(shapes, timeout_s)
   result = harness.run_worker(harness.System("cftjax", sys.executable, script), shapes, timeout_s)
   if "error" in result:
     raise SystemExit(f"{script} failed: {result['error']}")
   print(f"  step seconds {['%.3f' % t for t in result['step_s']]}", flush=True)
   return peak, result
-
-
-def flops_text(flops: float) -> str:
-  return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
 
 
 def main() -> None:
@@ -92,12 +74,12 @@ def main() -> None:
       print(f"[train hidden {hidden}, round {r + 1}/{args.rounds}]", flush=True)
       peak, result = measure("peers/cftjax_train.py", shapes, args.timeout)
       step = statistics.median(result["step_s"])
-      fractions.append(train_flops(shapes) / step / peak["peak_flops"])
+      fractions.append(shapes.train_step_flops() / step / peak["peak_flops"])
       speeds.append(shapes.batch * shapes.seq / step)
       peaks.append(peak["peak_flops"])
     rows.append(("train", shapes, statistics.median(peaks), statistics.median(speeds),
                  statistics.median(fractions),
-                 f"{train_flops(shapes) / (shapes.batch * shapes.seq) / 1e9:.2f} GFLOP/token"))
+                 f"{shapes.train_step_flops() / (shapes.batch * shapes.seq) / 1e9:.2f} GFLOP/token"))
 
   if not args.skip_rollout:
     shapes = dataclasses.replace(base, seq=args.prompt, batch=args.rollout_batch)
@@ -123,7 +105,7 @@ def main() -> None:
   for kind, shapes, peak, speed, fraction, note in rows:
     shape = (f"batch {shapes.batch} x {shapes.seq}" if kind == "train" else
              f"batch {shapes.batch}, prompt {shapes.seq}, {shapes.new_tokens} new")
-    unit = flops_text(peak) if kind == "train" else f"{peak / 1e9:.1f} GB/s"
+    unit = harness.flops_text(peak) if kind == "train" else f"{peak / 1e9:.1f} GB/s"
     print(f"| {kind} | {shapes.hidden} | {shape} | {unit} | {speed:,.0f} | {fraction:.0%} | {note} |")
 
 

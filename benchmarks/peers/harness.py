@@ -68,6 +68,13 @@ class Shapes:
     layer = d * (h + 2 * k) * hd + h * hd * d + 3 * d * f
     return self.layers * layer + d * self.vocab
 
+  def train_step_flops(self) -> float:
+    """Model FLOPs of one train step over batch x seq tokens: 6 x matmul params per token (forward +
+    backward) + the causal attention score and value products (2 x seq x heads x head_dim per token
+    per layer forward, x 3 for training). Recomputation (remat) is not counted: MFU, not HFU."""
+    attention = 6 * self.layers * self.seq * self.heads * self.head_dim
+    return self.batch * self.seq * (6 * self.matmul_params + attention)
+
   @property
   def params(self) -> int:
     """All parameters, biases and norm scales included."""
@@ -161,11 +168,33 @@ def load_average() -> str:
   return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+PEAK = System("peak", sys.executable, "peers/cftjax_peak.py")  # the driver's own environment
+
+
+def measure_peak(shapes: Shapes, timeout_s: float, log: Callable[[str], None] = print) -> dict:
+  """This machine's dense matmul peak and read bandwidth, measured now (peers/cftjax_peak.py)."""
+  peak = run_worker(PEAK, shapes, timeout_s)
+  if "error" in peak:
+    raise SystemExit(f"peak measurement failed: {peak['error']}")
+  log(f"  peak {flops_text(peak['peak_flops'])}, read {peak['read_bandwidth'] / 1e9:.1f} GB/s "
+      f"(load {load_average()})")
+  return peak
+
+
+def flops_text(flops: float) -> str:
+  return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
+
+
 def run_rounds(systems: Sequence[System], shapes: Shapes, rounds: int, timeout_s: float,
-               log: Callable[[str], None] = print) -> dict[str, list[dict[str, object]]]:
-  """Runs every system once per round, back to back, in the same order each round."""
+               log: Callable[[str], None] = print,
+               peaks: list[dict] | None = None) -> dict[str, list[dict[str, object]]]:
+  """Runs every system once per round, back to back, in the same order each round; with a `peaks`
+  list, measures the machine's peak at the start of each round and appends it there."""
   results: dict[str, list[dict[str, object]]] = {s.name: [] for s in systems}
   for r in range(rounds):
+    if peaks is not None:
+      log(f"[round {r + 1}/{rounds}] peak (load {load_average()}) ...")
+      peaks.append(measure_peak(shapes, timeout_s, log))
     for system in systems:
       log(f"[round {r + 1}/{rounds}] {system.name} (load {load_average()}) ...")
       result = run_worker(system, shapes, timeout_s)
@@ -186,8 +215,10 @@ def median_step_s(runs: Sequence[dict[str, object]]) -> float | None:
 
 
 def print_table(title: str, results: dict[str, list[dict[str, object]]], tokens_per_call: int,
-                reference: str, extra: dict[str, str] | None = None) -> dict[str, float | None]:
-  """Prints tokens/s (median over all timed calls) per system and the reference's ratio to each."""
+                reference: str, extra: dict[str, str] | None = None, flops_per_call: float | None = None,
+                peak_flops: float | None = None) -> dict[str, float | None]:
+  """Prints tokens/s (median over all timed calls) per system and the reference's ratio to each;
+  with flops_per_call, each system's model FLOP/s, and with peak_flops its fraction of that peak."""
   print(f"\n## {title}")
   for key, value in (extra or {}).items():
     print(f"{key}: {value}")
@@ -196,18 +227,26 @@ def print_table(title: str, results: dict[str, list[dict[str, object]]], tokens_
     step = median_step_s(runs)
     speeds[name] = tokens_per_call / step if step else None
   ref = speeds.get(reference)
-  print(f"| system | median s/call | tokens/s | {reference} speed-up | calls | rounds ok |")
-  print("|---|---|---|---|---|---|")
+  columns = ["system", "median s/call", "tokens/s", f"{reference} speed-up", "calls", "rounds ok"]
+  if flops_per_call:
+    columns += ["model FLOP/s"] + (["of measured peak"] if peak_flops else [])
+  print("| " + " | ".join(columns) + " |")
+  print("|" + "---|" * len(columns))
   for name, runs in results.items():
     ok = [run for run in runs if "error" not in run]
     speed = speeds[name]
     if speed is None:
-      print(f"| {name} | failed | - | - | 0 | 0/{len(runs)} |")
+      print("| " + " | ".join([name, "failed", "-", "-", "0", f"0/{len(runs)}"]
+                              + ["-"] * (len(columns) - 6)) + " |")
       continue
-    ratio = f"{ref / speed:.2f}x" if ref else "-"
-    calls = sum(len(run["step_s"]) for run in ok)
-    print(f"| {name} | {tokens_per_call / speed:.3f} | {speed:,.0f} | {ratio} | {calls} | "
-          f"{len(ok)}/{len(runs)} |")
+    seconds = tokens_per_call / speed
+    cells = [name, f"{seconds:.3f}", f"{speed:,.0f}", f"{ref / speed:.2f}x" if ref else "-",
+             str(sum(len(run["step_s"]) for run in ok)), f"{len(ok)}/{len(runs)}"]
+    if flops_per_call:
+      cells.append(flops_text(flops_per_call / seconds))
+      if peak_flops:
+        cells.append(f"{flops_per_call / seconds / peak_flops:.0%}")
+    print("| " + " | ".join(cells) + " |")
   return speeds
 
 
@@ -294,9 +333,12 @@ def describe(shapes: Shapes, workload: str) -> dict[str, str]:
 
 def compare(title: str, workload: str, systems: dict[str, Callable[[], System]],
             shape_fields: Sequence[str], tokens_per_call: Callable[[Shapes], int],
-            description: str, **shape_defaults) -> None:
+            description: str, flops_per_call: Callable[[Shapes], float] | None = None,
+            **shape_defaults) -> None:
   """The command line of a side-by-side benchmark: parse shapes, run the systems in rounds, print
-  the table (reference: the first system)."""
+  the table (reference: the first system). With flops_per_call, the machine's matmul peak is
+  measured at the start of every round and the table gives each system's model FLOP/s and its
+  fraction of the median peak."""
   parser = argparse.ArgumentParser(description=description)
   add_shape_args(parser, list(shape_fields) + ["warmup", "steps"], **shape_defaults)
   parser.add_argument("--rounds", type=int, default=2, help="times each system runs, back to back")
@@ -309,6 +351,14 @@ def compare(title: str, workload: str, systems: dict[str, Callable[[], System]],
   chosen = [systems[name]() for name in args.systems]
   info = describe(shapes, workload.format(s=shapes))
   info["load average (1/5/15 min) at start"] = load_average()
-  results = run_rounds(chosen, shapes, args.rounds, args.timeout)
+  peaks = [] if flops_per_call else None
+  results = run_rounds(chosen, shapes, args.rounds, args.timeout, peaks=peaks)
   info["load average at end"] = load_average()
-  print_table(title, results, tokens_per_call(shapes), args.systems[0], info)
+  peak_flops = None
+  if peaks:
+    peak_flops = statistics.median(p["peak_flops"] for p in peaks)
+    info["measured matmul peak"] = (f"{flops_text(peak_flops)} (median of "
+                                    f"{', '.join(flops_text(p['peak_flops']) for p in peaks)}: best "
+                                    f"{shapes.dtype} jnp.dot of squares, one measurement per round)")
+  print_table(title, results, tokens_per_call(shapes), args.systems[0], info,
+              flops_per_call(shapes) if flops_per_call else None, peak_flops)
