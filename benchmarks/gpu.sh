@@ -57,8 +57,8 @@ run() {
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
 
   step gpu_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_attention.py
-  step train_step_bf16 140 python3 benchmarks/train_step.py --dtype bfloat16 --rounds 1 "${SMOKE[@]}"
-  step rollout_bf16 140 python3 benchmarks/rollout.py --dtype bfloat16 --rounds 1 "${SMOKE[@]}"
+  step train_step_bf16 160 python3 benchmarks/train_step.py --dtype bfloat16 --rounds 1 "${SMOKE[@]}"
+  step rollout_bf16 130 python3 benchmarks/rollout.py --dtype bfloat16 --rounds 1 "${SMOKE[@]}"
   local hiddens=1536 seq=4096
   [[ ${#SMOKE[@]} == 0 ]] || { hiddens=64; seq=128; }
   step mfu_qwen25_1p5b 200 python3 benchmarks/mfu.py --dtype bfloat16 --rounds 1 "${QWEN25_1P5B[@]}" \
