@@ -74,12 +74,12 @@ def main() -> None:
       print(f"[train hidden {hidden}, round {r + 1}/{args.rounds}]", flush=True)
       peak, result = measure("peers/cftjax_train.py", shapes, args.timeout)
       step = statistics.median(result["step_s"])
-      fractions.append(shapes.train_step_flops() / step / peak["peak_flops"])
+      fractions.append(shapes.train_step_flops / step / peak["peak_flops"])
       speeds.append(shapes.batch * shapes.seq / step)
       peaks.append(peak["peak_flops"])
     rows.append(("train", shapes, statistics.median(peaks), statistics.median(speeds),
                  statistics.median(fractions),
-                 f"{shapes.train_step_flops() / (shapes.batch * shapes.seq) / 1e9:.2f} GFLOP/token"))
+                 f"{shapes.train_step_flops / (shapes.batch * shapes.seq) / 1e9:.2f} GFLOP/token"))
 
   if not args.skip_rollout:
     shapes = dataclasses.replace(base, seq=args.prompt, batch=args.rollout_batch)

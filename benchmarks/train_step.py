@@ -16,4 +16,5 @@ if __name__ == "__main__":
       "tokens, {s.warmup} warm-up + {s.steps} timed steps per round",
       SYSTEMS, ["vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "tie_embeddings",
                 "dtype", "batch", "seq"],
-      lambda s: s.batch * s.seq, __doc__, flops_per_call=harness.Shapes.train_step_flops)
+      lambda s: s.batch * s.seq, __doc__,
+      flops_per_call=lambda s: s.train_step_flops)

@@ -68,6 +68,7 @@ class Shapes:
     layer = d * (h + 2 * k) * hd + h * hd * d + 3 * d * f
     return self.layers * layer + d * self.vocab
 
+  @property
   def train_step_flops(self) -> float:
     """Model FLOPs of one train step over batch x seq tokens: 6 x matmul params per token (forward +
     backward) + the causal attention score and value products (2 x seq x heads x head_dim per token
@@ -186,13 +187,14 @@ def flops_text(flops: float) -> str:
 
 
 def run_rounds(systems: Sequence[System], shapes: Shapes, rounds: int, timeout_s: float,
-               log: Callable[[str], None] = print,
-               peaks: list[dict] | None = None) -> dict[str, list[dict[str, object]]]:
-  """Runs every system once per round, back to back, in the same order each round; with a `peaks`
-  list, measures the machine's peak at the start of each round and appends it there."""
+               log: Callable[[str], None] = print, measure_peaks: bool = False
+               ) -> tuple[dict[str, list[dict[str, object]]], list[dict]]:
+  """Runs every system once per round, back to back, in the same order each round. Returns the
+  results per system and, with measure_peaks, the machine's peak measured at each round's start."""
   results: dict[str, list[dict[str, object]]] = {s.name: [] for s in systems}
+  peaks = []
   for r in range(rounds):
-    if peaks is not None:
+    if measure_peaks:
       log(f"[round {r + 1}/{rounds}] peak (load {load_average()}) ...")
       peaks.append(measure_peak(shapes, timeout_s, log))
     for system in systems:
@@ -205,7 +207,7 @@ def run_rounds(systems: Sequence[System], shapes: Shapes, rounds: int, timeout_s
         log(f"  step seconds {['%.3f' % t for t in result['step_s']]}, first call "
             f"{result['first_call_s']:.1f} s")
       results[system.name].append(result)
-  return results
+  return results, peaks
 
 
 def median_step_s(runs: Sequence[dict[str, object]]) -> float | None:
@@ -351,8 +353,8 @@ def compare(title: str, workload: str, systems: dict[str, Callable[[], System]],
   chosen = [systems[name]() for name in args.systems]
   info = describe(shapes, workload.format(s=shapes))
   info["load average (1/5/15 min) at start"] = load_average()
-  peaks = [] if flops_per_call else None
-  results = run_rounds(chosen, shapes, args.rounds, args.timeout, peaks=peaks)
+  results, peaks = run_rounds(chosen, shapes, args.rounds, args.timeout,
+                              measure_peaks=flops_per_call is not None)
   info["load average at end"] = load_average()
   peak_flops = None
   if peaks:
