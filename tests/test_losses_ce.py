@@ -52,6 +52,19 @@ def test_chunked_equals_unchunked_loss_and_gradients(chunk_size):
   assert np.all(np.asarray(g_hidden)[loss_mask == 0] == 0.0)
 
 
+@pytest.mark.parametrize("chunk_size, lm_head_products", [(8, 4), (100, 3)])  # 2 x 12 tokens
+def test_only_several_chunks_recompute_their_logits(chunk_size, lm_head_products):
+  """The gradient holds the forward LM-head product and its two gradient products; several chunks
+  are rematerialised (one more product, the recomputed logits), a single chunk keeps its logits."""
+  hidden, lm_head, targets, loss_mask = _inputs()
+
+  def chunked(h, w):
+    return losses.chunked_cross_entropy(h, w, targets, loss_mask, chunk_size)["loss_sum"]
+
+  jaxpr = str(jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(hidden, lm_head))
+  assert jaxpr.count("dot_general") == lm_head_products
+
+
 def test_sums_match_float64_numpy_including_z_loss_accuracy_entropy():
   hidden, lm_head, targets, loss_mask = _inputs(1)
   z_weight = 1e-3

@@ -4,7 +4,6 @@ clipped policy surrogate, KL estimators and (sum, count) aggregation for global 
 from __future__ import annotations
 
 from collections.abc import Callable
-import functools
 import math
 
 import jax
@@ -68,8 +67,9 @@ def _map_token_chunks(
 
   hidden: [B, T, D], lm_head: [D, V], targets: [B, T] -> dict of [B, T] float32 arrays.
   A chunk holds every row and s = max(1, chunk_size // B) positions, so the batch axis keeps its
-  data-parallel sharding; T is padded to a multiple of s. Chunks are mapped sequentially and the
-  chunk body is rematerialised, so the backward pass also holds one [B, s, V] block at a time.
+  data-parallel sharding; T is padded to a multiple of s. Chunks are mapped sequentially and, when
+  there are several, the chunk body is rematerialised, so the backward pass also holds one [B, s, V]
+  block at a time (a single chunk is not: its logits are saved instead of recomputed).
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -85,12 +85,13 @@ def _map_token_chunks(
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape(batch, num_chunks, seq_chunk, *x.shape[2:]), 1, 0)
 
-  @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan CSE cannot undo remat
   def chunk_body(xs):
     chunk_hidden, chunk_targets = xs
     logits = jnp.einsum("bsd,dv->bsv", chunk_hidden, lm_head, preferred_element_type=logits_dtype)
     return stats_fn(logits.astype(jnp.float32) / temperature, chunk_targets)
 
+  if num_chunks > 1:  # one chunk's logits are live at the start of the backward pass either way
+    chunk_body = jax.checkpoint(chunk_body, prevent_cse=False)  # in a scan CSE cannot undo remat
   stats = jax.lax.map(chunk_body, (to_chunks(hidden), to_chunks(targets.astype(jnp.int32))))
   return {name: jnp.moveaxis(value, 0, 1).reshape(batch, num_chunks * seq_chunk)[:, :seq]
           for name, value in stats.items()}
