@@ -37,13 +37,15 @@ def _optax_loss_sum(hidden, lm_head, targets, loss_mask):
 _optax_value_and_grad = jax.jit(jax.value_and_grad(_optax_loss_sum, argnums=(0, 1)))
 
 
+def _chunked_loss_sum(targets, loss_mask, chunk_size):
+  """(hidden, lm_head) -> the chunked CE loss_sum, for differentiating."""
+  return lambda h, w: losses.chunked_cross_entropy(h, w, targets, loss_mask, chunk_size)["loss_sum"]
+
+
 @pytest.mark.parametrize("chunk_size", [1, 8, 10, 14, 100])  # 2 x 12 tokens
 def test_chunked_equals_unchunked_loss_and_gradients(chunk_size):
   hidden, lm_head, targets, loss_mask = _inputs()
-
-  def chunked(h, w):
-    return losses.chunked_cross_entropy(h, w, targets, loss_mask, chunk_size)["loss_sum"]
-
+  chunked = _chunked_loss_sum(targets, loss_mask, chunk_size)
   loss, (g_hidden, g_head) = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(hidden, lm_head)
   ref_loss, (ref_g_hidden, ref_g_head) = _optax_value_and_grad(hidden, lm_head, targets, loss_mask)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
@@ -57,10 +59,7 @@ def test_only_several_chunks_recompute_their_logits(chunk_size, lm_head_products
   """The gradient holds the forward LM-head product and its two gradient products; several chunks
   are rematerialised (one more product, the recomputed logits), a single chunk keeps its logits."""
   hidden, lm_head, targets, loss_mask = _inputs()
-
-  def chunked(h, w):
-    return losses.chunked_cross_entropy(h, w, targets, loss_mask, chunk_size)["loss_sum"]
-
+  chunked = _chunked_loss_sum(targets, loss_mask, chunk_size)
   jaxpr = str(jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(hidden, lm_head))
   assert jaxpr.count("dot_general") == lm_head_products
 
