@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from cftjax.data import pipeline, synthetic, templates
+from cftjax import config as config_lib
+from cftjax.data import critique, pipeline, synthetic
 from cftjax.tokenizer import Tokenizer
 
 
@@ -24,13 +25,24 @@ def _measure(run) -> tuple[int, float, float]:
   return tokens, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _pipeline_tokens(cfg, tokenizer) -> int:
-  with pipeline.make_sft_iterator(cfg, tokenizer) as it:
+def _data_section(train_path: str, seq_len: int, batch_size: int, packing: bool):
+  """The base config's data section reading `train_path` with the cft template."""
+  data = config_lib.base_config().data
+  data.train_path, data.template, data.max_seq_len = train_path, "cft", seq_len
+  data.batch_size, data.packing = batch_size, packing
+  return data
+
+
+def _pipeline_tokens(data, tokenizer, num_workers: int = 0) -> int:
+  """Non-padding tokens of one epoch of the data section's training rows."""
+  with pipeline.make_cft_iterator(data, tokenizer, sources=pipeline.train_sources(data),
+                                  batch_size=data.batch_size, num_epochs=1,
+                                  num_workers=num_workers) as it:
     return sum(int((batch["segment_ids"] > 0).sum()) for batch in it)
 
 
 def _render_tokens(records, tokenizer) -> int:
-  return sum(len(templates.render_sft(r, "cft", tokenizer)[0]) - 1 for r in records)
+  return sum(len(critique.render_sft(r, "cft", tokenizer)[0]) - 1 for r in records)
 
 
 def main() -> None:
@@ -43,16 +55,16 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     paths = synthetic.write_world(tmp, seed=0, num_train=args.rows, num_heldout=10, digits=5)
     tokenizer = Tokenizer.from_dir(paths["tokenizer"])
-    base = {"sources": [{"path": paths["train"]}], "template": "cft", "max_seq_len": args.seq_len,
-            "batch_size": args.batch, "num_epochs": 1}
+    packed, padded = (_data_section(paths["train"], args.seq_len, args.batch, packing)
+                      for packing in (True, False))
     from cftjax.data import readers  # pylint: disable=import-outside-toplevel
     records = readers.load_records(paths["train"])
     runs = [("render+tokenize only", lambda: _render_tokens(records, tokenizer)),
-            ("pipeline, packed", lambda: _pipeline_tokens(base, tokenizer)),
-            ("pipeline, padded", lambda: _pipeline_tokens({**base, "packing": False}, tokenizer))]
+            ("pipeline, packed", lambda: _pipeline_tokens(packed, tokenizer)),
+            ("pipeline, padded", lambda: _pipeline_tokens(padded, tokenizer))]
     if args.workers:
       runs.append((f"pipeline, packed, {args.workers} workers",
-                   lambda: _pipeline_tokens({**base, "num_workers": args.workers}, tokenizer)))
+                   lambda: _pipeline_tokens(packed, tokenizer, args.workers)))
     print(f"{args.rows} synthetic CFT rows, max_seq_len {args.seq_len}, batch {args.batch}, "
           f"{os.cpu_count()} CPUs")
     print(f"{'mode':<34} {'tokens':>10} {'wall s':>8} {'tok/s wall':>12} {'tok/s/core':>12}")

@@ -13,6 +13,18 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+import jax
+
+from cftjax import config as config_lib
+from cftjax import host_memory
+from cftjax import launch
+from cftjax import sampling
+from cftjax.data import preview, synthetic, tfds_builder
+from cftjax.eval import runner
+from cftjax.models import checkpoint_io, convert
+from cftjax.train import plots
+from cftjax.train import run as run_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class Subcommand:
@@ -30,19 +42,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-  from cftjax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from cftjax.train import cft_trainer  # pylint: disable=import-outside-toplevel
-
-  config = config_lib.load_config(args.config, overrides)
-  objective = config.train.get("objective", "cft")
-  if objective == "grpo":
-    from cftjax.train import grpo_trainer  # pylint: disable=import-outside-toplevel
-    summary = grpo_trainer.train(config)
-  elif objective == "cft":
-    summary = cft_trainer.train(config)
-  else:
-    raise config_lib.ConfigError(f"config.train.objective={objective!r}; choose 'cft' or 'grpo'")
-  print(cft_trainer.format_summary(summary), flush=True)
+  summary = launch.train(config_lib.load_config(args.config, overrides))
+  print(run_lib.format_summary(summary), flush=True)
   return 0
 
 
@@ -53,8 +54,6 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-  from cftjax.eval import runner  # pylint: disable=import-outside-toplevel
-
   return runner.run_command(args, overrides)
 
 
@@ -70,12 +69,10 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_convert(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
   del overrides
-  from cftjax.models import convert  # pylint: disable=import-outside-toplevel
-
   if args.to_hf:
     if not args.ckpt:
       raise ValueError("--to-hf needs --ckpt DIR (a `cftjax convert` checkpoint or a training run dir)")
-    convert.export_hf(*_load_checkpoint(args.ckpt), args.out, max_shard_size=args.max_shard_size,
+    convert.export_hf(*checkpoint_io.load_model(args.ckpt), args.out, max_shard_size=args.max_shard_size,
                       dtype=args.dtype)
   else:
     if not args.hf_dir:
@@ -83,14 +80,6 @@ def _run_convert(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> 
     convert.hf_to_checkpoint(args.hf_dir, args.out, dtype=args.dtype or "float32")
   print(args.out)
   return 0
-
-
-def _load_checkpoint(path: str, dtype: str | None = None):
-  """(model config, params, tokenizer) of a model checkpoint or a training run dir."""
-  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
-  from cftjax.eval import runner  # pylint: disable=import-outside-toplevel
-
-  return runner.load_for_eval(path, config_dict.ConfigDict({"dtype": dtype}))
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,10 +96,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_generate(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
   del overrides
-  import jax  # pylint: disable=import-outside-toplevel
-  from cftjax import sampling  # pylint: disable=import-outside-toplevel
-
-  cfg, params, tokenizer = _load_checkpoint(args.ckpt)
+  cfg, params, tokenizer = checkpoint_io.load_model(args.ckpt)
   prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
              for p in args.prompt]
   result = sampling.generate(params, cfg, prompts, rng=jax.random.key(args.seed),
@@ -139,31 +125,25 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_data(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
   if args.data_command == "build":
-    from cftjax.data import tfds_builder  # pylint: disable=import-outside-toplevel
-
     splits = None
     if args.heldout_fraction:
       splits = {"train": 1.0 - args.heldout_fraction, "heldout": args.heldout_fraction}
     print(tfds_builder.build_dataset(args.input, args.out, name=args.name, version=args.version,
                                      fmt=args.format, splits=splits, on_bad_row=args.on_bad_row))
     return 0
-  from cftjax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from cftjax.data import inspect  # pylint: disable=import-outside-toplevel
-  from cftjax.train import cft_trainer  # pylint: disable=import-outside-toplevel
-
   config = config_lib.load_config(args.config, overrides)
-  cft_trainer.ensure_synthetic_world(config)
-  _, tokenizer = cft_trainer.build_model(config)
-  print(inspect.inspect_dataset(cft_trainer.train_data_config(config), tokenizer, num_examples=args.num))
+  if config.data.synthetic_world:
+    synthetic.ensure_world(config)
+  _, tokenizer = checkpoint_io.build_model(config.model)
+  print(preview.inspect_dataset(config.data, tokenizer, num_examples=args.num))
   return 0
+
 def _add_plot_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("run_dir", help="a run directory written by `cftjax train`")
 
 
 def _run_plot(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
   del overrides
-  from cftjax.train import plots  # pylint: disable=import-outside-toplevel
-
   for path in plots.plot_run(args.run_dir):
     print(path)
   return 0
@@ -196,24 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the `cftjax` console script; returns the process exit code."""
-  from cftjax.config import ConfigError, split_override_args  # pylint: disable=import-outside-toplevel
-
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   try:
-    overrides, rest = split_override_args(argv)
-  except ConfigError as e:
+    overrides, rest = config_lib.split_override_args(argv)
+  except config_lib.ConfigError as e:
     parser.error(str(e))
   args = parser.parse_args(rest)
   command = next(c for c in SUBCOMMANDS if c.name == args.command)
   if overrides and not command.takes_config_overrides:
     parser.error(f"`cftjax {command.name}` takes no --config.* overrides")
   logging.basicConfig(level=args.log_level.upper(),
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   if logging.getLogger().level > logging.DEBUG:
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
   if command.name in ("train", "eval", "generate"):
-    from cftjax import host_memory  # pylint: disable=import-outside-toplevel
     host_memory.log_huge_pages_hint()
   try:
     return command.run(args, overrides)
@@ -221,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.debug or not _is_input_error(e):
       raise
     print(f"cftjax: error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2 if isinstance(e, ConfigError) else 1
+    return 2 if isinstance(e, config_lib.ConfigError) else 1
 
 
 def _is_input_error(error: Exception) -> bool:

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -28,7 +29,8 @@ RESUME_INVARIANT_KEYS = (
 
 
 class ConfigError(ValueError):
-  """A config file, override or run-dir config that cannot be used as given."""
+  """A config (file, override, run-dir config.json or model config) that cannot be used as given;
+  the message names the key and the fix."""
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -39,10 +41,12 @@ def base_config() -> config_dict.ConfigDict:
   c.model = config_dict.ConfigDict()
   c.model.init_from = config_dict.placeholder(str)  # converted checkpoint dir; None = from scratch
   c.model.tokenizer_dir = config_dict.placeholder(str)  # None = the tokenizer saved with init_from
-  c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay param_dtype
-  c.model.param_dtype = "float32"  # master weights
+  c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); master weights are float32
+  c.model.param_dtype = "float32"  # dtype a fresh model's params are created in (training casts them to float32)
   c.model.remat = "none"  # activation checkpointing: none | minimal | full
-  c.model.attention = "xla"  # training attention: xla | cudnn (GPU flash attention; bf16, packing off)
+  # attention and the other platform-specific kernels (cftjax.models.attention): auto (per platform:
+  # blocked on CPU, xla on GPU / TPU) | xla | blocked | cudnn (GPU flash attention; bf16, packing off)
+  c.model.attention = "auto"
   # model.arch: the architecture of a from-scratch model (ignored with init_from).
   c.model.arch = config_dict.ConfigDict()
   c.model.arch.model_type = "qwen2"
@@ -58,13 +62,15 @@ def base_config() -> config_dict.ConfigDict:
   c.model.arch.tie_embeddings = False
   c.model.arch.max_position_embeddings = 4096
 
-  # data: the CFT training stream and held-out rows. Passed to cftjax.data.pipeline (see docs/data.md).
+  # data: the training rows (CFT examples or RL prompts) and held-out rows. The section itself is passed
+  # to cftjax.data.pipeline, which reads how rows are rendered (template, max_seq_len, length_policy,
+  # on_bad_row, packing, seed); the trainers pass which rows, batch size and epochs of each stream.
   c.data = config_dict.ConfigDict()
   c.data.train_path = ""  # training rows (JSONL / Parquet / ArrayRecord / TFDS dir); "," separates several
   c.data.sources = ()  # advanced: a tuple of source-spec dicts (path, weight, format, ...); overrides train_path
   c.data.eval_path = ""  # held-out rows for eval loss and verdict accuracy ("" = no eval)
   c.data.format = "auto"  # row format of train_path / eval_path (auto-detected per row shape)
-  c.data.template = "cft"  # prompt template: cft | crl | ... (cftjax.data.templates)
+  c.data.template = "cft"  # prompt template: cft | crl | ... (cftjax.data.critique)
   c.data.max_seq_len = 2048  # tokens per row; longer examples follow length_policy
   c.data.length_policy = "drop"  # drop | truncate | error for over-long examples (drops are counted)
   c.data.on_bad_row = "error"  # error | skip unreadable rows (skips are counted)
@@ -81,7 +87,7 @@ def base_config() -> config_dict.ConfigDict:
   c.data.world.digits = 3  # operand digits of the world's additions
   c.data.world.teacher_leading_carry_slip = 0.0  # P(a critique forgets the leading column's carry)
 
-  # optim: AdamW and the learning-rate schedule (cftjax.train.optimizer.make_optimizer).
+  # optim: AdamW and the learning-rate schedule (cftjax.train.state.make_optimizer reads the section).
   c.optim = config_dict.ConfigDict()
   c.optim.lr = 5e-6  # peak learning rate
   c.optim.schedule = "cosine"  # cosine | linear | constant (after warmup)
@@ -97,6 +103,7 @@ def base_config() -> config_dict.ConfigDict:
 
   # train: the step loop.
   c.train = config_dict.ConfigDict()
+  c.train.objective = "cft"  # cft (cftjax.train.cft) | grpo (cftjax.train.grpo: rollouts, the rl section)
   c.train.run_dir = ""  # "" = runs/<config file name>
   c.train.seed = 0  # model init and step RNG
   c.train.steps = 0  # optimizer steps; 0 = data.num_epochs passes over the training rows
@@ -108,11 +115,56 @@ def base_config() -> config_dict.ConfigDict:
   # unchanged, counted in metrics as skipped_updates); this many in a row stop the run (0 = never).
   c.train.max_consecutive_nonfinite = 10
 
+  # rl: GRPO / critique RL (train.objective = "grpo"): rollouts, rewards, the objective and the initial
+  # policy. Prompts come from data.sources (each with a task: crl | math | code), data.batch_size per step.
+  c.rl = config_dict.ConfigDict()
+  # Sampling (cftjax.train.rollout.sample_groups reads the section). Prompts per step = data.batch_size.
+  c.rl.group_size = 8  # completions per prompt (G); each prompt's group is its own baseline
+  c.rl.max_new_tokens = 1024  # response length
+  c.rl.temperature = 1.0
+  c.rl.top_p = 1.0  # 1.0 = off
+  c.rl.top_k = 0  # 0 = off
+  c.rl.stop_strings = ()  # besides the tokenizer's end-of-turn ids
+  c.rl.max_prompt_len = 1024  # longer prompts are dropped and counted
+  c.rl.prompt_buckets = ()  # padded prompt lengths (() = powers of two >= 16)
+  c.rl.seq_buckets = ()  # padded update-batch lengths (() = powers of two >= 16)
+  c.rl.generation_batch_size = 0  # rows per generate call (0 = a whole prompt batch x G at once)
+  c.rl.cache_dtype = "float32"  # KV cache dtype: float32 | bfloat16
+  # Rewards (cftjax.rewards.registry.RewardComputer) and DAPO shaping.
+  c.rl.rewards = config_dict.ConfigDict({
+      "by_task": {"crl": "verdict", "math": "math", "code": "code"},
+      "scale_by_source": {}, "options": {"verdict": {"style": "auto"}}})
+  c.rl.overlong_buffer = 0  # DAPO soft overlong penalty over the last N tokens (0 = off)
+  c.rl.overlong_penalty = 1.0  # its size at max_new_tokens
+  c.rl.mask_truncated = False  # no loss on completions cut off at max_new_tokens
+  c.rl.dynamic_sampling = False  # DAPO: drop groups with equal rewards, draw more prompts
+  c.rl.max_draws = 3  # prompt batches drawn per step at most (dynamic sampling)
+  # Objective (cftjax.train.grpo.grpo_sums reads the section; see cftjax.train.losses.grpo_loss).
+  c.rl.advantage_scale = "group_std"  # group_std | batch_std | none (Dr. GRPO)
+  c.rl.advantage_eps = 1e-6
+  c.rl.eps_low = 0.2
+  c.rl.eps_high = 0.28  # DAPO clip-higher
+  c.rl.dual_clip = 0.0  # dual-clip constant c > 1 for A < 0 (0 = off)
+  c.rl.aggregation = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+  c.rl.max_response_len = 0  # Dr. GRPO normaliser (0 = max_new_tokens)
+  c.rl.kl_coef = 0.0  # KL to the frozen initial policy; 0 = no reference model is loaded
+  c.rl.kl_kind = "k3"  # k1 | k3
+  c.rl.ppo_epochs = 1  # optimisation passes over each rollout batch
+  c.rl.mini_batches = 1  # optimizer updates per pass (the batch split by rows)
+  c.rl.recompute_old_logp = False  # old log-probs by a trainer forward pass instead of the sampler's
+  # Initial policy: a cftjax run dir (its best params), else model.init_from / from scratch.
+  c.rl.init_from_run = ""
+  c.rl.warmstart_config = ""  # a CFT config trained into init_from_run first unless that run finished
+  c.rl.warmstart_steps = 0  # its train.steps (0 = the config's own)
+
   # mesh: device mesh axis sizes (cftjax.parallel.make_mesh); -1 = all remaining devices.
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = 1  # pure data parallelism (params replicated over it)
   c.mesh.fsdp = -1  # data parallelism with params / optimizer state sharded over it
   c.mesh.tensor = 1  # tensor (model) parallelism inside a layer
+  # (logical axis, mesh axis | axes | None) pairs overriding cftjax.parallel.LOGICAL_RULES, e.g.
+  # (("mlp", None),) keeps MLP weights whole on every device; () = the defaults.
+  c.mesh.rules = ()
 
   # checkpoint: Orbax checkpoints under RUN_DIR/checkpoints (resumed automatically).
   c.checkpoint = config_dict.ConfigDict()
@@ -148,14 +200,23 @@ def base_config() -> config_dict.ConfigDict:
 
 
 def load_config_file(spec: str) -> config_dict.ConfigDict:
-  """Imports `path.py` (or `path.py:arg`) and returns its `get_config()` (or `get_config(arg)`)."""
+  """Imports `path.py` (or `path.py:arg`) and returns its `get_config()` (or `get_config(arg)`).
+
+  While it runs, the file's directory is first on the import path, so a config file can import the
+  modules beside it (the recipes in configs/recipes.py).
+  """
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} not found; pass --config path/to/config.py")
   module_name = "cftjax_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  config_dir = os.path.dirname(os.path.abspath(path))
+  sys.path.insert(0, config_dir)  # config files import their siblings (configs/recipes.py)
+  try:
+    module_spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(config_dir)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path}: defines no get_config() function")
   config = module.get_config(arg) if arg else module.get_config()
@@ -338,43 +399,3 @@ def write_run_config(run_dir: str, config: config_dict.ConfigDict, write: bool =
     json.dump({"config": to_plain_dict(config), "code_version": code_version()}, f, indent=2,
               sort_keys=True)
   os.replace(tmp, path)
-
-
-def paper_cft_recipe(*, init_from: str, train_path: str, num_epochs: int, weight_decay: float,
-                     warmup_ratio: float) -> config_dict.ConfigDict:
-  """The published CFT full fine-tune settings (arXiv 2501.17703 and 2506.03295; docs/recipes.md).
-
-  lr 5e-6 with cosine decay after linear warmup, global batch 512 examples (no packing, so a step
-  sees 512 critiques as in the papers), rows up to 2048 tokens (longer ones dropped and counted),
-  bf16 compute over float32 master weights, FSDP over every device, 8 micro-batches.
-  """
-  c = base_config()
-  c.model.init_from = init_from
-  c.model.dtype = "bfloat16"
-  c.model.remat = "full"
-  c.data.train_path = train_path
-  c.data.template = "cft"
-  c.data.max_seq_len = 2048
-  c.data.length_policy = "drop"
-  c.data.batch_size = 512
-  c.data.packing = False
-  c.data.num_epochs = num_epochs
-  c.optim.lr = 5e-6
-  c.optim.schedule = "cosine"
-  c.optim.warmup_ratio = warmup_ratio
-  c.optim.weight_decay = weight_decay
-  c.optim.grad_clip_norm = 1.0
-  c.train.steps = 0  # = num_epochs passes over the rows, counted before training
-  c.train.micro_batches = 8
-  c.train.chunk_size = 1024  # [1024, ~152k] float32 logits per cross-entropy chunk
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-  c.checkpoint.every_steps = 20
-  c.checkpoint.max_to_keep = 2
-  c.eval.every_steps = 10
-  c.eval.loss_batches = 2
-  c.eval.verdict_examples = 256
-  c.eval.batch_size = 64
-  c.eval.max_new_tokens = 1024
-  c.eval.verdict_style = "cft"
-  c.logging.every_steps = 1
-  return c

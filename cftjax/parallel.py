@@ -3,8 +3,10 @@ and host-local -> global batch arrays."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
+import contextvars
+import functools
 import logging
 import math
 import os
@@ -55,10 +57,13 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
   return getattr(cfg, key, default)
 
 
-def logical_rules(overrides: Mapping[str, MeshAxes | Sequence[str]] | None = None) -> LogicalRules:
-  """LOGICAL_RULES with `overrides` (config `mesh.rules`: {logical name: mesh axis, axes or None})."""
+def logical_rules(overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] = ()) -> LogicalRules:
+  """LOGICAL_RULES with `overrides` (config `mesh.rules`: (logical name, mesh axis | axes | None)
+  pairs, or a dict of them), e.g. (("mlp", None),) to keep MLP weights whole on every device."""
   rules = dict(LOGICAL_RULES)
-  for name, axes in (overrides or {}).items():
+  for name, axes in dict(overrides).items():
+    if name not in rules:
+      raise ValueError(f"mesh.rules.{name}: unknown logical axis; the rules cover {sorted(rules)}")
     if axes is not None and not isinstance(axes, str):
       axes = tuple(axes)
     for axis in _as_tuple(axes):
@@ -138,80 +143,116 @@ def divisible_spec(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, name: 
   return PartitionSpec(*dims)
 
 
-def logical_sharding(shape: Sequence[int], names: Sequence[str | None], mesh: Mesh,
-                     rules: LogicalRules = LOGICAL_RULES, name: str = "array") -> NamedSharding:
+# ------------------------------------------------------------------------------------------------
+# The current mesh and rules.
+
+_CURRENT: contextvars.ContextVar[tuple[Mesh, LogicalRules] | None] = contextvars.ContextVar(
+    "cftjax_mesh_and_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> Iterator[Mesh]:
+  """`with parallel.use_mesh(mesh, rules):` makes `mesh` and the logical `rules` the ones every
+  function below places arrays by, and the ones the steps built inside it compile for. A run enters
+  it once, around building its state and steps and running its loop."""
+  token = _CURRENT.set((mesh, tuple(rules)))
+  try:
+    yield mesh
+  finally:
+    _CURRENT.reset(token)
+
+
+def current() -> tuple[Mesh, LogicalRules]:
+  """The (mesh, rules) of the innermost `use_mesh`."""
+  entered = _CURRENT.get()
+  if entered is None:
+    raise RuntimeError("no device mesh: call this inside `with cftjax.parallel.use_mesh(mesh, rules):`")
+  return entered
+
+
+def bind(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn` run under the mesh and rules current now, wherever it is called (or traced by jit) later."""
+  mesh, rules = current()
+
+  @functools.wraps(fn)
+  def bound(*args, **kwargs):
+    with use_mesh(mesh, rules):
+      return fn(*args, **kwargs)
+
+  return bound
+
+
+# ------------------------------------------------------------------------------------------------
+# Shardings on the current mesh.
+
+
+def logical_sharding(shape: Sequence[int], names: Sequence[str | None], name: str = "array") -> NamedSharding:
   """NamedSharding of an array whose dims carry logical `names`, with graceful replication."""
+  mesh, rules = current()
   spec = nn.logical_to_mesh_axes(tuple(names), rules)
   return NamedSharding(mesh, divisible_spec(shape, spec, mesh, name))
 
 
-def param_shardings(boxed_params: Any, mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> Any:
-  """Tree of NamedSharding for boxed params (e.g. `cftjax.models.abstract_params(cfg)`).
-
-  Leaves are `nn.Partitioned` (axis names + value with a shape) or plain arrays / ShapeDtypeStructs
-  (replicated). The result has the unboxed params' structure. A dim a mesh axis does not divide is
-  replicated over that axis (logged once per param, dim and axis).
+def param_shardings(boxed_tree: Any) -> Any:
+  """Tree of NamedSharding for a tree whose leaves carry logical axis names as `nn.Partitioned` boxes:
+  params (`cftjax.models.abstract_params(cfg)`), or a whole train state traced from boxed params,
+  where `tx.init` carries the boxes into the optimizer state (Adam's moments get their param's
+  names). Names map to mesh axes by the rules; unboxed leaves are replicated. The result has the
+  unboxed tree's structure. A dim a mesh axis does not divide is replicated over that axis (logged
+  once per leaf, dim and axis).
   """
   def leaf_sharding(path, leaf):
-    if isinstance(leaf, nn.Partitioned):
-      return logical_sharding(leaf.value.shape, leaf.names, mesh, rules, path_name(path))
-    return NamedSharding(mesh, PartitionSpec())
+    if not isinstance(leaf, nn.Partitioned):
+      return replicated()
+    if not hasattr(leaf.value, "shape"):  # a masked-out optimizer slot (optax.MaskedNode)
+      return leaf.value
+    return logical_sharding(leaf.value.shape, leaf.names, path_name(path))
 
   return jax.tree_util.tree_map_with_path(
-      leaf_sharding, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+      leaf_sharding, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def optimizer_state_shardings(tx: Any, params_shardings: Any, abstract_params: Any) -> Any:
-  """Shardings of `tx.init(params)`: leaves that mirror a param (same key path suffix and shape,
-  e.g. Adam's mu / nu) take that param's sharding; everything else (step counts, factored or
-  scalar statistics) is replicated.
-
-  abstract_params: unboxed params or their ShapeDtypeStructs (same structure as params_shardings).
-  """
-  opt_shapes = jax.eval_shape(tx.init, abstract_params)
-  by_path = {
-      tuple(path): (leaf.shape, sharding)
-      for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
-                                        jax.tree_util.tree_leaves(params_shardings))
-  }
-  mesh = jax.tree_util.tree_leaves(params_shardings)[0].mesh
-
-  def leaf_sharding(path, leaf):
-    for start in range(len(path)):
-      shape_and_sharding = by_path.get(tuple(path[start:]))
-      if shape_and_sharding is not None and shape_and_sharding[0] == leaf.shape:
-        return shape_and_sharding[1]
-    return NamedSharding(mesh, PartitionSpec())
-
-  return jax.tree_util.tree_map_with_path(leaf_sharding, opt_shapes)
+def replicated() -> NamedSharding:
+  """The sharding of an array every device holds whole."""
+  return NamedSharding(current()[0], PartitionSpec())
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> Iterator[None]:
+def activation_sharding() -> Iterator[None]:
   """While tracing a jitted function, makes the model's `nn.with_logical_constraint` calls constrain
-  activations to `mesh` by `rules` (without it they are no-ops)."""
+  activations to the current mesh by the current rules (without it they are no-ops)."""
+  mesh, rules = current()
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
     yield
 
 
-def batch_sharding(mesh: Mesh, rules: LogicalRules = LOGICAL_RULES, ndim: int = 2) -> NamedSharding:
+def batch_sharding(ndim: int = 2) -> NamedSharding:
   """Sharding of batch arrays [batch, seq, ...]: the batch dim over the "batch" rule's mesh axes
   (data and fsdp by default), everything else replicated."""
+  mesh, rules = current()
   spec = nn.logical_to_mesh_axes(("batch",), rules)
   return NamedSharding(mesh, PartitionSpec(spec[0], *(None,) * (ndim - 1)))
 
 
-def batch_shard_count(mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> int:
+def batch_shard_count() -> int:
   """Into how many pieces the batch dim is split (a global batch must be a multiple of it)."""
-  return _axis_size(mesh, batch_sharding(mesh, rules).spec[0])
+  return _axis_size(current()[0], batch_sharding().spec[0])
 
 
-def host_local_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
-                         rules: LogicalRules = LOGICAL_RULES) -> dict[str, jax.Array]:
+def check_batch_divisible(global_batch: int, micro_batches: int, what: str) -> None:
+  """Raises unless `global_batch` rows split evenly into micro_batches x the batch shards."""
+  shards = batch_shard_count()
+  if micro_batches < 1 or global_batch % (micro_batches * shards):
+    raise ValueError(f"{what}: global batch {global_batch} must be a multiple of micro_batches "
+                     f"({micro_batches}) x batch shards ({shards}: mesh axes "
+                     f"{batch_sharding().spec[0]}); change the batch size, the "
+                     "micro-batch count or the mesh")
+
+
+def host_local_to_global(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
   """Host-local numpy arrays [local_batch, ...] -> global jax.Arrays [local_batch * processes, ...]
   split over the batch mesh axes. Each process passes its own rows (its data-loader shard)."""
-  return {key: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(value)),
-                                                      np.asarray(value))
+  return {key: jax.make_array_from_process_local_data(batch_sharding(np.ndim(value)), np.asarray(value))
           for key, value in batch.items()}
 
 

@@ -1,5 +1,4 @@
-"""Autoregressive generation with a preallocated KV cache (right-padded, length-bucketed prompts), and
-`score_completions`, the full-forward log-probs that the sampler's log-probs must equal."""
+"""Autoregressive generation with a preallocated KV cache (right-padded, length-bucketed prompts)."""
 
 from __future__ import annotations
 
@@ -17,9 +16,10 @@ from jax.sharding import NamedSharding
 import numpy as np
 
 from cftjax import parallel
+from cftjax.models import attention
 from cftjax.models.config import ModelConfig
-from cftjax.models.decode import decode_caches, decode_step, decode_weights, lm_logits
-from cftjax.models.decoder import Decoder, init_cache
+from cftjax.models.decoder import (Decoder, decode_caches, decode_logits, decode_step, decode_weights,
+                                   init_cache, token_log_probs)
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +85,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]] | np.ndarray, prompt_lengths: S
   return tokens, lengths
 
 
-def _token_logprobs(logits: Array, tokens: Array, temperature: Array) -> Array:
-  """log softmax(logits / temperature) at tokens, float32; logits: [..., V], tokens: [...]."""
-  scaled = logits.astype(jnp.float32) / temperature
-  picked = jnp.take_along_axis(scaled, tokens[..., None], axis=-1)[..., 0]
-  return picked - jax.nn.logsumexp(scaled, axis=-1)
-
-
 def sample_tokens(rng: Array, logits: Array, temperature: Array, top_p: Array, *, greedy: bool,
                   top_k: int, use_top_p: bool) -> Array:
   """Draws one token per row from logits [batch, vocab] -> [batch] int32.
@@ -125,6 +118,7 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
   """The jitted prefill + decode loop for one set of static settings (reused across calls)."""
   cfg = ModelConfig(**json.loads(cfg_key))
   model = Decoder(cfg)
+  decode = attention.backend(cfg.attention).decode
   stop_array = jnp.asarray(stop_ids, dtype=jnp.int32)
   sample = functools.partial(sample_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
 
@@ -133,7 +127,7 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
     step, active = state["step"], ~state["done"]
     token = sample(jax.random.fold_in(rng, step), logits, temperature, top_p)
     token = jnp.where(active, token, pad_id)
-    logprob = jnp.where(active, _token_logprobs(logits, token, temperature), 0.0)
+    logprob = jnp.where(active, token_log_probs(logits, token, temperature), 0.0)
     stopped = jnp.isin(token, stop_array) if stop_ids else jnp.zeros_like(active)
     return dict(
         state,
@@ -152,16 +146,16 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
     positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
     hidden, cache = model.apply(variables, prompt_tokens, positions, cache=cache, return_hidden=True)
     last_hidden = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    weights = decode_weights(cfg, params)  # laid out once per call, not at every decode step
+    weights = decode_weights(cfg, decode, params)  # laid out once per call, not at every decode step
     state = {
         "step": jnp.int32(0),
         "tokens": jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
         "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
         "lengths": jnp.zeros((batch,), jnp.int32),
         "done": jnp.zeros((batch,), bool),
-        "cache": decode_caches(cache),
+        "cache": decode_caches(decode, cache),
     }
-    state = emit(state, lm_logits(weights, last_hidden), rng, temperature, top_p)
+    state = emit(state, decode_logits(decode, weights, last_hidden), rng, temperature, top_p)
 
     def keep_going(state):
       return (state["step"] < max_new_tokens) & ~jnp.all(state["done"])
@@ -170,7 +164,7 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
       # Row b's previous token sits at position prompt_lengths[b] + step - 1 (its cache slot).
       previous = jax.lax.dynamic_index_in_dim(state["tokens"], state["step"] - 1, axis=1, keepdims=False)
       positions = prompt_lengths + state["step"] - 1
-      logits, cache = decode_step(cfg, weights, previous, positions, state["cache"])
+      logits, cache = decode_step(cfg, decode, weights, previous, positions, state["cache"])
       return emit(dict(state, cache=cache), logits, rng, temperature, top_p)
 
     state = jax.lax.while_loop(keep_going, next_token, state)
@@ -215,15 +209,15 @@ def generate(params: dict[str, Any], cfg: ModelConfig, prompts: Sequence[Sequenc
   i-th new token is written at slot prompt_lengths[b] + i and the padding slots after its prompt are
   overwritten before any query can attend to them. One jitted function runs the prefill (all prompt
   tokens in one forward, layers scanned) and then a `lax.while_loop` of one-token decode steps that
-  exits as soon as every row is done. Decode steps (`models.decode.decode_step`) run the layers unrolled
-  on per-layer [out, in] weights cast and laid out once before the loop (`decode_weights`) and on
-  per-layer caches: on CPU this makes a decode step 2x faster than the scanned `Decoder` (see
-  docs/benchmarks.md).
+  exits as soon as every row is done. Decode steps (`models.decoder.decode_step`) run the decoder's
+  block with the layers unrolled, on per-layer weights cast and laid out once before the loop
+  (`decode_weights`, in the decode layout of `cfg.attention`'s backend: on CPU [out, in] matrices)
+  and on per-layer caches (see docs/architecture.md).
 
   Sampling: greedy when temperature == 0, else temperature, then top-k (0 = off), then top-p (1.0 = off).
   `logprobs` are log softmax(logits / temperature) of the sampled token under the *unfiltered*
   distribution (top-k / top-p change what is drawn, not the reported log-prob): this is what a trainer
-  recomputes from a forward pass (`score_completions`). With temperature 0 they use temperature 1.
+  recomputes from a forward pass (`cftjax.train.losses.completion_log_probs`). With temperature 0 they use temperature 1.
 
   Stopping: a token in `stop_ids` ends its row (it is kept and counted in `lengths`). `stop_strings`
   are checked on the host after generation: each row is cut right after the first token at which its
@@ -252,8 +246,9 @@ def generate(params: dict[str, Any], cfg: ModelConfig, prompts: Sequence[Sequenc
   outputs = run(params, prompt_tokens, lengths, rng, jnp.float32(temperature if temperature > 0 else 1.0),
                 jnp.float32(top_p))
   if mesh is not None:
-    outputs = multihost_utils.global_array_to_host_local_array(
-        outputs, mesh, parallel.batch_sharding(mesh, ndim=1).spec)
+    with parallel.use_mesh(mesh):
+      row_spec = parallel.batch_sharding(ndim=1).spec
+    outputs = multihost_utils.global_array_to_host_local_array(outputs, mesh, row_spec)
   tokens, logprobs, out_lengths, truncated = (np.array(x)[:rows] for x in outputs)
   result = GenerationResult(tokens, logprobs, out_lengths, truncated)
   if stop_strings:
@@ -288,7 +283,8 @@ def _global_prompts(tokens: np.ndarray, lengths: np.ndarray, mesh: jax.sharding.
   tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])), constant_values=pad_id)
   tokens = np.concatenate([tokens, np.repeat(tokens[-1:], extra, axis=0)])
   lengths = np.concatenate([lengths, np.repeat(lengths[-1:], extra)])
-  batch = parallel.host_local_to_global({"tokens": tokens, "lengths": lengths}, mesh)
+  with parallel.use_mesh(mesh):
+    batch = parallel.host_local_to_global({"tokens": tokens, "lengths": lengths})
   return batch["tokens"], batch["lengths"]
 
 
@@ -322,30 +318,3 @@ def _cut_at_stop_strings(result: GenerationResult, stop_strings: tuple[str, ...]
     result.lengths[row] = end
     result.truncated[row] = False
   logger.debug("stop strings ended %d of %d rows", cut_rows, len(result.lengths))
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled_score(cfg_key: str) -> Callable:
-  cfg = ModelConfig(**json.loads(cfg_key))
-  model = Decoder(cfg)
-
-  def score(params, tokens, completion_mask, temperature):
-    logits = model.apply({"params": params}, tokens)
-    logprobs = _token_logprobs(logits[:, :-1], tokens[:, 1:], temperature)
-    logprobs = jnp.pad(logprobs, ((0, 0), (1, 0)))
-    return jnp.where(completion_mask > 0, logprobs, 0.0)
-
-  return jax.jit(score)
-
-
-def score_completions(params: dict[str, Any], cfg: ModelConfig, tokens: Array, completion_mask: Array,
-                      temperature: float = 1.0) -> Array:
-  """Log-probs of given tokens by one full forward pass (no cache), as a trainer computes them.
-
-  tokens: [batch, seq] prompt then completion (right-padded), completion_mask: [batch, seq] (1 on
-  completion tokens). Returns [batch, seq] float32: log softmax(logits[t-1] / temperature)[tokens[t]] where
-  the mask is set, else 0. Temperature 0 (greedy) scores at temperature 1, like `generate`.
-  """
-  run = _compiled_score(_cfg_key(cfg))
-  return run(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(completion_mask),
-             jnp.float32(temperature if temperature > 0 else 1.0))

@@ -9,7 +9,7 @@ The paper reports about 1 h on 8xH100.
 Mesh: FSDP over all devices, 8 micro-batches (8xH100 or TPU v5p-16); see docs/recipes.md.
 """
 
-from cftjax.config import paper_cft_recipe
+from recipes import paper_cft_recipe
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Critique-Coder (arXiv 2509.22824): GRPO on Qwen3-4B with 20% CRL problems mixed into code RL.
 
-Published settings (cftjax.train.grpo_trainer.paper_crl_recipe): 8 samples x 128 prompts per step,
+Published settings (configs/recipes.py: paper_crl_recipe): 8 samples x 128 prompts per step,
 lr 1e-6, clip 0.2 / 0.3, token-mean, no KL, std-normalised advantages, dynamic sampling, T 0.6,
 top-p 0.95, top-k 20, 16k response tokens (the paper's second stage: --config.rl.max_new_tokens=32768).
 Code rows carry tests (pass rate in [0, 1], sandboxed); CRL rows carry a solution and its label
@@ -12,7 +12,7 @@ Code rows carry tests (pass rate in [0, 1], sandboxed); CRL rows carry a solutio
 Mesh: FSDP over all devices (8xH100 or a TPU v5p-16 or larger); see docs/recipes.md.
 """
 
-from cftjax.train.grpo_trainer import paper_crl_recipe
+from recipes import paper_crl_recipe
 
 
 def get_config():

@@ -9,7 +9,7 @@ Same published settings as configs/critique_coder_qwen3_4b.py (paper_crl_recipe)
 Mesh: FSDP over all devices (8xH100 or a TPU v5p-32 or larger); see docs/recipes.md.
 """
 
-from cftjax.train.grpo_trainer import paper_crl_recipe
+from recipes import paper_crl_recipe
 
 
 def get_config():

@@ -9,7 +9,7 @@ to math. Qwen2.5-Math-7B has a 4096-token context, so responses are capped at 30
   cftjax train --config configs/crl_math_qwen2_5_math_7b.py
 """
 
-from cftjax.train.grpo_trainer import paper_crl_recipe
+from recipes import paper_crl_recipe
 
 
 def get_config():

@@ -15,14 +15,15 @@ verdict accuracy reaches >= 99% within 10-20 GRPO steps (about a minute).
   cftjax plot runs/demo_crl
 """
 
-from cftjax.train.grpo_trainer import grpo_config
+from cftjax.config import base_config
 
 RUN_DIR = "runs/demo_crl"
 WORLD_DIR = RUN_DIR + "/world"
 
 
 def get_config():
-  c = grpo_config()
+  c = base_config()
+  c.train.objective = "grpo"
   c.train.run_dir = RUN_DIR
   c.data.synthetic_world = True
   c.data.world_dir = WORLD_DIR

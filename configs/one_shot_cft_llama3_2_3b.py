@@ -9,7 +9,7 @@ Mesh: FSDP over all devices; 4 micro-batches of 16 rows per H100 (8 GPUs) or TPU
 See docs/recipes.md.
 """
 
-from cftjax.config import paper_cft_recipe
+from recipes import paper_cft_recipe
 
 
 def get_config():

@@ -9,7 +9,7 @@ Mesh: FSDP over all devices; a 1.5B model fits 2 micro-batches of 32 rows per H1
 TPU v5p-8 / v4-8 host with micro_batches=8. See docs/recipes.md.
 """
 
-from cftjax.config import paper_cft_recipe
+from recipes import paper_cft_recipe
 
 
 def get_config():

@@ -10,7 +10,7 @@ TPU v5p-16 (8 chips, 95 GB HBM each): the same. TPU v4-32 (16 chips, 32 GB): set
 --config.train.micro_batches=4. See docs/recipes.md.
 """
 
-from cftjax.config import paper_cft_recipe
+from recipes import paper_cft_recipe
 
 
 def get_config():

@@ -15,8 +15,9 @@ import pytest
 from cftjax import cli
 from cftjax import config as config_lib
 from cftjax.data import synthetic
-from cftjax.models import ModelConfig, init_params, save_hf
-from cftjax.train import cft_trainer
+from cftjax.models import ModelConfig, init_params
+from cftjax.models.hf_io import save_hf
+from cftjax.models import attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo_cft.py")
@@ -138,7 +139,7 @@ def test_eval_batch_that_does_not_split_over_the_devices(world, tmp_path, capsys
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"model.attention": "flash"}, "config.model: attention='flash'; choose one of ('xla', 'cudnn')"),
+    ({"model.attention": "flash"}, "config.model: attention='flash'; choose one of ('auto', 'xla', 'blocked', 'cudnn')"),
     ({"model.attention": "cudnn"}, "config.model: attention='cudnn' needs dtype bfloat16 or float16"),
     pytest.param({"model.attention": "cudnn", "model.dtype": "bfloat16"},
                  "model.attention='cudnn' runs on GPUs only (JAX's backend here is 'cpu')",
@@ -150,13 +151,10 @@ def test_attention_settings_that_cannot_run(world, tmp_path, capsys, overrides, 
 
 
 def test_length_based_attention_refuses_packed_rows():
-  config = config_lib.base_config()
-  config.data.train_path, config.model.attention, config.data.packing = "rows.jsonl", "cudnn", True
   with pytest.raises(config_lib.ConfigError, match="model.attention='cudnn' takes one sequence per row: "
                      "set --config.data.packing=False"):
-    cft_trainer.train_data_config(config)
-  config.data.packing = False
-  assert not cft_trainer.train_data_config(config)["packing"]
+    attention.check_backend("cudnn", "gpu", packed_rows=True)
+  attention.check_backend("cudnn", "gpu", packed_rows=False)  # one sequence per row: accepted
 
 
 def test_unknown_config_key(world, tmp_path, capsys):

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from cftjax.models import checkpoint_io
 from cftjax.train import checkpoint as ckpt
 from cftjax.train.state import TrainState
 
@@ -38,8 +39,7 @@ def _state(seed: int = 0) -> TrainState:
 
 def _abstract(state: TrainState) -> TrainState:
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  return ckpt.abstract_with_shardings(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
-                                      shardings)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
 def _assert_trees_equal(a, b):
@@ -113,7 +113,7 @@ def test_best_params_follow_the_metric_across_restarts(tmp_path, mode, values, b
   best_step = values.index(best) + 1
   assert saved == [True, values[1] > values[0] if mode == "max" else values[1] < values[0], best_step == 3]
   assert sorted(os.listdir(tmp_path / "best")) == [str(best_step)]
-  step, params = ckpt.restore_best_params(str(tmp_path), _abstract(_state()).params)
+  step, params = checkpoint_io.load_run_params(str(tmp_path), _abstract(_state()).params, "best")
   assert step == best_step
   _assert_trees_equal(params, _state(best_step).params)
 

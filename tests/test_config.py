@@ -10,7 +10,7 @@ import pytest
 from cftjax import cli
 from cftjax import config as config_lib
 from cftjax.data import pipeline, readers
-from cftjax.train import cft_trainer, optimizer
+from cftjax.train import state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFT_CONFIGS = ("demo_cft.py", "one_shot_cft_qwen2_5_math_7b.py", "one_shot_cft_qwen2_5_math_1_5b.py",
@@ -92,11 +92,11 @@ def test_run_config_records_code_version_and_refuses_shape_changes(config_file, 
 @pytest.mark.parametrize("name", CFT_CONFIGS)
 def test_shipped_configs_are_accepted_by_the_optimizer_and_data_pipeline(name):
   config = config_lib.load_config(os.path.join(REPO, "configs", name))
-  tx, schedule = optimizer.make_optimizer(config.optim, 100)
+  tx, schedule = state.make_optimizer(config.optim, 100)
   assert float(schedule(50)) > 0
   if not config.data.train_path:
     config.data.train_path = "train.jsonl"
-  data_cfg = cft_trainer.train_data_config(config)
-  resolved = pipeline.resolve_data_config(data_cfg)
-  assert resolved["batch_size"] == config.data.batch_size
-  assert all(s["format"] in ("auto", *readers.KNOWN_FORMATS) for s in resolved["sources"])
+  pipeline.check_data(config.data)
+  assert pipeline.host_batch_size(config.data.batch_size, 1) == config.data.batch_size
+  specs = pipeline.source_specs(pipeline.train_sources(config.data))
+  assert all(s["format"] in ("auto", *readers.KNOWN_FORMATS) for s in specs)

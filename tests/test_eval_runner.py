@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from cftjax.data import synthetic, verdicts
+from cftjax.data import critique, synthetic
 from cftjax.eval import runner, suites
-from cftjax.eval.grading import MathGrader
+from cftjax.rewards.grading import MathGrader
 from cftjax.models import ModelConfig, abstract_params
 from cftjax.models.checkpoint_io import save_model_checkpoint
 from cftjax.tokenizer import Tokenizer
@@ -111,7 +111,7 @@ def test_critique_end_to_end_resume_and_metrics(world, model, tmp_path):
     s = r["samples"][0]
     assert r["id"] == examples[r["index"]].id and r["target"] == examples[r["index"]].target
     assert "Question:" in r["prompt"] and 1 <= s["num_tokens"] <= NEW_TOKENS
-    assert s["prediction"] == verdicts.parse_verdict(s["completion"], "cft")
+    assert s["prediction"] == critique.parse_verdict(s["completion"], "cft")
     assert s["correct"] == (s["prediction"] is not None and s["prediction"] == r["target"])
 
   # Metrics by hand from the written records: F1 = 2 TP / (predicted + actual).
@@ -129,7 +129,7 @@ def test_critique_end_to_end_resume_and_metrics(world, model, tmp_path):
   expected["balanced_accuracy"] = np.mean(recalls)
   for key, value in expected.items():
     assert metrics[key] == pytest.approx(value), key
-  assert metrics["num_examples"] == 6 and set(metrics["by_style"]) == set(verdicts.STYLES)
+  assert metrics["num_examples"] == 6 and set(metrics["by_style"]) == set(critique.STYLES)
   assert metrics["by_style"]["cft"]["accuracy"] == pytest.approx(expected["accuracy"])
   with open(os.path.join(out_dir, runner.SUMMARY_FILE)) as f:
     assert json.load(f) == json.loads(json.dumps(summary))
@@ -190,7 +190,7 @@ def test_math_sampled_end_to_end_pass_and_maj_at_k(world, model, tmp_path):
       by_hand.append(float(r["samples"][votes.index(winner)]["correct"]))
     assert metrics[f"maj@{k}"] == pytest.approx(np.mean(by_hand)), k
   # Record 0 alone: 2 of 3 correct; its first two samples tie 1-1 and the first seen ("5") wins.
-  assert runner.summarize(runner.suite_from_config(config)[0][0], records[:1])["maj@2"] == 0.0
+  assert runner.summarize(runner.suite_benchmarks(config)[0], records[:1])["maj@2"] == 0.0
   assert metrics["num_samples"] == 9 and "maj@1" not in metrics
 
 
@@ -272,7 +272,7 @@ def test_periodic_eval_and_score_critiques(world, model, tmp_path):
   _, cfg, params, tokenizer = model
   config = suite_config(str(tmp_path / "periodic"), heldout=suites.benchmark_entry(
       world["heldout"], "critique", verdict_style="cft", max_new_tokens=NEW_TOKENS, limit=5))
-  with runner.make_periodic_eval(config, tokenizer, cfg) as periodic:
+  with runner.PeriodicEval(config, tokenizer, cfg) as periodic:
     metrics = periodic(params, 7)
   assert {"heldout/accuracy", "heldout/balanced_accuracy", "heldout/missing_rate",
           "heldout/by_style/crl/accuracy"} <= set(metrics)

@@ -19,11 +19,12 @@ import numpy as np
 import optax
 import pytest
 
+from cftjax import config as config_lib
 from cftjax import parallel
 from cftjax.data import synthetic
 from cftjax.models import ModelConfig
-from cftjax.train.grpo_step import PolicyLossConfig, make_grpo_step
-from cftjax.train.sft_step import make_sft_step
+from cftjax.train.cft import make_cft_step
+from cftjax.train.grpo import make_grpo_step
 from cftjax.train.state import create_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,9 +74,10 @@ def _assert_trees_equal(a, b):
 def _jitted_step(kind: str):
   """(mesh, optimizer, jitted step, batch maker) of `kind`, compiled once per module."""
   mesh, tx = _mesh(), optax.adamw(1e-2)
-  if kind == "cft":
-    return mesh, tx, make_sft_step(CFG, tx, mesh, chunk_size=16), _cft_batch
-  return mesh, tx, make_grpo_step(CFG, tx, mesh, loss_cfg=PolicyLossConfig(), chunk_size=16), _grpo_batch
+  with parallel.use_mesh(mesh):
+    if kind == "cft":
+      return mesh, tx, make_cft_step(CFG, tx, chunk_size=16), _cft_batch
+    return mesh, tx, make_grpo_step(CFG, tx, rl=config_lib.base_config().rl, chunk_size=16), _grpo_batch
 
 
 @pytest.mark.parametrize("kind,poison", [
@@ -85,20 +87,25 @@ def _jitted_step(kind: str):
 ])
 def test_a_non_finite_batch_skips_its_update_and_training_goes_on(kind, poison):
   mesh, tx, step, make_batch = _jitted_step(kind)
-  state = create_train_state(CFG, tx, jax.random.key(0), mesh)
-  state, metrics = step(state, parallel.host_local_to_global(make_batch(0), mesh))
+  with parallel.use_mesh(mesh):
+    _check_non_finite_batch(tx, step, make_batch, poison)
+
+
+def _check_non_finite_batch(tx, step, make_batch, poison):
+  state = create_train_state(CFG, tx, jax.random.key(0))
+  state, metrics = step(state, parallel.host_local_to_global(make_batch(0)))
   assert float(metrics["update_skipped"]) == 0.0 and int(state.step) == 1
   before = _host((state.params, state.opt_state))
 
   bad = make_batch(1)
   poison(bad)
-  state, metrics = step(state, parallel.host_local_to_global(bad, mesh))
+  state, metrics = step(state, parallel.host_local_to_global(bad))
   assert float(metrics["update_skipped"]) == 1.0
   assert not (np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"])))
   assert int(state.step) == 2  # the step counter counts batches consumed
   _assert_trees_equal(_host((state.params, state.opt_state)), before)  # Adam count included
 
-  state, metrics = step(state, parallel.host_local_to_global(make_batch(2), mesh))
+  state, metrics = step(state, parallel.host_local_to_global(make_batch(2)))
   assert float(metrics["update_skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))
   after = _host(state.params)
   assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(before[0])))

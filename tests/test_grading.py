@@ -1,4 +1,4 @@
-"""Tests for cftjax.eval.grading: boxed-answer extraction and math-verify grading in worker processes."""
+"""Tests for cftjax.rewards.grading: boxed-answer extraction and math-verify grading in worker processes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from cftjax.eval.grading import MathGrader, extract_boxed, grade_math
+from cftjax.rewards.grading import MathGrader, extract_boxed, grade_math
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
 """Tests for the sharded GRPO step: micro-batches and meshes give the full-batch update of a full-logits
 reference, the kl_coef = 0 path needs no reference, repeated passes move the policy, and the update
-batch's old log-probs line up with the sampler's (checked against `sampling.score_completions`)."""
+batch's old log-probs line up with the sampler's (checked against a full forward pass, tests/full_forward.py)."""
 
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +13,15 @@ import numpy as np
 import optax
 import pytest
 
-from cftjax import parallel, sampling
+from cftjax import config as config_lib
+from cftjax import parallel
 from cftjax.models import Decoder, ModelConfig, init_params
+from cftjax.models.decoder import token_log_probs
 from cftjax.train import rollout
-from cftjax.train.grpo_step import PolicyLossConfig, make_grpo_step, make_log_prob_fn
-from cftjax.train.losses import grpo_loss, token_log_probs
+from cftjax.train.grpo import batch_keys, make_grpo_step, make_log_prob_fn
+from cftjax.train.losses import grpo_loss
 from cftjax.train.state import create_train_state
+from tests.full_forward import score_completions
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8)
@@ -58,9 +62,17 @@ def mesh_of(data, fsdp, tensor):
                             jax.devices()[:data * fsdp * tensor])
 
 
-def loss_config(aggregation: str, kl_coef: float = 0.0) -> PolicyLossConfig:
-  return PolicyLossConfig(temperature=TEMPERATURE, eps_low=0.2, eps_high=0.28, dual_clip=3.0,
-                          aggregation=aggregation, max_response_len=12, kl_coef=kl_coef)
+def rl_section(**fields):
+  """The (locked) base config's rl section with `fields` set."""
+  config = config_lib.base_config()
+  config.lock()
+  config.rl.update(fields)
+  return config.rl
+
+
+def loss_config(aggregation: str, kl_coef: float = 0.0):
+  return rl_section(temperature=TEMPERATURE, eps_low=0.2, eps_high=0.28, dual_clip=3.0,
+                    aggregation=aggregation, max_response_len=12, kl_coef=kl_coef)
 
 
 @functools.cache
@@ -88,22 +100,25 @@ def sgd_step(mesh_shape, micro_batches, aggregation, kl_coef):
   """(mesh, tx, jitted step) of plain SGD; the learning rate lives in the optimizer state."""
   mesh = mesh_of(*mesh_shape)
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=LR)
-  return mesh, tx, make_grpo_step(CFG, tx, mesh, loss_cfg=loss_config(aggregation, kl_coef),
-                                  micro_batches=micro_batches, chunk_size=CHUNK)
+  with parallel.use_mesh(mesh):
+    return mesh, tx, make_grpo_step(CFG, tx, rl=loss_config(aggregation, kl_coef),
+                                    micro_batches=micro_batches, chunk_size=CHUNK)
 
 
 def one_sgd_step(mesh_shape, micro_batches, aggregation, kl_coef, batch=BATCH):
   """(new params as numpy, metrics) after one plain-SGD GRPO update on a mesh."""
   mesh, tx, step = sgd_step(mesh_shape, micro_batches, aggregation, kl_coef)
-  state = create_train_state(CFG, tx, jax.random.key(0), mesh, init_params=PARAMS)
-  state, metrics = step(state, parallel.host_local_to_global(batch, mesh))
+  with parallel.use_mesh(mesh):
+    state = create_train_state(CFG, tx, jax.random.key(0), init_params=PARAMS)
+    state, metrics = step(state, parallel.host_local_to_global(batch))
   return jax.tree.map(np.asarray, state.params), {k: float(v) for k, v in metrics.items()}
 
 
 @functools.cache
 def scorer(mesh_shape):
   mesh = mesh_of(*mesh_shape)
-  return mesh, make_log_prob_fn(CFG, mesh, chunk_size=CHUNK, temperature=TEMPERATURE)
+  with parallel.use_mesh(mesh):
+    return mesh, make_log_prob_fn(CFG, chunk_size=CHUNK, temperature=TEMPERATURE)
 
 
 def assert_update_is(new_params, grads, rtol):
@@ -132,8 +147,8 @@ def test_micro_batches_give_the_full_batch_update(aggregation, kl_coef, mesh_sha
 
 
 def test_kl_coef_zero_needs_no_reference_and_kl_needs_one():
-  assert "ref_logp" not in PolicyLossConfig(kl_coef=0.0).batch_keys()
-  assert "ref_logp" in PolicyLossConfig(kl_coef=0.1).batch_keys()
+  assert "ref_logp" not in batch_keys(rl_section(kl_coef=0.0))
+  assert "ref_logp" in batch_keys(rl_section(kl_coef=0.1))
   _, _, step = sgd_step((2, 2, 2), 4, "token_mean", 0.1)
   with pytest.raises(ValueError, match=r"missing \['ref_logp'\]"):
     step(None, {k: v for k, v in BATCH.items() if k != "ref_logp"})
@@ -142,10 +157,11 @@ def test_kl_coef_zero_needs_no_reference_and_kl_needs_one():
 def test_repeated_passes_keep_moving_the_policy():
   """ppo_epochs: each pass over the same batch sees a new ratio and changes the params again."""
   mesh, tx, step = sgd_step((1, 1, 1), 2, "seq_mean_token_mean", 0.0)
-  state = create_train_state(CFG, tx, jax.random.key(0), mesh, init_params=PARAMS)
+  with parallel.use_mesh(mesh):
+    state = create_train_state(CFG, tx, jax.random.key(0), init_params=PARAMS)
+    batch = parallel.host_local_to_global(BATCH)
   state.opt_state.hyperparams["learning_rate"] = jnp.asarray(1.0)  # a modest step this time
   _, score = scorer((1, 1, 1))
-  batch = parallel.host_local_to_global(BATCH, mesh)
   batch["old_logp"], gap = score(state.params, batch)  # on-policy: ratio 1 in the first pass
   assert float(gap) > 0  # BATCH's old_logp was perturbed
   snapshots, ratios = [jax.tree.map(np.asarray, state.params)], []
@@ -162,22 +178,23 @@ def test_repeated_passes_keep_moving_the_policy():
 
 def test_update_batch_aligns_sampler_log_probs_with_the_trainer():
   """Samples from `generate`, builds the update batch, rescores it: the trainer's log-probs of the
-  generated tokens equal the sampler's and `score_completions`' (no-cache forward) at each token."""
-  group = rollout.SamplingSettings(group_size=3, max_new_tokens=6, temperature=TEMPERATURE,
-                                   stop_ids=(7,), pad_id=0)
+  generated tokens equal the sampler's and a full (no-cache) forward pass's at each token."""
+  rl = rl_section(group_size=3, max_new_tokens=6, temperature=TEMPERATURE)
+  tokenizer = types.SimpleNamespace(eos_ids=(7,), pad_id=0)  # all sample_groups reads without stop_strings
   prompts = [{"prompt_ids": np.arange(1, n + 1, dtype=np.int32), "source": "s", "task": "crl",
               "record": None} for n in (3, 9, 5)]
-  groups = rollout.sample_groups(PARAMS, CFG, prompts, group, jax.random.key(3))
+  groups = rollout.sample_groups(PARAMS, CFG, prompts, rl, tokenizer, jax.random.key(3))
   assert [len(g.completions) for g in groups] == [3, 3, 3]
   num_rows = 10  # one extra, fully masked row
   batch = rollout.build_update_batch(groups, np.ones(9, np.float32), num_rows)
   assert batch["inputs"].shape == (num_rows, 16) and not batch["completion_mask"][9].any()
   assert batch["completion_mask"].sum() == sum(int(g.lengths.sum()) for g in groups)
   mesh, score = scorer((1, 1, 1))
-  logp, gap = score(PARAMS, parallel.host_local_to_global(batch, mesh))
+  with parallel.use_mesh(mesh):
+    logp, gap = score(PARAMS, parallel.host_local_to_global(batch))
   tokens = np.concatenate([batch["inputs"][:, :1], batch["targets"]], axis=1)
   mask = np.pad(batch["completion_mask"], ((0, 0), (1, 0)))
-  reference_logp = np.asarray(sampling.score_completions(PARAMS, CFG, tokens, mask, TEMPERATURE))
+  reference_logp = score_completions(PARAMS, CFG, tokens, mask, TEMPERATURE)
   np.testing.assert_allclose(np.asarray(logp), reference_logp[:, 1:], atol=2e-5)
   np.testing.assert_allclose(np.asarray(logp), batch["old_logp"], atol=2e-4)
   assert float(gap) / batch["completion_mask"].sum() < 1e-4

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from cftjax.models.decoder import token_log_probs
 from cftjax.train import losses
 
 BATCH, SEQ, DIM, VOCAB = 2, 12, 16, 37
@@ -96,7 +97,7 @@ def test_token_log_probs_with_temperature_matches_numpy():
   temperature = 0.6
   ref_log_probs = _np_log_softmax(logits.astype(np.float64) / temperature)
   ref = np.take_along_axis(ref_log_probs, targets[..., None], -1)[..., 0]
-  np.testing.assert_allclose(losses.token_log_probs(logits, targets, temperature), ref,
+  np.testing.assert_allclose(token_log_probs(logits, targets, temperature), ref,
                              rtol=1e-5, atol=1e-5)
   log_probs, entropy = losses.chunked_token_log_probs(hidden, lm_head, targets, chunk_size=5,
                                                       temperature=temperature)

@@ -14,11 +14,13 @@ import pytest
 import torch
 import transformers
 
-from cftjax.models import CheckpointError, ConfigError, Decoder, ModelConfig, init_cache, load_hf, save_hf
-from cftjax.models.decode import decode_caches, decode_step, decode_weights
-from cftjax.models.decoder import (attention_mask, causal_attention, padded_causal_attention,
-                                   sequence_lengths, swiglu_down)
-from cftjax.models.hf_io import iter_hf_tensors
+from cftjax.config import ConfigError
+from cftjax.models import Decoder, ModelConfig, attention, init_cache
+from cftjax.models.attention import (attention_mask, causal_attention, padded_causal_attention,
+                                     sequence_lengths, swiglu_down)
+from cftjax.models.checkpoint_io import CheckpointError
+from cftjax.models.decoder import decode_caches, decode_step, decode_weights
+from cftjax.models.hf_io import iter_hf_tensors, load_hf, save_hf
 from tests.hf_reference import VARIANTS, hf_logits, make_hf_model, save_hf_model
 
 SEQ = 64
@@ -181,6 +183,59 @@ def test_length_based_causal_attention_equals_masked_attention_on_real_tokens():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+CPU_BACKENDS = sorted(name for name, b in attention.BACKENDS.items() if "cpu" in b.platforms and name != "xla")
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+@pytest.mark.parametrize("packed", [True, False])
+def test_backend_attention_equals_xla(name, packed):
+  """Each backend that runs on CPU gives the values and gradients of "xla" (masked
+  `jax.nn.dot_product_attention`), on packed rows (segment ids with padding) and on plain rows."""
+  rng = np.random.default_rng(1)
+  seq = 200
+  q = jnp.asarray(rng.standard_normal((2, seq, 4, 8)), jnp.float32)
+  key, value = (jnp.asarray(rng.standard_normal((2, seq, 2, 8)), jnp.float32) for _ in range(2))
+  segments = jnp.asarray(np.sort(rng.integers(0, 4, (2, seq)), axis=1)[:, ::-1].copy(), jnp.int32)
+  segments = segments if packed else None
+  weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+  def loss(attend, q, key, value):
+    return jnp.sum(weights * attend(q, key, value, segments))
+
+  grad = lambda attend: jax.value_and_grad(functools.partial(loss, attend), argnums=(0, 1, 2))(q, key, value)
+  expected, actual = grad(attention.xla_attention), grad(attention.BACKENDS[name].attend)
+  np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
+  for got, want in zip(actual[1], expected[1], strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_auto_attention_resolves_per_platform():
+  assert [attention.resolve("auto", p) for p in ("cpu", "gpu", "tpu", "other")] == ["blocked", "xla", "xla", "xla"]
+  assert attention.resolve("cudnn", "cpu") == "cudnn"
+  assert attention.backend("auto") is attention.BACKENDS[attention.resolve("auto", jax.default_backend())]
+  assert ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                     num_kv_heads=1, head_dim=4).attention == "auto"
+
+
+def test_attention_choices_that_cannot_run_are_named():
+  small = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+               head_dim=4)
+  with pytest.raises(ConfigError, match=r"attention='flash'; choose one of \('auto', 'xla', 'blocked', 'cudnn'\)"):
+    ModelConfig(**small, attention="flash")
+  with pytest.raises(ConfigError, match="attention='cudnn' needs dtype bfloat16 or float16, got dtype='float32'"):
+    ModelConfig(**small, attention="cudnn")
+  with pytest.raises(ConfigError, match=r"^model.attention='cudnn' runs on GPUs only \(JAX's backend here is "
+                     r"'cpu'\); set --config.model.attention=auto$"):
+    attention.check_backend("cudnn", "cpu", packed_rows=False)
+  with pytest.raises(ConfigError, match=r"^model.attention='cudnn' takes one sequence per row: set "
+                     r"--config.data.packing=False, or --config.model.attention=auto$"):
+    attention.check_backend("cudnn", "gpu", packed_rows=True)
+  attention.check_backend("cudnn", "gpu", packed_rows=False)
+  for platform in ("cpu", "gpu", "tpu"):
+    for name in ("auto", "xla", "blocked"):
+      attention.check_backend(name, platform, packed_rows=True)
+
+
 def test_incremental_decoding_matches_full_forward(hf_pair):
   _, _, path = hf_pair
   cfg, params = load_hf(path)
@@ -192,22 +247,26 @@ def test_incremental_decoding_matches_full_forward(hf_pair):
   pos = np.broadcast_to(np.arange(prefix, dtype=np.int32), (2, prefix))
   logits, cache = model.apply({"params": params}, tokens[:, :prefix], pos, cache=cache)
   np.testing.assert_allclose(np.asarray(logits), full[:, :prefix], atol=1e-5)
-  layer_caches = decode_caches(cache)
+  prefill_cache = cache
   step = jax.jit(lambda c, t, p: model.apply({"params": params}, t, p, cache=c))
   for t in range(prefix, tokens.shape[1]):
     logits, cache = step(cache, tokens[:, t:t + 1], np.full((2, 1), t, np.int32))
     np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5)
 
-  # The sampler's decode path: [out, in] weights, layers unrolled over per-layer caches.
-  step = jax.jit(lambda c, t, p: decode_step(cfg, decode_weights(cfg, params), t, p, c))
-  for t in range(prefix, tokens.shape[1]):
-    logits, layer_caches = step(layer_caches, tokens[:, t], np.full((2,), t, np.int32))
-    np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=1e-4)
+  # The sampler's decode path through the dispatch, each decode layout (layers unrolled over
+  # per-layer caches): "blocked" ([out, in] weights, fused scores), "xla" (standard weights).
+  for name in ("blocked", "xla"):
+    decode = attention.BACKENDS[name].decode
+    layer_caches = decode_caches(decode, prefill_cache)
+    step = jax.jit(lambda c, t, p, d=decode: decode_step(cfg, d, decode_weights(cfg, d, params), t, p, c))
+    for t in range(prefix, tokens.shape[1]):
+      logits, layer_caches = step(layer_caches, tokens[:, t], np.full((2,), t, np.int32))
+      np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=1e-4, err_msg=name)
 
 
 def test_unsupported_model_type_lists_supported(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
-  with pytest.raises(ConfigError, match=r"gpt2.*supported: qwen2, qwen3, llama"):
+  with pytest.raises(CheckpointError, match=r"gpt2.*supported: qwen2, qwen3, llama"):
     load_hf(str(tmp_path))
 
 

@@ -167,7 +167,7 @@ def _flat(tree, prefix=""):
 
 
 _GRPO_CONFIG = textwrap.dedent("""
-    from tests.test_grpo_trainer import smoke_config
+    from tests.test_grpo_run import smoke_config
 
     def get_config(world):
       c = smoke_config(world, run_dir="", steps=2)  # the one-process smoke run's tiny model and data

@@ -7,8 +7,9 @@ import collections
 import numpy as np
 import pytest
 
-from cftjax.data import pipeline, readers, synthetic, templates
+from cftjax.data import critique, pipeline, readers, synthetic
 from cftjax.tokenizer import Tokenizer
+from tests.pipeline_helpers import cft_iterator
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def _reference_examples(paths, tokenizer):
   """Per-example (inputs, targets, loss_mask) tuples rendered without the pipeline."""
   out = []
   for record in readers.load_records(paths["train"]):
-    ids, mask = templates.render_sft(record, "cft", tokenizer)
+    ids, mask = critique.render_sft(record, "cft", tokenizer)
     out.append((tuple(ids[:-1]), tuple(ids[1:]), tuple(np.asarray(mask[1:], np.float32))))
   return out
 
@@ -39,7 +40,7 @@ def _segments(batches):
   for batch in batches:
     for row, seg in enumerate(batch["segment_ids"]):
       for s in np.unique(seg[seg > 0]):
-        found.append(tuple(tuple(batch[k][row][seg == s]) for k in pipeline.SFT_KEYS))
+        found.append(tuple(tuple(batch[k][row][seg == s]) for k in pipeline.CFT_KEYS))
   return found
 
 
@@ -65,7 +66,7 @@ def _check_rows(batch, seq_len):
 @pytest.mark.parametrize("packing", [True, False])
 def test_one_epoch_holds_every_example_once_with_aligned_masks(world, packing):
   paths, tokenizer = world
-  it = pipeline.make_sft_iterator(_config(paths, packing=packing), tokenizer)
+  it = cft_iterator(_config(paths, packing=packing), tokenizer)
   batches = list(it)
   for batch in batches:
     _check_rows(batch, 256)
@@ -83,7 +84,7 @@ def test_one_epoch_holds_every_example_once_with_aligned_masks(world, packing):
 
 def test_packing_fills_rows(world):
   paths, tokenizer = world
-  batches = list(pipeline.make_sft_iterator(_config(paths), tokenizer))
+  batches = list(cft_iterator(_config(paths), tokenizer))
   lengths = [len(e[0]) for e in _reference_examples(paths, tokenizer)]
   per_row = 256 // max(lengths)  # examples that always fit in one row
   assert per_row >= 2
@@ -98,24 +99,21 @@ def test_length_policy_drop_counts_and_error(world):
   limit = int(np.median(lengths))
   too_long = sum(n > limit for n in lengths)
   assert 0 < too_long < len(lengths)
-  it = pipeline.make_sft_iterator(_config(paths, max_seq_len=limit, length_policy="drop"),
-                                  tokenizer)
+  it = cft_iterator(_config(paths, max_seq_len=limit, length_policy="drop"), tokenizer)
   found = _segments(list(it))
   assert len(found) == len(lengths) - too_long and all(len(f[0]) <= limit for f in found)
   assert it.length_counts == {"seen": 40, "kept": 40 - too_long, "truncated": 0,
                               "dropped_too_long": too_long, "dropped_no_target": 0,
                               "dropped_bad_row": 0}
   with pytest.raises(ValueError, match="max_seq_len"):
-    list(pipeline.make_sft_iterator(_config(paths, max_seq_len=limit, length_policy="error"),
-                                    tokenizer))
+    list(cft_iterator(_config(paths, max_seq_len=limit, length_policy="error"), tokenizer))
 
 
 def test_length_policy_truncate_keeps_prefix(world):
   paths, tokenizer = world
   reference = _reference_examples(paths, tokenizer)
   limit = int(np.median([len(e[0]) for e in reference]))
-  it = pipeline.make_sft_iterator(_config(paths, max_seq_len=limit, length_policy="truncate"),
-                                  tokenizer)
+  it = cft_iterator(_config(paths, max_seq_len=limit, length_policy="truncate"), tokenizer)
   found = collections.Counter(_segments(list(it)))
   assert found == collections.Counter(tuple(part[:limit] for part in e) for e in reference)
   assert it.length_counts["truncated"] == sum(len(e[0]) > limit for e in reference) > 0
@@ -123,7 +121,6 @@ def test_length_policy_truncate_keeps_prefix(world):
 
 def test_truncation_that_removes_all_targets_is_counted(world):
   paths, tokenizer = world
-  it = pipeline.make_sft_iterator(_config(paths, max_seq_len=20, length_policy="truncate"),
-                                  tokenizer)
+  it = cft_iterator(_config(paths, max_seq_len=20, length_policy="truncate"), tokenizer)
   assert list(it) == []
   assert it.length_counts["dropped_no_target"] == 40

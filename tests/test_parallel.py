@@ -18,7 +18,7 @@ import pytest
 
 from cftjax import parallel
 from cftjax.models import ModelConfig, abstract_params
-from cftjax.train.state import abstract_master_params
+from cftjax.train.state import train_state_shardings
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,8 +68,9 @@ def test_param_shardings_follow_rules_and_replicate_what_does_not_divide(monkeyp
   monkeypatch.setattr(parallel, "_logged_replications", set())
   mesh = mesh_of(1, 2, 4)
   with caplog.at_level(logging.WARNING, logger="cftjax.parallel"):
-    shardings = parallel.param_shardings(abstract_params(tiny_config()), mesh)
-    parallel.param_shardings(abstract_params(tiny_config()), mesh)  # a second call logs nothing new
+    with parallel.use_mesh(mesh):
+      shardings = parallel.param_shardings(abstract_params(tiny_config()))
+      parallel.param_shardings(abstract_params(tiny_config()))  # a second call logs nothing new
   attn = shardings["layers"]["attn"]
   assert attn["q_kernel"].spec == P(None, "fsdp", "tensor", None)  # 4 heads on tensor=4
   assert attn["k_kernel"].spec == P(None, "fsdp", None, None)  # 2 kv heads: replicated over tensor
@@ -83,7 +84,8 @@ def test_param_shardings_follow_rules_and_replicate_what_does_not_divide(monkeyp
 def test_partially_dividing_batch_axes_keep_the_axes_that_divide(monkeypatch):
   monkeypatch.setattr(parallel, "_logged_replications", set())
   mesh = mesh_of(2, 4, 1)
-  sharding = parallel.logical_sharding((6, 5), ("batch", "seq"), mesh, name="x")
+  with parallel.use_mesh(mesh):
+    sharding = parallel.logical_sharding((6, 5), ("batch", "seq"), name="x")
   assert sharding.spec == P("data", None)  # 6 splits over data=2 but not over data*fsdp=8
 
 
@@ -91,10 +93,10 @@ def test_optimizer_state_mirrors_param_shardings():
   """Adam moments take their param's sharding, also inside masked/chained states; counts replicate."""
   mesh = mesh_of(1, 4, 2)
   cfg = tiny_config()
-  params_shardings = parallel.param_shardings(abstract_params(cfg), mesh)
   only_matrices = lambda p: jax.tree.map(lambda x: x.ndim > 2, p)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.masked(optax.adam(1e-3), only_matrices))
-  opt_shardings = parallel.optimizer_state_shardings(tx, params_shardings, abstract_master_params(cfg))
+  with parallel.use_mesh(mesh):
+    opt_shardings = train_state_shardings(cfg, tx).opt_state
   adam = opt_shardings[1].inner_state[0]
   assert adam.mu["layers"]["mlp"]["gate_kernel"].spec == P(None, "fsdp", "tensor")
   assert adam.nu["layers"]["attn"]["o_kernel"].spec == P(None, "tensor", None, "fsdp")
@@ -106,11 +108,12 @@ def test_host_local_to_global_single_process():
   mesh = mesh_of(2, 2, 2)
   local = {"inputs": np.arange(8 * 3, dtype=np.int32).reshape(8, 3),
            "loss_mask": np.ones((8, 3), np.float32)}
-  batch = parallel.host_local_to_global(local, mesh)
+  with parallel.use_mesh(mesh):
+    batch = parallel.host_local_to_global(local)
+    assert parallel.batch_shard_count() == 4
   assert batch["inputs"].shape == (8, 3) and batch["inputs"].sharding.spec == P(("data", "fsdp"), None)
   assert {s.data.shape for s in batch["inputs"].addressable_shards} == {(2, 3)}
   np.testing.assert_array_equal(np.asarray(batch["inputs"]), local["inputs"])
-  assert parallel.batch_shard_count(mesh) == 4
 
 
 _TWO_PROCESS_CHILD = textwrap.dedent("""
@@ -121,7 +124,8 @@ _TWO_PROCESS_CHILD = textwrap.dedent("""
     mesh = parallel.make_mesh({"data": 2, "fsdp": -1, "tensor": 1})
     pid = jax.process_index()
     rows = np.arange(4, dtype=np.int32)[:, None] * 10 + pid  # this host's 4 rows: 0/10/20/30 (+pid)
-    batch = parallel.host_local_to_global({"inputs": np.tile(rows, (1, 3))}, mesh)["inputs"]
+    with parallel.use_mesh(mesh):
+        batch = parallel.host_local_to_global({"inputs": np.tile(rows, (1, 3))})["inputs"]
     firsts = sorted(int(s.data[0, 0]) for s in batch.addressable_shards)
     print("RESULT", jax.process_count(), jax.device_count(), batch.shape, firsts)
 """)

@@ -14,10 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cftjax.data import inspect as data_inspect
-from cftjax.data import pipeline, readers, sources, synthetic, templates
-from cftjax.data.records import CritiqueRecord
+from cftjax import config as config_lib
+from cftjax.data import preview
+from cftjax.data import critique, pipeline, readers, sources, synthetic
+from cftjax.data.critique import CritiqueRecord
 from cftjax.tokenizer import Tokenizer
+from tests.pipeline_helpers import cft_iterator, rl_iterator, split_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +39,7 @@ def _sft_config(paths, **overrides):
 
 def _rl_config(paths, **overrides):
   cfg = {"sources": [{"path": paths["rl_math_train"], "task": "math", "template": "math_cot"}],
-         "template": "crl", "max_seq_len": 256, "batch_size": 4, "seed": 2}
+         "template": "crl", "max_seq_len": 256, "max_prompt_len": 256, "batch_size": 4, "seed": 2}
   return {**cfg, **overrides}
 
 
@@ -56,10 +58,10 @@ def _assert_same_batches(a, b):
 RESUME_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from cftjax.data import pipeline
     from cftjax.tokenizer import Tokenizer
+    from tests.pipeline_helpers import cft_iterator
     cfg, tokenizer_dir, state_path, out_path, n = sys.argv[1:6]
-    it = pipeline.make_sft_iterator(json.loads(cfg), Tokenizer.from_dir(tokenizer_dir))
+    it = cft_iterator(json.loads(cfg), Tokenizer.from_dir(tokenizer_dir))
     with open(state_path) as f:
       it.set_state(json.load(f))
     batches = [next(it) for _ in range(int(n))]
@@ -71,7 +73,7 @@ RESUME_SCRIPT = textwrap.dedent("""
 def test_resume_in_fresh_process_sees_the_same_batches(world, tmp_path):
   paths, tokenizer = world
   cfg = _sft_config(paths, max_seq_len=100, length_policy="drop")  # drops some
-  it = pipeline.make_sft_iterator(cfg, tokenizer)
+  it = cft_iterator(cfg, tokenizer)
   _take(it, 5)
   state_path = tmp_path / "state.json"
   state_path.write_text(json.dumps(it.get_state()))
@@ -91,8 +93,8 @@ def test_resume_in_fresh_process_sees_the_same_batches(world, tmp_path):
 
 def test_worker_processes_give_the_same_batches_and_resume(world):
   paths, tokenizer = world
-  serial = _take(pipeline.make_sft_iterator(_sft_config(paths), tokenizer), 6)
-  with pipeline.make_sft_iterator(_sft_config(paths, num_workers=1), tokenizer) as it:
+  serial = _take(cft_iterator(_sft_config(paths), tokenizer), 6)
+  with cft_iterator(_sft_config(paths, num_workers=1), tokenizer) as it:
     _assert_same_batches(_take(it, 3), serial[:3])
     state = json.loads(json.dumps(it.get_state()))
     _assert_same_batches(_take(it, 3), serial[3:])
@@ -101,7 +103,7 @@ def test_worker_processes_give_the_same_batches_and_resume(world):
 
 
 def _rl_ids(cfg, tokenizer, process_index, process_count):
-  batches = list(pipeline.make_rl_iterator(cfg, tokenizer, process_index, process_count))
+  batches = list(rl_iterator(cfg, tokenizer, process_index, process_count))
   assert all(len(b) == cfg["batch_size"] // process_count for b in batches[:-1])
   return [p["record"].id for b in batches for p in b]
 
@@ -124,7 +126,7 @@ def test_mixture_weights_and_epoch(world):
   sources_spec = [
       {"path": paths["rl_math_train"], "task": "math", "template": "math_cot", "weight": 0.8},
       {"path": paths["rl_crl_heldout"], "task": "crl", "name": "crl", "weight": 0.2}]
-  prompts = [p for b in pipeline.make_rl_iterator(
+  prompts = [p for b in rl_iterator(
       _rl_config(paths, sources=sources_spec, num_epochs=1), tokenizer) for p in b]
   # 40 math rows at weight 0.8 set the epoch: 40 math + 10 crl (4 crl rows cycled).
   counts = collections.Counter(p["task"] for p in prompts)
@@ -138,23 +140,23 @@ def test_mixture_weights_and_epoch(world):
 
 def test_rl_prompt_batches_match_render_prompt(world):
   paths, tokenizer = world
-  batch = next(pipeline.make_rl_iterator(_rl_config(paths), tokenizer))
+  batch = next(rl_iterator(_rl_config(paths), tokenizer))
   assert len(batch) == 4
   for prompt in batch:
     assert set(prompt) == {"prompt_ids", "record", "source", "task"}
     assert isinstance(prompt["record"], CritiqueRecord) and prompt["task"] == "math"
     assert prompt["prompt_ids"].dtype == np.int32 and prompt["prompt_ids"].ndim == 1
     np.testing.assert_array_equal(
-        prompt["prompt_ids"], templates.render_prompt(prompt["record"], "math_cot", tokenizer))
+        prompt["prompt_ids"], critique.render_prompt(prompt["record"], "math_cot", tokenizer))
 
 
 def test_rl_over_long_prompts_are_dropped_and_counted(world):
   paths, tokenizer = world
-  lengths = [len(templates.render_prompt(r, "crl", tokenizer))
+  lengths = [len(critique.render_prompt(r, "crl", tokenizer))
              for r in readers.load_records(paths["rl_crl_train"])]
   limit = max(lengths) - 1
   crl = [{"path": paths["rl_crl_train"], "task": "crl"}]
-  it = pipeline.make_rl_iterator(_rl_config(paths, sources=crl, num_epochs=1, max_prompt_len=limit),
+  it = rl_iterator(_rl_config(paths, sources=crl, num_epochs=1, max_prompt_len=limit),
                                  tokenizer)
   prompts = [p for b in it for p in b]
   assert all(len(p["prompt_ids"]) <= limit for p in prompts)
@@ -201,38 +203,50 @@ def test_bad_array_record_rows_error_or_skip(world, tmp_path):
   dataset, _ = sources.open_source({"path": path}, on_bad_row="skip")
   assert dataset[2] is None and dataset[3] is not None
   assert len(list(dataset.to_iter_dataset())) == 4
-  cfg = {"sources": [{"path": path}], "template": "cft", "max_seq_len": 256, "batch_size": 2,
-         "num_epochs": 2, "on_bad_row": "skip"}
-  it = pipeline.make_rl_iterator(cfg, tokenizer)
+  cfg = {"sources": [{"path": path}], "template": "cft", "max_seq_len": 256, "max_prompt_len": 256,
+         "batch_size": 2, "num_epochs": 2, "on_bad_row": "skip"}
+  it = rl_iterator(cfg, tokenizer)
   assert sum(len(b) for b in it) == 8
   assert it.length_counts["dropped_bad_row"] == 2 and it.length_counts["seen"] == 10
 
 
 def test_config_errors_name_the_key(world):
   paths, tokenizer = world
-  with pytest.raises(ValueError, match="'max_len'"):
-    pipeline.make_sft_iterator(_sft_config(paths, max_len=3), tokenizer)
+  with pytest.raises(config_lib.ConfigError, match="'config.data.max_len'"):
+    config_lib.set_override(config_lib.base_config(), "data.max_len", "3")
   bad_source = _sft_config(paths, sources=[{"path": paths["train"], "wieght": 2}])
   with pytest.raises(ValueError, match=r"sources\[0\].*'wieght'"):
-    pipeline.make_sft_iterator(bad_source, tokenizer)
-  with pytest.raises(ValueError, match="length_policy"):
-    pipeline.make_sft_iterator(_sft_config(paths, length_policy="clip"), tokenizer)
-  with pytest.raises(ValueError, match="not divisible"):
-    pipeline.make_sft_iterator(_sft_config(paths, batch_size=3), tokenizer, 0, 2)
+    cft_iterator(bad_source, tokenizer)
+  with pytest.raises(config_lib.ConfigError, match="data.length_policy"):
+    cft_iterator(_sft_config(paths, length_policy="clip"), tokenizer)
+  with pytest.raises(config_lib.ConfigError, match="not divisible"):
+    cft_iterator(_sft_config(paths, batch_size=3), tokenizer, 0, 2)
 
 
-def test_config_dict_from_ml_collections(world):
-  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
+def test_train_path_lists_comma_separated_sources(world):
   paths, tokenizer = world
-  cfg = config_dict.ConfigDict(_sft_config(paths))
-  _assert_same_batches(_take(pipeline.make_sft_iterator(cfg, tokenizer), 2),
-                       _take(pipeline.make_sft_iterator(_sft_config(paths), tokenizer), 2))
+  data = config_lib.base_config().data
+  data.train_path = f"{paths['train']}, {paths['heldout']}"
+  assert pipeline.train_sources(data) == [{"path": paths["train"], "format": "auto"},
+                                          {"path": paths["heldout"], "format": "auto"}]
+  data.sources = ({"path": paths["heldout"], "weight": 0.5},)
+  assert pipeline.train_sources(data) == [{"path": paths["heldout"], "weight": 0.5}]
+  data.sources, data.train_path = (), ""
+  with pytest.raises(config_lib.ConfigError, match="data.train_path"):
+    pipeline.train_sources(data)
+  cfg = _sft_config(paths, sources=[{"path": paths["train"]}, {"path": paths["heldout"]}])
+  data, stream = split_config(cfg)
+  data.train_path = f"{paths['train']},{paths['heldout']}"
+  stream["sources"] = pipeline.train_sources(data)
+  _assert_same_batches(_take(pipeline.make_cft_iterator(data, tokenizer, **stream), 2),
+                       _take(cft_iterator(cfg, tokenizer), 2))
 
 
 def test_inspect_shows_mask_and_histogram(world):
   paths, tokenizer = world
-  report = data_inspect.inspect_dataset(_sft_config(paths, max_seq_len=100), tokenizer,
-                                        num_examples=2)
+  data, stream = split_config(_sft_config(paths, max_seq_len=100))
+  data.sources = stream["sources"]
+  report = preview.inspect_dataset(data, tokenizer, num_examples=2)
   record = readers.load_records(paths["train"])[0]
   assert report.count("[[Critique:") == 2 and "Conclusion:" in report
   assert "< max_seq_len=100" in report and "(dropped)" in report

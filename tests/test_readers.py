@@ -12,8 +12,7 @@ import pytest
 
 from cftjax.data import readers
 from cftjax.data.readers import DataError, detect_format, load_records, parse_row, read_rows
-from cftjax.data.records import CritiqueRecord
-from cftjax.data.templates import get_template
+from cftjax.data.critique import CritiqueRecord, get_template
 
 CFT_INSTRUCTION = "Please critique whether the following solution to the question is correct.\n\n"
 QUESTION = "Find the sum of the roots of $x^2 - 5x + 6 = 0$."

@@ -1,4 +1,4 @@
-"""Tests for cftjax.train.rewards: registry, verdict/math/code rewards, routing, scaling, failures."""
+"""Tests for cftjax.rewards.registry: registry, verdict/math/code rewards, routing, scaling, failures."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import logging
 import ml_collections
 import pytest
 
-from cftjax.data.records import CritiqueRecord
-from cftjax.eval.grading import MathGrader
-from cftjax.train.rewards import (RewardComputer, RewardResult, extract_code, get_reward,
+from cftjax.data.critique import CritiqueRecord
+from cftjax.rewards.grading import MathGrader
+from cftjax.rewards.registry import (RewardComputer, RewardResult, extract_code, get_reward,
                                   register_reward, score_batch)
 
 
@@ -75,7 +75,7 @@ def test_verdict_reward(completion, label, style, expected):
 
 
 def test_raising_reward_scores_zero_and_is_logged(caplog):
-  with caplog.at_level(logging.WARNING, logger="cftjax.train.rewards"):
+  with caplog.at_level(logging.WARNING, logger="cftjax.rewards.registry"):
     result = get_reward("test_raises")("x", crl_record(True, record_id="r7"))
   assert result == RewardResult(0.0, "error: RuntimeError: boom on r7", error=True)
   assert "boom on r7" in caplog.text
@@ -146,7 +146,7 @@ def test_reward_computer_routes_scales_and_counts_errors(caplog):
   ]
   completions, records, tasks = map(list, zip(*items))
   with RewardComputer(ml_collections.ConfigDict(config)) as computer:
-    with caplog.at_level(logging.WARNING, logger="cftjax.train.rewards"):
+    with caplog.at_level(logging.WARNING, logger="cftjax.rewards.registry"):
       results = computer(completions, records, tasks)
     assert [r.score for r in results] == pytest.approx([0.8, 1.0, 1.0, 0.0, 1.0, 0.0])
     assert [r.error for r in results] == [False] * 5 + [True]

@@ -12,7 +12,8 @@ import pytest
 
 from cftjax import sampling
 from cftjax.models import Decoder, ModelConfig, init_cache, init_params
-from cftjax.train import losses
+from cftjax.models.decoder import token_log_probs
+from tests.full_forward import score_completions
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, attention_bias=True)
@@ -219,10 +220,10 @@ def test_sampler_logprobs_equal_trainer_logprobs(params, sampled):
     assert sampled.truncated[row] == (not stopped) and (stopped or m == NEW_TOKENS), row
     assert (sampled.tokens[row, m:] == 0).all()
 
-  scored = np.asarray(sampling.score_completions(params, CFG, tokens, mask, TEMPERATURE))
+  scored = score_completions(params, CFG, tokens, mask, TEMPERATURE)
   np.testing.assert_allclose(scored, expected, atol=1e-5, rtol=0)
   logits = _forward(params, jnp.asarray(tokens))
-  trainer = np.asarray(losses.token_log_probs(logits[:, :-1], jnp.asarray(tokens[:, 1:]), TEMPERATURE))
+  trainer = np.asarray(token_log_probs(logits[:, :-1], jnp.asarray(tokens[:, 1:]), TEMPERATURE))
   np.testing.assert_allclose(scored[:, 1:] * mask[:, 1:], trainer * mask[:, 1:], atol=1e-5, rtol=0)
 
   # Every sampled token lies inside the top-k / top-p set of its temperature-scaled distribution.

@@ -1,4 +1,4 @@
-"""Tests for cftjax.train.sandbox: hostile programs are contained and score 0; correct ones score 1."""
+"""Tests for cftjax.rewards.sandbox: hostile programs are contained and score 0; correct ones score 1."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from cftjax.train.sandbox import run_python, run_tests
+from cftjax.rewards.sandbox import run_python, run_tests
 
 ADD_TWO = "a, b = map(int, input().split())\nprint(a + b)\n"
 STDIN_TESTS = {"inputs": ["1 2", "3 4\n", ["10", "20"], "0 0"], "outputs": ["3", "7\n", "30", ["0"]]}

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from cftjax.data import readers, synthetic
-from cftjax.data.templates import get_template, render_prompt, render_sft
-from cftjax.data.verdicts import parse_verdict
+from cftjax.data.critique import get_template, parse_verdict, render_prompt, render_sft
 from cftjax.tokenizer import Tokenizer
 
 _PROBLEM = re.compile(r"What is (\d+) \+ (\d+)\?")

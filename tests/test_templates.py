@@ -6,8 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cftjax.data.records import CritiqueRecord
-from cftjax.data.templates import PromptTemplate, get_template, render_prompt, render_sft
+from cftjax.data.critique import CritiqueRecord, PromptTemplate, get_template, render_prompt, render_sft
 from cftjax.tokenizer import Tokenizer
 from tests import tokenizer_fixtures
 

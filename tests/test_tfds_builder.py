@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cftjax.data import pipeline, readers, synthetic, tfds_builder
+from cftjax.data import readers, synthetic, tfds_builder
 from cftjax.tokenizer import Tokenizer
+from tests.pipeline_helpers import cft_iterator
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,9 @@ def test_pipeline_reads_tfds_exactly_like_the_jsonl(world, tmp_path):
   paths, tokenizer = world
   out = tfds_builder.build_dataset(paths["train"], str(tmp_path), name="train")
   cfg = {"template": "cft", "max_seq_len": 256, "batch_size": 4, "seed": 3, "num_epochs": 1}
-  from_jsonl = list(pipeline.make_sft_iterator({**cfg, "sources": [{"path": paths["train"]}]},
-                                               tokenizer))
-  from_tfds = list(pipeline.make_sft_iterator(
-      {**cfg, "sources": [{"path": os.path.dirname(out), "kind": "tfds"}]}, tokenizer))
+  from_jsonl = list(cft_iterator({**cfg, "sources": [{"path": paths["train"]}]}, tokenizer))
+  from_tfds = list(cft_iterator({**cfg, "sources": [{"path": os.path.dirname(out), "kind": "tfds"}]},
+                                tokenizer))
   assert len(from_jsonl) == len(from_tfds) > 0
   for a, b in zip(from_jsonl, from_tfds):
     for key in a:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cftjax.data.verdicts import (last_braced_argument, parse_processbench_step, parse_verdict,
+from cftjax.data.critique import (last_braced_argument, parse_processbench_step, parse_verdict,
                                   remove_think)
 
 # Any unicode text without think tags (those get their own tests).

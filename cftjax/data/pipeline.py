@@ -1,6 +1,10 @@
 """Grain input pipelines: weighted source mixtures -> CFT batches (packed/padded) or RL prompts.
 
-Sharded per JAX process, seeded, epoch-aware, and resumable from a JSON iterator state.
+Every builder reads the config's `data` section (`cftjax.config.base_config`: template, max_seq_len,
+length_policy, on_bad_row, packing, seed) and takes what differs per stream as keyword arguments:
+the source specs, the global batch size, the epochs and the worker processes (and, for RL prompts,
+max_prompt_len). Sharded per JAX process, seeded, epoch-aware, and resumable from a JSON iterator
+state.
 """
 
 from __future__ import annotations
@@ -13,19 +17,15 @@ from typing import Any
 import grain
 import numpy as np
 
+from cftjax.config import ConfigError
 from cftjax.data import sources as sources_lib
-from cftjax.data import templates as templates_lib
+from cftjax.data import critique
 
 logger = logging.getLogger(__name__)
 
 LENGTH_POLICIES = ("drop", "truncate", "error")
-CONFIG_DEFAULTS: dict[str, Any] = {
-    "sources": None, "template": None, "max_seq_len": None, "batch_size": None, "packing": True,
-    "length_policy": "drop", "on_bad_row": "error", "seed": 0, "num_epochs": None,
-    "num_workers": 0, "max_prompt_len": None,
-}
-_REQUIRED_KEYS = ("sources", "max_seq_len", "batch_size")
-SFT_KEYS = ("inputs", "targets", "loss_mask")
+ON_BAD_ROW = ("error", "skip")
+CFT_KEYS = ("inputs", "targets", "loss_mask")
 
 # Example status set by the (possibly out-of-process) renderers, counted in the main process.
 OK, TRUNCATED, TOO_LONG, NO_TARGET = "ok", "truncated", "too_long", "no_target"
@@ -35,54 +35,59 @@ COUNT_KEYS = ("seen", "kept", "truncated", "dropped_too_long", "dropped_no_targe
 
 
 # ----------------------------------------------------------------------------------------------
-# Config.
+# The data section and the stream arguments.
 
-def resolve_data_config(data_cfg: Any) -> dict[str, Any]:
-  """A plain dict of the data config with defaults filled in; unknown or bad keys raise."""
-  cfg = dict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg)
-  unknown = sorted(set(cfg) - set(CONFIG_DEFAULTS))
-  if unknown:
-    raise ValueError(f"data config: unknown key {unknown[0]!r}; allowed keys: "
-                     f"{sorted(CONFIG_DEFAULTS)} (see docs/data.md)")
-  cfg = {**CONFIG_DEFAULTS, **cfg}
-  for key in _REQUIRED_KEYS:
-    if cfg[key] is None:
-      raise ValueError(f"data config: {key!r} is required (see docs/data.md)")
-  if isinstance(cfg["sources"], (str, Mapping)) or not len(cfg["sources"]):
-    raise ValueError("data config: 'sources' must be a non-empty list of source specs")
-  cfg["sources"] = [sources_lib.normalize_source_spec(s, f"data config sources[{i}]")
-                    for i, s in enumerate(cfg["sources"])]
-  for key in ("max_seq_len", "batch_size"):
-    if int(cfg[key]) < 1:
-      raise ValueError(f"data config: {key}={cfg[key]!r} must be a positive integer")
-  if cfg["length_policy"] not in LENGTH_POLICIES:
-    raise ValueError(f"data config: length_policy={cfg['length_policy']!r} is not one of "
-                     f"{LENGTH_POLICIES}")
-  if cfg["on_bad_row"] not in ("error", "skip"):
-    raise ValueError(f"data config: on_bad_row={cfg['on_bad_row']!r} must be 'error' or 'skip'")
-  if cfg["num_epochs"] is not None and int(cfg["num_epochs"]) < 1:
-    raise ValueError(f"data config: num_epochs={cfg['num_epochs']!r} must be >= 1 or None")
-  if int(cfg["num_workers"]) < 0:
-    raise ValueError(f"data config: num_workers={cfg['num_workers']!r} must be >= 0")
-  return cfg
+def train_sources(data: Any) -> list[dict[str, Any]]:
+  """The training rows' source specs: data.sources, else one spec per ","-separated path of
+  data.train_path (read as data.format)."""
+  if data.sources:
+    return [dict(spec) for spec in data.sources]
+  paths = [path.strip() for path in data.train_path.split(",") if path.strip()]
+  if not paths:
+    raise ConfigError("no training data: set --config.data.train_path (or data.sources)")
+  return [{"path": path, "format": data.format} for path in paths]
 
 
-def _host_batch_size(cfg: dict[str, Any], process_count: int) -> int:
-  if cfg["batch_size"] % process_count:
-    raise ValueError(f"data config: batch_size={cfg['batch_size']} (global) is not divisible by "
-                     f"the process count {process_count}")
-  return cfg["batch_size"] // process_count
+def check_data(data: Any) -> None:
+  """Raises a ConfigError naming the key when the data section's rendering keys are unusable."""
+  if int(data.max_seq_len) < 1:
+    raise ConfigError(f"data.max_seq_len={data.max_seq_len!r} must be a positive number of tokens")
+  if data.length_policy not in LENGTH_POLICIES:
+    raise ConfigError(f"data.length_policy={data.length_policy!r} is not one of {LENGTH_POLICIES}; "
+                      "set --config.data.length_policy=drop")
+  if data.on_bad_row not in ON_BAD_ROW:
+    raise ConfigError(f"data.on_bad_row={data.on_bad_row!r} is not one of {ON_BAD_ROW}; set "
+                      "--config.data.on_bad_row=error")
 
 
-def source_templates(cfg: dict[str, Any]) -> list[Any]:
-  """The template object of each source: its own 'template' or the config's."""
+def source_specs(sources: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """The source specs validated, with their defaults filled in (`sources.normalize_source_spec`)."""
+  if isinstance(sources, (str, Mapping)) or not len(sources):
+    raise ConfigError("data.sources must be a non-empty tuple of source specs (dicts with a 'path'), "
+                      "or set data.train_path")
+  return [sources_lib.normalize_source_spec(spec, f"data.sources[{i}]") for i, spec in enumerate(sources)]
+
+
+def host_batch_size(batch_size: int, process_count: int) -> int:
+  """This process's rows of a global batch of `batch_size` rows."""
+  if int(batch_size) < 1:
+    raise ConfigError(f"batch size {batch_size!r} must be a positive number of rows; set "
+                      "data.batch_size (eval.batch_size for the held-out loss)")
+  if batch_size % process_count:
+    raise ConfigError(f"batch size {batch_size} (global; data.batch_size or eval.batch_size) is not "
+                      f"divisible by the process count {process_count}; make it a multiple of it")
+  return batch_size // process_count
+
+
+def source_templates(data: Any, specs: Sequence[Mapping[str, Any]]) -> list[Any]:
+  """The template object of each source spec: its own 'template', else data.template."""
   resolved = []
-  for i, spec in enumerate(cfg["sources"]):
-    name_or_spec = spec["template"] if spec["template"] is not None else cfg["template"]
-    if name_or_spec is None:
-      raise ValueError(f"data config: no template for sources[{i}] ({spec['name']!r}); set "
-                       "'template' in the data config or in the source spec")
-    resolved.append(templates_lib.get_template(name_or_spec))
+  for i, spec in enumerate(specs):
+    name_or_spec = spec["template"] if spec["template"] is not None else data.template
+    if not name_or_spec:
+      raise ConfigError(f"no template for data.sources[{i}] ({spec['name']!r}); set "
+                        "data.template or the source spec's 'template'")
+    resolved.append(critique.get_template(name_or_spec))
   return resolved
 
 
@@ -123,9 +128,10 @@ def epoch_quotas(num_rows: Sequence[int], weights: Sequence[float]) -> list[int]
   return [max(n, round(s * rows_per_share)) for n, s in zip(num_rows, shares)]
 
 
-def open_config_source(cfg: dict[str, Any], spec: dict[str, Any]):
-  """open_source for a resolved data config: lazily read bad rows become BadRow items to count."""
-  on_bad_row = "mark" if cfg["on_bad_row"] == "skip" else "error"
+def open_config_source(data: Any, spec: dict[str, Any]):
+  """open_source of a normalised spec under data.on_bad_row: with "skip", lazily read bad rows
+  become BadRow items to count."""
+  on_bad_row = "mark" if data.on_bad_row == "skip" else "error"
   return sources_lib.open_source(spec, on_bad_row=on_bad_row)
 
 
@@ -139,35 +145,36 @@ class _TagComponent:
     return (self.component, record)
 
 
-def open_mixture(cfg: dict[str, Any], process_index: int, process_count: int
+def open_mixture(data: Any, specs: Sequence[dict[str, Any]], num_epochs: int | None,
+                 process_index: int, process_count: int
                  ) -> tuple[grain.MapDataset, list[sources_lib.SourceInfo]]:
-  """MapDataset of (component, CritiqueRecord) for this host: shard -> shuffle -> mix -> epochs."""
+  """MapDataset of (component, CritiqueRecord) for this host: shard -> shuffle (data.seed) -> mix
+  the normalised `specs` by weight -> `num_epochs` epochs (None: endless)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
   components, infos, shard_rows = [], [], []
-  for c, spec in enumerate(cfg["sources"]):
-    dataset, info = open_config_source(cfg, spec)
+  for c, spec in enumerate(specs):
+    dataset, info = open_config_source(data, spec)
     shard = dataset[process_index::process_count]
     if len(shard) == 0:
       raise ValueError(f"source {info.name!r} has {info.num_rows} rows, too few to give each of "
                        f"{process_count} processes at least one")
-    seed = (int(cfg["seed"]) * 1_000_003 + c) % 2**32
+    seed = (int(data.seed) * 1_000_003 + c) % 2**32
     components.append(shard.shuffle(seed=seed).repeat(None).map(_TagComponent(c)))
     infos.append(info)
     shard_rows.append(len(shard))
   quotas = epoch_quotas(shard_rows, [info.weight for info in infos])
   logger.info("data mixture (process %d/%d): %s rows per epoch", process_index, process_count,
               ", ".join(f"{i.name}={q}" for i, q in zip(infos, quotas)))
-  mixture = grain.MapDataset.select_from_datasets(components, EpochMixture(quotas,
-                                                                           cfg["num_epochs"]))
+  mixture = grain.MapDataset.select_from_datasets(components, EpochMixture(quotas, num_epochs))
   return mixture, infos
 
 
 # ----------------------------------------------------------------------------------------------
 # Rendering (runs in worker processes when num_workers > 0; must be picklable).
 
-class SFTExampleMaker:
-  """(component, record) -> shifted SFT example with its length-policy status."""
+class CFTExampleMaker:
+  """(component, record) -> shifted CFT example with its length-policy status."""
 
   def __init__(self, templates: Sequence[Any], tokenizer: Any, max_seq_len: int,
                length_policy: str):
@@ -178,7 +185,7 @@ class SFTExampleMaker:
 
   def render(self, component: int, record) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [n] and their trained-token mask [n] (float32)."""
-    ids, mask = templates_lib.render_sft(record, self.templates[component], self.tokenizer)
+    ids, mask = critique.render_sft(record, self.templates[component], self.tokenizer)
     return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
 
   def __call__(self, tagged) -> dict[str, Any]:
@@ -214,7 +221,7 @@ class RLPromptMaker:
     component, record = tagged
     if isinstance(record, sources_lib.BadRow):
       return _bad_row_item(record)
-    ids = np.asarray(templates_lib.render_prompt(record, self.templates[component],
+    ids = np.asarray(critique.render_prompt(record, self.templates[component],
                                                  self.tokenizer), np.int32)
     prompt = {"prompt_ids": ids, "record": record, "source": self.names[component],
               "task": self.tasks[component]}
@@ -272,8 +279,7 @@ class _LengthPolicyIterator(grain.DatasetIterator):
       if status == TOO_LONG and self._policy == "error":
         raise ValueError(
             f"{item['where']}: {item['length']} tokens > {self._limit_key}={self._limit}; "
-            f"raise {self._limit_key} or set the data config's length_policy to 'drop' or "
-            "'truncate'")
+            f"raise {self._limit_key} or set data.length_policy to 'drop' or 'truncate'")
       if status in (TOO_LONG, NO_TARGET, BAD_ROW):
         self._count_event("dropped_" + status, item)
         continue
@@ -364,7 +370,7 @@ class _PadBatchRows:
 
 def _packed_to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Grain's packed rows (inputs_positions, inputs_segment_ids, ...) -> the CFT batch keys."""
-  batch = {key: packed[key] for key in SFT_KEYS}
+  batch = {key: packed[key] for key in CFT_KEYS}
   batch["positions"] = packed["inputs_positions"]
   batch["segment_ids"] = packed["inputs_segment_ids"]
   return batch
@@ -378,74 +384,75 @@ class _PadExample:
 
   def __call__(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     n = len(example["inputs"])
-    row = {key: np.pad(example[key], (0, self.seq_len - n)) for key in SFT_KEYS}
+    row = {key: np.pad(example[key], (0, self.seq_len - n)) for key in CFT_KEYS}
     row["positions"] = np.pad(np.arange(n, dtype=np.int32), (0, self.seq_len - n))
     row["segment_ids"] = np.pad(np.ones(n, np.int32), (0, self.seq_len - n))
     return row
 
 
-def _build_sft(data_cfg: Any, tokenizer: Any, process_index: int, process_count: int
-               ) -> tuple[grain.IterDataset, dict[str, int]]:
-  cfg = resolve_data_config(data_cfg)
-  batch_rows = _host_batch_size(cfg, process_count)
-  seq_len = int(cfg["max_seq_len"])
-  mixture, _ = open_mixture(cfg, process_index, process_count)
-  maker = SFTExampleMaker(source_templates(cfg), tokenizer, seq_len, cfg["length_policy"])
+def _open_stream(data: Any, sources: Sequence[Mapping[str, Any]], batch_size: int,
+                 num_epochs: int | None, num_workers: int, process_index: int, process_count: int
+                 ) -> tuple[grain.MapDataset, list[sources_lib.SourceInfo], list[Any], int]:
+  """Checks the data section and the stream arguments; returns this host's mixture (`open_mixture`),
+  the sources' infos and templates, and the host's rows per batch."""
+  check_data(data)
+  specs = source_specs(sources)
+  batch_rows = host_batch_size(batch_size, process_count)
+  if num_epochs is not None and int(num_epochs) < 1:
+    raise ConfigError(f"data.num_epochs={num_epochs!r} must be >= 1 (or set train.steps)")
+  if int(num_workers) < 0:
+    raise ConfigError(f"data.num_workers={num_workers!r} must be >= 0 (0 renders in-process)")
+  mixture, infos = open_mixture(data, specs, num_epochs, process_index, process_count)
+  return mixture, infos, source_templates(data, specs), batch_rows
+
+
+def make_cft_iterator(data: Any, tokenizer: Any, *, sources: Sequence[Mapping[str, Any]],
+                      batch_size: int, num_epochs: int | None, num_workers: int = 0,
+                      process_index: int = 0, process_count: int = 1) -> DataIterator:
+  """Host-local CFT batches of `sources`' rows rendered as `data` says; get_state()/set_state()
+  resume exactly.
+
+  Each batch: {inputs, targets, loss_mask, positions, segment_ids}, each [batch_size //
+  process_count, data.max_seq_len], several examples per row when data.packing. num_epochs: passes
+  over the mixture (None: endless). num_workers: rendering processes (0: in-process).
+  """
+  mixture, _, templates, batch_rows = _open_stream(data, sources, batch_size, num_epochs, num_workers,
+                                                   process_index, process_count)
+  seq_len = int(data.max_seq_len)
+  maker = CFTExampleMaker(templates, tokenizer, seq_len, data.length_policy)
   counts: dict[str, int] = {}
-  examples = LengthPolicyIterDataset(_rendered_stream(mixture, maker, int(cfg["num_workers"])),
-                                     seq_len, "max_seq_len", cfg["length_policy"], counts)
-  if cfg["packing"]:
+  examples = LengthPolicyIterDataset(_rendered_stream(mixture, maker, int(num_workers)), seq_len,
+                                     "data.max_seq_len", data.length_policy, counts)
+  if data.packing:
     packed = grain.experimental.FirstFitPackIterDataset(
-        examples, length_struct=dict.fromkeys(SFT_KEYS, seq_len), num_packing_bins=batch_rows,
+        examples, length_struct=dict.fromkeys(CFT_KEYS, seq_len), num_packing_bins=batch_rows,
         shuffle_bins=False)
     batches = packed.batch(batch_rows).map(_packed_to_batch)
   else:
     batches = examples.map(_PadExample(seq_len)).batch(batch_rows)
-  return batches.map(_PadBatchRows(batch_rows)), counts
-
-
-def make_sft_dataset(data_cfg: Any, tokenizer: Any, process_index: int = 0,
-                     process_count: int = 1) -> grain.IterDataset:
-  """IterDataset of host-local CFT batches ({inputs, targets, loss_mask, positions, segment_ids},
-  each [data_cfg.batch_size // process_count, data_cfg.max_seq_len])."""
-  return _build_sft(data_cfg, tokenizer, process_index, process_count)[0]
-
-
-def make_sft_iterator(data_cfg: Any, tokenizer: Any, process_index: int = 0,
-                      process_count: int = 1) -> DataIterator:
-  """Iterator over `make_sft_dataset` batches; get_state()/set_state() resume exactly."""
-  dataset, counts = _build_sft(data_cfg, tokenizer, process_index, process_count)
-  return DataIterator(iter(dataset), counts)
+  return DataIterator(iter(batches.map(_PadBatchRows(batch_rows))), counts)
 
 
 # ----------------------------------------------------------------------------------------------
 # RL prompt batches.
 
-def _build_rl(data_cfg: Any, tokenizer: Any, process_index: int, process_count: int
-              ) -> tuple[grain.IterDataset, dict[str, int]]:
-  cfg = resolve_data_config(data_cfg)
-  batch_rows = _host_batch_size(cfg, process_count)
-  max_prompt_len = int(cfg["max_prompt_len"] or cfg["max_seq_len"])
-  if cfg["length_policy"] == "truncate":
-    logger.warning("length_policy='truncate' does not apply to RL prompts: over-long prompts "
-                   "(> max_prompt_len=%d) are dropped and counted", max_prompt_len)
-  mixture, infos = open_mixture(cfg, process_index, process_count)
-  maker = RLPromptMaker(source_templates(cfg), infos, tokenizer, max_prompt_len)
+def make_rl_iterator(data: Any, tokenizer: Any, *, sources: Sequence[Mapping[str, Any]],
+                     batch_size: int, num_epochs: int | None, max_prompt_len: int,
+                     num_workers: int = 0, process_index: int = 0, process_count: int = 1
+                     ) -> DataIterator:
+  """Host-local RL prompt batches of `sources`' rows; get_state()/set_state() resume exactly.
+
+  Each batch: a list of batch_size // process_count dicts {"prompt_ids": int32 [P], "record",
+  "source", "task"} (the last one of a finite stream may be shorter). Prompts longer than
+  max_prompt_len (rl.max_prompt_len) are dropped and counted, whatever data.length_policy says.
+  Other arguments as for `make_cft_iterator`.
+  """
+  if int(max_prompt_len) < 1:
+    raise ConfigError(f"rl.max_prompt_len={max_prompt_len!r} must be a positive number of tokens")
+  mixture, infos, templates, batch_rows = _open_stream(data, sources, batch_size, num_epochs,
+                                                       num_workers, process_index, process_count)
+  maker = RLPromptMaker(templates, infos, tokenizer, max_prompt_len)
   counts: dict[str, int] = {}
-  prompts = LengthPolicyIterDataset(_rendered_stream(mixture, maker, int(cfg["num_workers"])),
-                                    max_prompt_len, "max_prompt_len", cfg["length_policy"], counts)
-  return prompts.batch(batch_rows, batch_fn=list), counts
-
-
-def make_rl_dataset(data_cfg: Any, tokenizer: Any, process_index: int = 0,
-                    process_count: int = 1) -> grain.IterDataset:
-  """IterDataset of host-local RL prompt batches: lists of data_cfg.batch_size // process_count
-  dicts {"prompt_ids": int32 [P], "record", "source", "task"} (the last one may be shorter)."""
-  return _build_rl(data_cfg, tokenizer, process_index, process_count)[0]
-
-
-def make_rl_iterator(data_cfg: Any, tokenizer: Any, process_index: int = 0,
-                     process_count: int = 1) -> DataIterator:
-  """Iterator over `make_rl_dataset` batches; get_state()/set_state() resume exactly."""
-  dataset, counts = _build_rl(data_cfg, tokenizer, process_index, process_count)
-  return DataIterator(iter(dataset), counts)
+  prompts = LengthPolicyIterDataset(_rendered_stream(mixture, maker, int(num_workers)),
+                                    int(max_prompt_len), "rl.max_prompt_len", "drop", counts)
+  return DataIterator(iter(prompts.batch(batch_rows, batch_fn=list)), counts)

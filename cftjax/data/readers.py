@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any, Callable, Iterator
 
-from cftjax.data.records import CritiqueRecord
+from cftjax.data.critique import CritiqueRecord, parse_verdict
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ def _critique_body(text: str, where: str, field: str) -> str:
 
 
 def _verdict(critique: str) -> bool | None:
-  from cftjax.data.verdicts import parse_verdict  # pylint: disable=import-outside-toplevel
   return parse_verdict(critique, "cft")
 
 

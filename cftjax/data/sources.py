@@ -16,7 +16,7 @@ from typing import Any
 import grain
 
 from cftjax.data import readers
-from cftjax.data.records import CritiqueRecord
+from cftjax.data.critique import CritiqueRecord
 
 logger = logging.getLogger(__name__)
 

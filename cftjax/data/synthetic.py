@@ -8,10 +8,12 @@ import json
 import logging
 import os
 import random
-from typing import Sequence
+from typing import Any, Sequence
 
-from cftjax.data.records import CritiqueRecord
-from cftjax.data.templates import get_template
+import jax
+from jax.experimental import multihost_utils
+
+from cftjax.data.critique import CritiqueRecord, get_template
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ ERROR_KINDS = ("digit_off", "dropped_carry", "swapped_digits")
 _TOKENIZER_CORPUS_TEMPLATES = ("cft", "crl", "math_cot")
 _TOKENIZER_CORPUS_SIZE = 1000
 WORLD_FILE = "world.json"
+DEFAULT_WORLD_DIR = "world"  # under the run directory
 
 
 def question_text(a: int, b: int) -> str:
@@ -275,3 +278,39 @@ def written_world_params(out_dir: str) -> dict | None:
 def _write_text(path: str, text: str) -> None:
   with open(path, "w", encoding="utf-8") as f:
     f.write(text)
+
+
+def ensure_world(config: Any) -> None:
+  """Writes the world of a run config (data.world, seeded by data.seed) into data.world_dir (default
+  RUN_DIR/world) unless one is there, and points unset data.train_path, data.eval_path and
+  model.tokenizer_dir at it. Process 0 writes; every host must see the directory.
+
+  A world already in data.world_dir is used as written: data.world keys that differ from it are
+  logged and set to the written values, so the run's config.json describes the data it trained on.
+  """
+  world_dir = config.data.world_dir or os.path.join(config.train.run_dir, DEFAULT_WORLD_DIR)
+  world = config.data.world
+  if jax.process_index() == 0 and written_world_params(world_dir) is None:
+    write_world(world_dir, seed=config.data.seed, **world)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("synthetic world written")
+  written = written_world_params(world_dir)
+  if written is None:
+    raise FileNotFoundError(f"no synthetic world in data.world_dir={world_dir!r} on process "
+                            f"{jax.process_index()}: process 0 writes it, so it must be on a "
+                            "filesystem every host sees")
+  differing = {key: (value, written[key]) for key, value in world.items()
+               if key in written and written[key] != value}
+  if differing:
+    log.warning("data.world_dir=%s holds a world written with other data.world settings (asked, "
+                "written: %s); using it as written. Point data.world_dir at a fresh directory for "
+                "a new world", world_dir, differing)
+    for key, (_, value) in differing.items():
+      world[key] = value
+  if written["seed"] != config.data.seed:
+    log.warning("data.world_dir=%s holds a world written with seed %d; data.seed=%d only seeds the "
+                "shuffle here", world_dir, written["seed"], config.data.seed)
+  config.data.world_dir = world_dir
+  config.data.train_path = config.data.train_path or os.path.join(world_dir, "train.jsonl")
+  config.data.eval_path = config.data.eval_path or os.path.join(world_dir, "heldout.jsonl")
+  config.model.tokenizer_dir = config.model.tokenizer_dir or os.path.join(world_dir, "tokenizer")

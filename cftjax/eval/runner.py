@@ -1,5 +1,5 @@
 """Benchmark runner: batched generation, scoring, resumable per-example JSONL, summary and table for
-`cftjax eval`, and the same suites as a periodic in-training hook (`make_periodic_eval`)."""
+`cftjax eval`, and the same suites as a periodic in-training hook (`PeriodicEval`)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ import jax
 import numpy as np
 import tqdm
 
+from cftjax import config as config_lib
 from cftjax import sampling
-from cftjax.data import templates, verdicts
-from cftjax.data.records import CritiqueRecord
+from cftjax.data import critique
+from cftjax.data.critique import CritiqueRecord
 from cftjax.eval import metrics as metrics_lib
-from cftjax.eval.grading import MathGrader, extract_boxed
-from cftjax.eval.suites import DEFAULT_STOP_TOKENS, Benchmark, Example, critique_example, load_examples
+from cftjax.rewards.grading import MathGrader, extract_boxed
+from cftjax.eval.suites import Benchmark, Example, base_suite_config, critique_example, load_examples
 from cftjax.models import ModelConfig
+from cftjax.models import checkpoint_io
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +34,6 @@ SUMMARY_FILE = "summary.json"
 # The metrics printed in the table, per benchmark kind (pass@k / maj@k are added from `ks`).
 TABLE_METRICS = {"critique": ("accuracy", "balanced_accuracy", "f1_right", "f1_wrong", "missing_rate"),
                  "processbench": ("f1", "error_acc", "correct_acc", "missing_rate")}
-
-
-@dataclasses.dataclass(frozen=True)
-class SuiteSettings:
-  """Settings shared by every benchmark of a suite (config keys of the same names)."""
-
-  batch_size: int = 16  # prompts per generate call (fixed: the last batch is padded)
-  prompt_buckets: tuple[int, ...] | None = None  # padded prompt lengths; None = powers of two >= 16
-  cache_dtype: str = "float32"
-  seed: int = 0
-  stop_tokens: tuple[str, ...] = DEFAULT_STOP_TOKENS
-  grader_workers: int = 2
-  grader_timeout_s: float = 5.0
-  progress_bar: bool = True
 
 
 @dataclasses.dataclass
@@ -61,19 +49,22 @@ class PreparedBenchmark:
 # Suite configs.
 
 
-def suite_from_config(config: Any) -> tuple[list[Benchmark], SuiteSettings]:
-  """The benchmarks (in `config.benchmarks_to_run` order, else sorted by name) and shared settings.
+def suite_benchmarks(config: Any) -> list[Benchmark]:
+  """The benchmarks of an eval suite config (`suites.base_suite_config`), in `config.benchmarks_to_run`
+  order, else sorted by name; raises naming the key of an unusable entry or config.batch_size.
 
   A global `config.limit` > 0 caps every benchmark's limit.
   """
+  if config.batch_size < 1:
+    raise ValueError(f"config.batch_size={config.batch_size}; it must be >= 1")
   entries = config.benchmarks
-  names = [n.strip() for n in config.get("benchmarks_to_run", "").split(",") if n.strip()]
+  names = [n.strip() for n in config.benchmarks_to_run.split(",") if n.strip()]
   names = names or sorted(entries.keys())
   unknown = [n for n in names if n not in entries]
   if unknown:
     raise ValueError(f"config.benchmarks_to_run names {unknown}, which are not in config.benchmarks "
                      f"({sorted(entries.keys())})")
-  cap = config.get("limit", 0)
+  cap = config.limit
   benchmarks = []
   for name in names:
     entry = entries[name]
@@ -82,22 +73,14 @@ def suite_from_config(config: Any) -> tuple[list[Benchmark], SuiteSettings]:
     if cap:
       bench = dataclasses.replace(bench, limit=min(bench.limit, cap) if bench.limit else cap)
     benchmarks.append(bench)
-  buckets = tuple(config.get("prompt_buckets", ())) or None
-  settings = SuiteSettings(
-      batch_size=config.batch_size, prompt_buckets=buckets, cache_dtype=config.cache_dtype,
-      seed=config.seed, stop_tokens=tuple(config.get("stop_tokens", DEFAULT_STOP_TOKENS)),
-      grader_workers=config.grader_workers, grader_timeout_s=config.grader_timeout_s,
-      progress_bar=config.progress_bar)
-  if settings.batch_size < 1:
-    raise ValueError(f"config.batch_size={settings.batch_size}; it must be >= 1")
-  return benchmarks, settings
+  return benchmarks
 
 
 def prepare(bench: Benchmark, tokenizer: Any, examples: list[Example] | None = None) -> PreparedBenchmark:
   """Loads the examples (unless given) and renders their prompts."""
   examples = load_examples(bench) if examples is None else examples
   template = bench.prompt_template()
-  prompts = [templates.render_prompt(e.record, template, tokenizer) for e in examples]
+  prompts = [critique.render_prompt(e.record, template, tokenizer) for e in examples]
   return PreparedBenchmark(bench, examples, prompts)
 
 
@@ -124,27 +107,27 @@ class Completion:
 
 
 def generate_completions(params: Any, model_cfg: ModelConfig, tokenizer: Any, prompts: Sequence[np.ndarray],
-                         bench: Benchmark, settings: SuiteSettings
-                         ) -> Iterator[tuple[list[int], list[Completion], float]]:
+                         bench: Benchmark, suite: Any) -> Iterator[tuple[list[int], list[Completion], float]]:
   """Generates for prompts in fixed-size batches, shortest prompts first.
 
+  suite: the eval suite config (batch_size, prompt_buckets, cache_dtype, seed, stop_tokens).
   Yields (positions into `prompts`, their completions, seconds the batch took). Every call has
-  `settings.batch_size` rows (the last batch repeats its last prompt), so each prompt bucket
+  `suite.batch_size` rows (the last batch repeats its last prompt), so each prompt bucket
   compiles once. A batch's rng is the suite seed folded with the batch's first position.
   """
   order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-  eos = stop_ids(tokenizer, settings.stop_tokens)
+  eos = stop_ids(tokenizer, suite.stop_tokens)
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-  for start in range(0, len(order), settings.batch_size):
-    positions = order[start:start + settings.batch_size]
+  for start in range(0, len(order), suite.batch_size):
+    positions = order[start:start + suite.batch_size]
     batch = [prompts[i] for i in positions]
-    batch += [batch[-1]] * (settings.batch_size - len(batch))
+    batch += [batch[-1]] * (suite.batch_size - len(batch))
     began = time.perf_counter()
     result = sampling.generate(
-        params, model_cfg, batch, rng=jax.random.fold_in(jax.random.PRNGKey(settings.seed), positions[0]),
+        params, model_cfg, batch, rng=jax.random.fold_in(jax.random.PRNGKey(suite.seed), positions[0]),
         max_new_tokens=bench.max_new_tokens, temperature=bench.temperature, top_k=bench.top_k,
-        top_p=bench.top_p, stop_ids=eos, pad_id=pad_id, cache_dtype=settings.cache_dtype,
-        prompt_buckets=settings.prompt_buckets)
+        top_p=bench.top_p, stop_ids=eos, pad_id=pad_id, cache_dtype=suite.cache_dtype,
+        prompt_buckets=tuple(suite.prompt_buckets) or None)
     seconds = time.perf_counter() - began
     completions = [
         Completion(tokenizer.decode(result.tokens[row, :result.lengths[row]], skip_special_tokens=True),
@@ -182,12 +165,12 @@ def score_samples(bench: Benchmark, examples: Sequence[Example], completions: Se
   elif bench.kind == "critique":
     scored = []
     for e, c in flat:
-      verdict = verdicts.parse_verdict(c.text, bench.verdict_style)
+      verdict = critique.parse_verdict(c.text, bench.verdict_style)
       scored.append({"prediction": verdict, "correct": verdict is not None and verdict == e.target})
   else:
     scored = []
     for e, c in flat:
-      step = verdicts.parse_processbench_step(c.text)
+      step = critique.parse_processbench_step(c.text)
       scored.append({"prediction": step, "correct": step is not None and step == e.target})
   samples = [{"completion": c.text, **s, "num_tokens": c.num_tokens, "truncated": c.truncated}
              for (_, c), s in zip(flat, scored)]
@@ -221,8 +204,8 @@ def _critique_summary(bench: Benchmark, records: Sequence[dict[str, Any]]) -> di
                                                         [label for _, label in pairs])
   del summary["num_examples"]
   by_style = {}
-  for style in verdicts.STYLES:
-    parsed = [verdicts.parse_verdict(s["completion"], style) for s, _ in pairs]
+  for style in critique.STYLES:
+    parsed = [critique.parse_verdict(s["completion"], style) for s, _ in pairs]
     right = [p is not None and p == label for p, (_, label) in zip(parsed, pairs)]
     by_style[style] = {"accuracy": float(np.mean(right)),
                        "missing_rate": float(np.mean([p is None for p in parsed]))}
@@ -322,15 +305,17 @@ class RecordFile:
 
 
 def run_benchmark(params: Any, model_cfg: ModelConfig, tokenizer: Any, prepared: PreparedBenchmark,
-                  settings: SuiteSettings, grader: MathGrader | None, record_file: RecordFile | None = None
+                  suite: Any, grader: MathGrader | None, record_file: RecordFile | None = None
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Generates and scores the examples not yet in `record_file`; returns (summary, all records).
+
+  suite: the eval suite config (generation settings as in `generate_completions`, progress_bar).
 
   Each example gets `n_samples` completions (its samples sit in consecutive rows); a record is
   written as soon as all of its samples are scored.
   """
   bench = prepared.bench
-  _check_prompt_lengths(prepared, settings.prompt_buckets)
+  _check_prompt_lengths(prepared, suite.prompt_buckets)
   done = record_file.load(prepared.examples) if record_file else {}
   done = {i: r for i, r in done.items() if i < len(prepared.examples)}
   pending = [i for i in range(len(prepared.examples)) if i not in done]
@@ -349,12 +334,12 @@ def run_benchmark(params: Any, model_cfg: ModelConfig, tokenizer: Any, prepared:
 
   # Scoring (math-verify in worker processes) runs in one background thread, in order, while the
   # next batch generates; an error there stops the loop at the next batch.
-  bar = tqdm.tqdm(total=len(units), desc=bench.name, unit="sample", disable=not settings.progress_bar,
+  bar = tqdm.tqdm(total=len(units), desc=bench.name, unit="sample", disable=not suite.progress_bar,
                   dynamic_ncols=True)
   with bar, concurrent.futures.ThreadPoolExecutor(1, "cftjax-eval-score") as scorer:
     scoring: list[concurrent.futures.Future] = []
     batches = generate_completions(params, model_cfg, tokenizer, [prepared.prompts[i] for i, _ in units],
-                                   bench, settings)
+                                   bench, suite)
     for positions, completions, seconds in batches:
       for future in scoring:
         if future.done():
@@ -403,7 +388,7 @@ def _make_records(prepared: PreparedBenchmark, tokenizer: Any, indices: Sequence
 
 
 def run_suite(params: Any, model_cfg: ModelConfig, tokenizer: Any, prepared: Sequence[PreparedBenchmark],
-              settings: SuiteSettings, grader: MathGrader | None, out_dir: str | None = None,
+              suite: Any, grader: MathGrader | None, out_dir: str | None = None,
               identity: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
   """{benchmark name: summary} for every prepared benchmark; writes records under out_dir if set."""
   write = jax.process_index() == 0
@@ -413,7 +398,7 @@ def run_suite(params: Any, model_cfg: ModelConfig, tokenizer: Any, prepared: Seq
     if out_dir:
       record_file = RecordFile(out_dir, p.bench, {**(identity or {}), **p.bench.generation_settings()},
                                write=write)
-    summaries[p.bench.name], _ = run_benchmark(params, model_cfg, tokenizer, p, settings, grader, record_file)
+    summaries[p.bench.name], _ = run_benchmark(params, model_cfg, tokenizer, p, suite, grader, record_file)
   return summaries
 
 
@@ -428,51 +413,10 @@ def _needs_grader(benchmarks: Sequence[Benchmark]) -> bool:
 
 
 def load_for_eval(ckpt_dir: str, config: Any) -> tuple[ModelConfig, Any, Any]:
-  """(model config with config.dtype applied, params, tokenizer) from `ckpt_dir`.
-
-  ckpt_dir is a cftjax model checkpoint (model_config.json, params/, tokenizer/) or a training run
-  directory (config.json), whose best params (RUN_DIR/best) are loaded. The checkpoint's own
-  tokenizer wins; config.tokenizer_dir is the fallback.
-  """
-  from cftjax.models import checkpoint_io  # pylint: disable=import-outside-toplevel
-  from cftjax.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
-
-  overrides = {"dtype": config.dtype} if config.get("dtype") else None
-  if os.path.exists(os.path.join(ckpt_dir, checkpoint_io.CONFIG_FILE)):
-    model_cfg, params, tokenizer_dir = checkpoint_io.load_model_checkpoint(ckpt_dir,
-                                                                           config_overrides=overrides)
-    tokenizer = Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir else None
-  elif os.path.exists(os.path.join(ckpt_dir, "config.json")):
-    model_cfg, params, tokenizer = _load_run_best(ckpt_dir, overrides)
-  else:
-    raise FileNotFoundError(f"--ckpt {ckpt_dir}: neither a model checkpoint ({checkpoint_io.CONFIG_FILE}) "
-                            "nor a training run directory (config.json)")
-  if tokenizer is None:
-    if not config.get("tokenizer_dir"):
-      raise ValueError(f"{ckpt_dir} holds no tokenizer/; set --config.tokenizer_dir")
-    tokenizer = Tokenizer.from_dir(config.tokenizer_dir)
-  tokenizer.check_fits_model(model_cfg.vocab_size)
-  return model_cfg, params, tokenizer
-
-
-def _load_run_best(run_dir: str, overrides: dict[str, Any] | None) -> tuple[ModelConfig, Any, Any]:
-  """(model config, best params on one device, tokenizer) of a `cftjax train` run directory."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
-
-  from cftjax.models import abstract_params  # pylint: disable=import-outside-toplevel
-  from cftjax.train import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
-  from cftjax.train import grpo_trainer  # pylint: disable=import-outside-toplevel
-
-  with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-    run_config = config_dict.ConfigDict(json.load(f)["config"])
-  model_cfg, tokenizer = grpo_trainer.build_model(run_config)  # a CFT run's config too
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          nn.unbox(abstract_params(model_cfg)))
-  step, params = checkpoint_lib.restore_best_params(run_dir, abstract)
-  log.info("%s: evaluating the best params (step %d)", run_dir, step)
-  return model_cfg.replace(**(overrides or {})), params, tokenizer
+  """(model config with config.dtype applied, params, tokenizer) of a model checkpoint or a training
+  run directory (its best params); see `cftjax.models.checkpoint_io.load_model`."""
+  return checkpoint_io.load_model(ckpt_dir, dtype=config.get("dtype") or None,
+                                  tokenizer_dir=config.get("tokenizer_dir") or None)
 
 
 def run_eval(config: Any, ckpt_dir: str) -> dict[str, Any]:
@@ -482,16 +426,16 @@ def run_eval(config: Any, ckpt_dir: str) -> dict[str, Any]:
   OUT/summary.json, and returns the summary {ckpt, output_dir, benchmarks: {name: metrics},
   math_average}. OUT is config.output_dir, or CKPT/eval/<config.name>.
   """
-  benchmarks, settings = suite_from_config(config)
+  benchmarks = suite_benchmarks(config)
   out_dir = config.get("output_dir") or os.path.join(ckpt_dir, "eval", config.get("name", "suite"))
   model_cfg, params, tokenizer = load_for_eval(ckpt_dir, config)
   prepared = [prepare(b, tokenizer) for b in benchmarks]
   identity = {"ckpt": os.path.abspath(ckpt_dir)}
   grader = None
   if _needs_grader(benchmarks):
-    grader = MathGrader(settings.grader_workers, settings.grader_timeout_s)
+    grader = MathGrader(config.grader_workers, config.grader_timeout_s)
   try:
-    summaries = run_suite(params, model_cfg, tokenizer, prepared, settings, grader, out_dir, identity)
+    summaries = run_suite(params, model_cfg, tokenizer, prepared, config, grader, out_dir, identity)
   finally:
     if grader is not None:
       grader.close()
@@ -524,8 +468,6 @@ def format_table(summary: Mapping[str, Any]) -> str:
 
 def run_command(args: Any, overrides: list[tuple[str, str]]) -> int:
   """`cftjax eval --config FILE --ckpt DIR [--config.key=value ...]`: runs, prints the table."""
-  from cftjax import config as config_lib  # pylint: disable=import-outside-toplevel
-
   config = config_lib.load_config(args.config, overrides)
   summary = run_eval(config, args.ckpt)
   print(format_table(summary), flush=True)
@@ -534,7 +476,8 @@ def run_command(args: Any, overrides: list[tuple[str, str]]) -> int:
 
 
 class PeriodicEval:
-  """The suite of `suite_cfg` (examples and prompts prepared once) run on the current params.
+  """The suite of `suite_cfg` (examples and prompts prepared once) run on the current params, with
+  the progress bar as suite_cfg.progress_bar says.
 
   Call with (params, step) -> {"<benchmark>/<metric>": value}; with suite_cfg.output_dir set, the
   records of each call go to OUTPUT_DIR/step_<step>/. Call close() (or use `with`) to stop the
@@ -542,17 +485,15 @@ class PeriodicEval:
   """
 
   def __init__(self, suite_cfg: Any, tokenizer: Any, model_cfg: ModelConfig):
-    benchmarks, self.settings = suite_from_config(suite_cfg)
-    self.settings = dataclasses.replace(self.settings, progress_bar=False)
-    self._tokenizer, self._model_cfg = tokenizer, model_cfg
-    self._out_dir = suite_cfg.get("output_dir", "")
+    benchmarks = suite_benchmarks(suite_cfg)
+    self._suite, self._tokenizer, self._model_cfg = suite_cfg, tokenizer, model_cfg
     self._prepared = [prepare(b, tokenizer) for b in benchmarks]
-    self._grader = (MathGrader(self.settings.grader_workers, self.settings.grader_timeout_s)
+    self._grader = (MathGrader(suite_cfg.grader_workers, suite_cfg.grader_timeout_s)
                     if _needs_grader(benchmarks) else None)
 
   def __call__(self, params: Any, step: int) -> dict[str, float]:
-    out_dir = os.path.join(self._out_dir, f"step_{step}") if self._out_dir else None
-    summaries = run_suite(params, self._model_cfg, self._tokenizer, self._prepared, self.settings,
+    out_dir = os.path.join(self._suite.output_dir, f"step_{step}") if self._suite.output_dir else None
+    summaries = run_suite(params, self._model_cfg, self._tokenizer, self._prepared, self._suite,
                           self._grader, out_dir)
     return flatten_metrics(summaries)
 
@@ -565,11 +506,6 @@ class PeriodicEval:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
-
-
-def make_periodic_eval(suite_cfg: Any, tokenizer: Any, model_cfg: ModelConfig) -> PeriodicEval:
-  """The in-training hook: `fn(params, step) -> metrics dict` over the suite's (limited) examples."""
-  return PeriodicEval(suite_cfg, tokenizer, model_cfg)
 
 
 def flatten_metrics(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
@@ -601,7 +537,8 @@ def score_critiques(params: Any, model_cfg: ModelConfig, tokenizer: Any, records
                     max_new_tokens=max_new_tokens, verdict_style=verdict_style)
   bench.check("score_critiques")
   prepared = prepare(bench, tokenizer, [critique_example(r) for r in records])
-  settings = SuiteSettings(batch_size=batch_size, seed=seed, progress_bar=False,
-                           prompt_buckets=tuple(prompt_buckets) if prompt_buckets else None)
-  summary, done = run_benchmark(params, model_cfg, tokenizer, prepared, settings, grader=None)
+  suite = base_suite_config(bench.name)
+  suite.batch_size, suite.seed, suite.progress_bar = batch_size, seed, False
+  suite.prompt_buckets = tuple(prompt_buckets or ())
+  summary, done = run_benchmark(params, model_cfg, tokenizer, prepared, suite, grader=None)
   return summary, [r["samples"][0]["completion"] for r in done]

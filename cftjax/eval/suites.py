@@ -13,9 +13,9 @@ from typing import Any
 
 from ml_collections import config_dict
 
-from cftjax.data import readers, templates, verdicts
-from cftjax.data.records import CritiqueRecord
-from cftjax.eval.grading import extract_boxed
+from cftjax.data import critique, readers
+from cftjax.data.critique import CritiqueRecord
+from cftjax.rewards.grading import extract_boxed
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ PROCESSBENCH_USER = (
     "Otherwise, return the index of -1 (which typically denotes \"not found\").\n\n"
     "Please put your final answer (i.e., the index) in \\boxed{{}}."
 )
-PROCESSBENCH_TEMPLATE = templates.PromptTemplate("processbench", user=PROCESSBENCH_USER)
+PROCESSBENCH_TEMPLATE = critique.PromptTemplate("processbench", user=PROCESSBENCH_USER)
 
 # Fields holding a math row's question / final answer, in the order they are looked up.
 _QUESTION_FIELDS = ("problem", "question")
@@ -98,13 +98,13 @@ class Benchmark:
       raise ValueError(f"{where}.max_new_tokens={self.max_new_tokens}; it must be >= 1")
     if self.limit < 0:
       raise ValueError(f"{where}.limit={self.limit}; use 0 for all examples or a positive count")
-    if self.verdict_style not in verdicts.STYLES:
-      raise ValueError(f"{where}.verdict_style={self.verdict_style!r}; choose one of {verdicts.STYLES}")
+    if self.verdict_style not in critique.STYLES:
+      raise ValueError(f"{where}.verdict_style={self.verdict_style!r}; choose one of {critique.STYLES}")
     self.prompt_template()  # validates the template
 
-  def prompt_template(self) -> templates.PromptTemplate:
+  def prompt_template(self) -> critique.PromptTemplate:
     spec = self.template or DEFAULT_TEMPLATES[self.kind]
-    return PROCESSBENCH_TEMPLATE if spec == "processbench" else templates.get_template(spec)
+    return PROCESSBENCH_TEMPLATE if spec == "processbench" else critique.get_template(spec)
 
   def generation_settings(self) -> dict[str, Any]:
     """What makes two runs' completions comparable (a resumed run must match these)."""

@@ -10,25 +10,22 @@ import json
 import os
 from typing import Any
 
+from cftjax.config import ConfigError
+from cftjax.models import attention
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE_SCALING = ("llama3",)
 REMAT_POLICIES = ("none", "minimal", "full")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-
-
-class ConfigError(ValueError):
-  """A model config that cftjax cannot represent."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Decoder shape and numerics. Field names follow the architecture, not HF's spelling.
 
-  `attention` picks the training (cache-free) attention. "xla": `jax.nn.dot_product_attention` under
-  explicit causal and segment masks, on every backend, packed rows included. "cudnn": cuDNN flash
-  attention (GPU, bf16/f16) told only each row's length, so a row must hold one sequence followed by
-  padding (segment ids 1..1 0..0: unpacked CFT rows, GRPO update rows); packed rows need "xla".
-  Decoding with a KV cache always uses "xla".
+  `attention` names the attention backend and the decode layout that go with it
+  (`cftjax.models.attention.BACKENDS`): "auto" (per platform: "blocked" on CPU, "xla" elsewhere),
+  "xla" (`jax.nn.dot_product_attention` under masks), "blocked" (tuned for XLA CPU), "cudnn" (cuDNN
+  flash attention; GPU, bf16/f16, one sequence per row).
   """
 
   vocab_size: int
@@ -49,7 +46,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
-  attention: str = "xla"  # training attention: xla (masks; any backend) | cudnn (flash; GPU, see below)
+  attention: str = "auto"  # auto | xla | blocked | cudnn (see above)
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
 
@@ -67,11 +64,7 @@ class ModelConfig:
       raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
-    if self.attention not in ATTENTION_IMPLEMENTATIONS:
-      raise ConfigError(f"attention={self.attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
-    if self.attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
-      raise ConfigError(f"attention='cudnn' needs dtype bfloat16 or float16 (cuDNN flash attention), "
-                        f"got dtype={self.dtype!r}; set the dtype or use attention='xla'")
+    attention.check_config(self.attention, self.dtype)
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

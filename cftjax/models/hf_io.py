@@ -12,22 +12,22 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from cftjax.config import ConfigError
+from cftjax.models.checkpoint_io import CheckpointError
 from cftjax.models.config import ModelConfig
+from cftjax.models.decoder import abstract_params
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-  """A Hugging Face checkpoint whose tensors do not match the model config."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +167,6 @@ def _get_path(tree: dict, path: tuple[str, ...]) -> Any:
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  from cftjax.models.decoder import abstract_params  # pylint: disable=import-outside-toplevel
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-
   flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(cfg)))[0]
   return {tuple(p.key for p in path): leaf.shape for path, leaf in flat}
 
@@ -187,7 +184,10 @@ def load_hf(hf_dir: str, dtype: Any = np.float32, shardings: Any = None, progres
     config_overrides: ModelConfig fields to set, e.g. {"dtype": "bfloat16"} for bf16 compute.
   """
   dtype = jnp.dtype(dtype)
-  cfg = ModelConfig.from_hf_dir(hf_dir, **{"param_dtype": str(dtype), **(config_overrides or {})})
+  try:
+    cfg = ModelConfig.from_hf_dir(hf_dir, **{"param_dtype": str(dtype), **(config_overrides or {})})
+  except ConfigError as e:  # the model directory, not the run's config, is at fault
+    raise CheckpointError(str(e)) from None
   files = _tensor_files(hf_dir)
   table = mapping_table(cfg)
   wanted = {name for entry in table for name in _hf_names(entry, cfg)}

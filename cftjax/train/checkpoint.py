@@ -14,14 +14,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from cftjax.models.checkpoint_io import RUN_BEST_DIR, RUN_CHECKPOINT_DIR, CheckpointError
+
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-BEST_DIR = "best"
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that exists but cannot be restored into this run."""
 
 
 class _IteratorStateSnapshot:
@@ -49,11 +44,6 @@ class _IteratorStateSnapshot:
     pass
 
 
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) carrying `shardings` (same structure)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 class RunCheckpoints:
   """The checkpoints of one run directory.
 
@@ -76,7 +66,7 @@ class RunCheckpoints:
       raise ValueError(f"checkpoint.best_mode={best_mode!r}: use 'max' or 'min'")
     self.best_metric, self.best_mode = best_metric, best_mode
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR)),
+        os.path.abspath(os.path.join(run_dir, RUN_CHECKPOINT_DIR)),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                              enable_async_checkpointing=async_save),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -85,11 +75,17 @@ class RunCheckpoints:
     self._best = None
     if best_metric:
       self._best = ocp.CheckpointManager(
-          os.path.abspath(os.path.join(run_dir, BEST_DIR)),
+          os.path.abspath(os.path.join(run_dir, RUN_BEST_DIR)),
           options=ocp.CheckpointManagerOptions(
               max_to_keep=1, best_fn=lambda metrics: float(metrics[best_metric]), best_mode=best_mode,
               keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save),
           item_handlers={"params": ocp.StandardCheckpointHandler()})
+
+  @classmethod
+  def from_config(cls, run_dir: str, checkpoint: Any) -> "RunCheckpoints":
+    """The checkpoints of a run as a config's `checkpoint` section sets them up."""
+    return cls(run_dir, max_to_keep=checkpoint.max_to_keep, async_save=checkpoint.async_save,
+               best_metric=checkpoint.best_metric, best_mode=checkpoint.best_mode)
 
   # -- train state --------------------------------------------------------------------------------
 
@@ -110,7 +106,7 @@ class RunCheckpoints:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
     """(state placed on the shardings of `abstract_state`, this process's data-iterator state).
 
-    abstract_state: the TrainState of ShapeDtypeStructs with shardings (`abstract_with_shardings`).
+    abstract_state: the TrainState of ShapeDtypeStructs with shardings .
     """
     path = os.path.join(self._manager.directory, str(step))
     snapshot = _IteratorStateSnapshot()
@@ -169,19 +165,6 @@ class RunCheckpoints:
       self._best.close()
 
 
-def restore_best_params(run_dir: str, abstract_params: Any) -> tuple[int, Any]:
-  """(step, params) from RUN_DIR/best, placed like `abstract_params` (ShapeDtypeStructs)."""
-  directory = os.path.abspath(os.path.join(run_dir, BEST_DIR))
-  manager = ocp.CheckpointManager(directory, item_handlers={"params": ocp.StandardCheckpointHandler()},
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{directory}: no best checkpoint (set checkpoint.best_metric when training)")
-  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-  manager.close()
-  return step, restored.params
-
-
 class PreemptionFlag:
   """Tells the train loop to save a checkpoint and exit 0 when the job is being preempted (SIGTERM).
 
@@ -218,26 +201,3 @@ class PreemptionFlag:
     if jax.process_count() > 1:
       return self._checkpoints.reached_preemption(step)
     return self._event.is_set()
-
-
-def _check_model_checkpoint_dir(path: str) -> None:
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"model.init_from={path!r} is not a directory; convert a Hugging Face "
-                            "model with `cftjax convert` and point model.init_from at its output")
-
-
-def init_model_config(path: str) -> tuple[Any, str | None]:
-  """(ModelConfig, tokenizer dir or None) of a converted model checkpoint (`cftjax convert`)."""
-  from cftjax.models import checkpoint_io  # pylint: disable=import-outside-toplevel
-
-  _check_model_checkpoint_dir(path)
-  tokenizer_dir = os.path.join(path, checkpoint_io.TOKENIZER_DIR)
-  return checkpoint_io.read_model_config(path), tokenizer_dir if os.path.isdir(tokenizer_dir) else None
-
-
-def load_init_params(path: str, shardings: Any) -> Any:
-  """The params of a converted model checkpoint, restored straight onto `shardings`."""
-  from cftjax.models import checkpoint_io  # pylint: disable=import-outside-toplevel
-
-  _check_model_checkpoint_dir(path)
-  return checkpoint_io.load_model_checkpoint(path, shardings=shardings)[1]

@@ -1,15 +1,24 @@
 """Training losses: chunked cross-entropy and token log-probs from hidden states, GRPO advantages,
-clipped policy surrogate, KL estimators and (sum, count) aggregation for global normalisation."""
+clipped policy surrogate, KL estimators and (sum, count) aggregation for global normalisation; and
+the model's forward pass into those sums (`ce_sums`, `completion_log_probs`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from cftjax import parallel
+from cftjax.models import Decoder, ModelConfig, lm_head_kernel
+from cftjax.train import state as state_lib
+
 Array = jax.Array
+# The CFT batch: inputs, targets (int32), loss_mask (float32), positions, segment_ids (int32, 0 =
+# padding), all [batch, seq].
+CFT_BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 
 AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 ADVANTAGE_SCALES = ("group_std", "batch_std", "none")
@@ -31,15 +40,6 @@ def _entropy(logits: Array, log_z: Array) -> Array:
   """Entropy of softmax(logits) [...] given its logsumexp; logits: [..., V] float32."""
   probs = jnp.exp(logits - log_z[..., None])
   return log_z - jnp.sum(probs * logits, axis=-1)
-
-
-def token_log_probs(logits: Array, targets: Array, temperature: float = 1.0) -> Array:
-  """Float32 log-softmax(logits / temperature) gathered at targets.
-
-  logits: [B, T, V], targets: [B, T] int -> [B, T] float32.
-  """
-  logits = logits.astype(jnp.float32) / temperature
-  return _log_softmax_at(logits, targets)[0]
 
 
 def _token_stats(logits: Array, targets: Array) -> dict[str, Array]:
@@ -362,3 +362,47 @@ def grpo_loss(
       "ratio_min": jnp.min(jnp.where(mask > 0, terms["ratio"], jnp.inf)),
       "ratio_max": jnp.max(jnp.where(mask > 0, terms["ratio"], -jnp.inf)),
   }
+
+
+# ----------------------------------------------------------------------------------------------
+# The model's forward pass into loss sums.
+
+
+def check_cft_batch(batch: dict[str, Array], micro_batches: int) -> None:
+  """Raises unless `batch` has every CFT key and its rows split into micro-batches x batch shards."""
+  missing = [key for key in CFT_BATCH_KEYS if key not in batch]
+  if missing:
+    raise ValueError(f"CFT batch is missing {missing}; it needs {list(CFT_BATCH_KEYS)}")
+  parallel.check_batch_divisible(batch["inputs"].shape[0], micro_batches, "CFT batch")
+
+
+def _compute_params(model_cfg: ModelConfig, params: Any, compute_dtype: Any) -> tuple[ModelConfig, Any]:
+  """(model_cfg in the compute dtype, params cast to it); compute_dtype None = model_cfg.dtype."""
+  dtype = jnp.dtype(compute_dtype or model_cfg.dtype)
+  return model_cfg.replace(dtype=dtype.name), state_lib.cast_floats(params, dtype)
+
+
+def _final_hidden(model_cfg: ModelConfig, params: Any, batch: dict[str, Array]) -> Array:
+  return Decoder(model_cfg).apply({"params": params}, batch["inputs"], batch["positions"],
+                                  batch["segment_ids"], return_hidden=True)
+
+
+def ce_sums(model_cfg: ModelConfig, params: Any, batch: dict[str, Array], *, chunk_size: int,
+            z_loss_weight: float = 0.0, compute_dtype: Any = None) -> dict[str, Array]:
+  """`chunked_cross_entropy` sums of one CFT batch ([batch, seq] arrays, `CFT_BATCH_KEYS`).
+
+  params (e.g. float32 master params) are cast to compute_dtype (default model_cfg.dtype) inside, so
+  gradients with respect to them come back in their own dtype.
+  """
+  model_cfg, params = _compute_params(model_cfg, params, compute_dtype)
+  return chunked_cross_entropy(_final_hidden(model_cfg, params, batch), lm_head_kernel(model_cfg, params),
+                               batch["targets"], batch["loss_mask"], chunk_size, z_loss_weight)
+
+
+def completion_log_probs(model_cfg: ModelConfig, params: Any, batch: dict[str, Array], *, chunk_size: int,
+                         temperature: float, compute_dtype: Any = None) -> tuple[Array, Array]:
+  """(log p(target) [B, T], entropy [B, T]) of softmax(logits / temperature), float32, chunked, of a
+  batch with inputs, targets, positions and segment_ids; params cast as in `ce_sums`."""
+  model_cfg, params = _compute_params(model_cfg, params, compute_dtype)
+  return chunked_token_log_probs(_final_hidden(model_cfg, params, batch), lm_head_kernel(model_cfg, params),
+                                 batch["targets"], chunk_size, temperature)

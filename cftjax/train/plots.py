@@ -9,7 +9,7 @@ import logging
 import math
 import os
 
-from cftjax.train.metrics import METRICS_FILE
+from cftjax.train.run import METRICS_FILE
 
 log = logging.getLogger(__name__)
 

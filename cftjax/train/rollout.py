@@ -20,35 +20,6 @@ log = logging.getLogger(__name__)
 Prompt = dict[str, Any]  # {"prompt_ids": int32 [P], "record": CritiqueRecord, "source": str, "task": str}
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-  """How completions are drawn (`cftjax.sampling.generate` arguments).
-
-  generation_batch_size: rows (prompt x sample) per generate call, 0 = all rows of a draw at once.
-  Rows are sorted by prompt length before they are cut into calls, and each call's prompts are
-  padded to a length bucket (`prompt_buckets`, default powers of two), so the compiled shapes come
-  from a small fixed set and steady state never recompiles.
-  """
-
-  group_size: int
-  max_new_tokens: int
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  stop_ids: tuple[int, ...] = ()
-  stop_strings: tuple[str, ...] = ()
-  prompt_buckets: tuple[int, ...] | None = None
-  generation_batch_size: int = 0
-  cache_dtype: str = "float32"
-  pad_id: int = 0
-
-  def __post_init__(self):
-    if self.group_size < 1:
-      raise ValueError(f"rl.group_size={self.group_size}: need >= 1 sample per prompt (GRPO uses >= 2)")
-    if self.temperature <= 0:
-      raise ValueError(f"rl.temperature={self.temperature}: GRPO samples need a positive temperature")
-
-
 @dataclasses.dataclass
 class Group:
   """One prompt and its G completions (host numpy); rewards / texts are filled by `score_groups`."""
@@ -74,16 +45,28 @@ class Group:
 # Sampling and scoring.
 
 
-def sample_groups(params: Any, model_cfg: ModelConfig, prompts: Sequence[Prompt],
-                  settings: SamplingSettings, rng: jax.Array, tokenizer: Any = None) -> list[Group]:
-  """G completions for each prompt from `params` (used as they are: no copy).
+def pad_id(tokenizer: Any) -> int:
+  """The id that pads prompts and update rows: the tokenizer's pad id, else 0."""
+  return tokenizer.pad_id or 0
 
-  rng: a PRNG key; generate call i draws with fold_in(rng, i). tokenizer: needed for stop_strings.
+
+def sample_groups(params: Any, model_cfg: ModelConfig, prompts: Sequence[Prompt], rl: Any,
+                  tokenizer: Any, rng: jax.Array) -> list[Group]:
+  """rl.group_size completions for each prompt from `params` (used as they are: no copy).
+
+  rl: the config's `rl` section (group_size, max_new_tokens, temperature, top_k, top_p,
+  stop_strings, prompt_buckets, generation_batch_size, cache_dtype). tokenizer: its eos_ids stop a
+  completion, its pad_id pads (`pad_id`); it also matches rl.stop_strings. rng: a PRNG key;
+  generate call i draws with fold_in(rng, i).
+  generation_batch_size: rows (prompt x sample) per generate call, 0 = all rows at once. Rows are
+  sorted by prompt length before they are cut into calls, and each call's prompts are padded to a
+  length bucket (rl.prompt_buckets, () = powers of two), so the compiled shapes come from a small
+  fixed set and steady state never recompiles.
   """
-  group_size = settings.group_size
+  group_size = rl.group_size
   rows = [p["prompt_ids"] for p in prompts for _ in range(group_size)]
   order = np.argsort([len(r) for r in rows], kind="stable")
-  call_rows = settings.generation_batch_size or len(rows)
+  call_rows = rl.generation_batch_size or len(rows)
   tokens, logprobs, truncated = [None] * len(rows), [None] * len(rows), np.zeros(len(rows), bool)
   for call, start in enumerate(range(0, len(rows), call_rows)):
     chosen = order[start:start + call_rows]
@@ -91,10 +74,10 @@ def sample_groups(params: Any, model_cfg: ModelConfig, prompts: Sequence[Prompt]
     batch += [batch[-1]] * (call_rows - len(batch))  # one compiled shape for every call
     result = sampling.generate(
         params, model_cfg, batch, rng=jax.random.fold_in(rng, call),
-        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-        top_k=settings.top_k, top_p=settings.top_p, stop_ids=settings.stop_ids,
-        stop_strings=settings.stop_strings, tokenizer=tokenizer, cache_dtype=settings.cache_dtype,
-        pad_id=settings.pad_id, prompt_buckets=settings.prompt_buckets)
+        max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
+        stop_ids=tuple(tokenizer.eos_ids), stop_strings=tuple(rl.stop_strings), tokenizer=tokenizer,
+        cache_dtype=rl.cache_dtype, pad_id=pad_id(tokenizer),
+        prompt_buckets=tuple(rl.prompt_buckets) or None)
     for j, row in enumerate(chosen):
       n = int(result.lengths[j])
       tokens[row], logprobs[row] = result.tokens[j, :n].copy(), result.logprobs[j, :n].copy()

@@ -1,19 +1,24 @@
-"""`TrainState` (step, float32 master params, optimizer state, RNG) and its sharded creation."""
+"""The train state and how it changes: `TrainState` (step, float32 master params, optimizer state,
+RNG) created on its shardings, the AdamW optimizer and lr schedule from `config.optim`, gradient
+accumulation over micro-batches, and the update that is skipped when the loss or gradients are not
+finite."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+import math
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 import optax
 
 from cftjax import parallel
+from cftjax.config import ConfigError
 from cftjax.models import ModelConfig, abstract_params, init_params as init_model_params
-
 
 class TrainState(flax.struct.PyTreeNode):
   """step: int32 []; params: float32 master params; opt_state: `tx.init(params)`; rng: a PRNG key."""
@@ -24,10 +29,14 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array
 
 
+def cast_floats(tree: Any, dtype: Any) -> Any:
+  """Floating-point leaves cast to `dtype`; other leaves unchanged."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def as_float32(params: Any) -> Any:
-  """Floating-point leaves cast to float32 (the master copy); other leaves unchanged."""
-  return jax.tree.map(
-      lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  """The float32 master copy of params."""
+  return cast_floats(params, jnp.float32)
 
 
 def abstract_master_params(model_cfg: ModelConfig) -> Any:
@@ -36,18 +45,14 @@ def abstract_master_params(model_cfg: ModelConfig) -> Any:
                       nn.unbox(abstract_params(model_cfg)))
 
 
-def train_state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                          rules: parallel.LogicalRules = parallel.LOGICAL_RULES) -> TrainState:
-  """A TrainState of NamedShardings: params and optimizer state by the logical rules, the step and
-  RNG replicated."""
-  param_shardings = parallel.param_shardings(abstract_params(model_cfg), mesh, rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return TrainState(
-      step=replicated,
-      params=param_shardings,
-      opt_state=parallel.optimizer_state_shardings(tx, param_shardings,
-                                                   abstract_master_params(model_cfg)),
-      rng=replicated)
+def train_state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
+  """A TrainState of NamedShardings: params and every optimizer-state leaf that mirrors a param by
+  the param's logical names (traced through `tx.init` on boxed params), the rest replicated."""
+  boxed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract_params(model_cfg))
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed,
+                      opt_state=jax.eval_shape(tx.init, boxed),
+                      rng=jax.eval_shape(lambda key: jax.random.split(key)[1], jax.random.PRNGKey(0)))
+  return parallel.param_shardings(shapes)
 
 
 def _check_same_structure(given: Any, expected: Any) -> None:
@@ -69,7 +74,6 @@ def _check_same_structure(given: Any, expected: Any) -> None:
 
 
 def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array,
-                       mesh: Mesh, rules: parallel.LogicalRules = parallel.LOGICAL_RULES,
                        init_params: Any = None) -> TrainState:
   """A TrainState whose params and optimizer state are created directly in their shardings.
 
@@ -78,7 +82,7 @@ def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
   from `cftjax.models.load_hf`; every process passes the same values) are placed onto the shardings
   and cast to float32. The state keeps a key split from `rng` for later sampling.
   """
-  shardings = train_state_shardings(model_cfg, tx, mesh, rules)
+  shardings = train_state_shardings(model_cfg, tx)
   params_rng, state_rng = jax.random.split(rng)
 
   def new_state(params, state_rng):
@@ -92,6 +96,17 @@ def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
   _check_same_structure(init_params, abstract_master_params(model_cfg))
   placed = jax.device_put(init_params, shardings.params)
   return jax.jit(new_state, out_shardings=shardings)(placed, state_rng)
+
+
+def abstract_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int
+                         ) -> TrainState:
+  """The TrainState of ShapeDtypeStructs carrying their target shardings (a restore target)."""
+  params = abstract_master_params(model_cfg)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=jax.eval_shape(tx.init, params),
+                      rng=jax.eval_shape(lambda key: jax.random.split(key)[1], jax.random.PRNGKey(seed)))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                      train_state_shardings(model_cfg, tx))
 
 
 def apply_update_if_finite(state: TrainState, grads: Any, loss: jax.Array,
@@ -113,3 +128,158 @@ def apply_update_if_finite(state: TrainState, grads: Any, loss: jax.Array,
                             params=jax.tree.map(keep_if_bad, params, state.params),
                             opt_state=jax.tree.map(keep_if_bad, opt_state, state.opt_state))
   return new_state, {"grad_norm": grad_norm, "update_skipped": (~finite).astype(jnp.float32)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The optimizer.
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _path_names(path) -> list[str]:
+  names = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)).lower())
+        break
+  return names
+
+
+def decay_mask(params, decay_embeddings: bool = True):
+  """Pytree of bools like params: True where weight decay applies.
+
+  No decay for a leaf whose path has a component containing "norm" or "bias", whose last name is
+  "scale" (RMSNorm gains), or, when decay_embeddings is False, a component containing "embed".
+  """
+
+  def decays(path, _) -> bool:
+    names = _path_names(path)
+    if any("norm" in name or "bias" in name for name in names):
+      return False
+    if names and names[-1] == "scale":
+      return False
+    return decay_embeddings or not any("embed" in name for name in names)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def check_optim(optim: Any) -> None:
+  """Raises a ConfigError naming the `optim` key whose value cannot be used."""
+  if optim.lr is None or optim.lr < 0:
+    raise ConfigError(f"optim.lr={optim.lr!r}: set --config.optim.lr to a learning rate >= 0")
+  if optim.schedule not in SCHEDULES:
+    raise ConfigError(f"optim.schedule={optim.schedule!r} is not one of {SCHEDULES}")
+  if optim.warmup_steps and optim.warmup_ratio:
+    raise ConfigError(f"optim.warmup_steps={optim.warmup_steps} and optim.warmup_ratio="
+                      f"{optim.warmup_ratio} are both set; set only one (e.g. "
+                      "--config.optim.warmup_ratio=0 to use warmup_steps)")
+  if not 0.0 <= optim.min_lr_ratio <= 1.0:
+    raise ConfigError(f"optim.min_lr_ratio={optim.min_lr_ratio} must be in [0, 1]")
+
+
+def make_schedule(optim: Any, total_steps: int) -> Callable[[Any], Any]:
+  """lr(step) of the `optim` section: linear warmup 0 -> lr over the warmup steps (HF convention:
+  lr * step / warmup), then cosine or linear decay to lr * min_lr_ratio at total_steps, or constant."""
+  if total_steps < 1:
+    raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+  lr = optim.lr
+  warmup_steps = int(optim.warmup_steps or math.ceil(optim.warmup_ratio * total_steps))
+  decay_steps = total_steps - warmup_steps
+  if decay_steps < 1 and optim.schedule != "constant":
+    raise ConfigError(f"optim warmup ({warmup_steps} steps) must be shorter than the {total_steps} "
+                      "total steps; lower optim.warmup_steps / optim.warmup_ratio")
+  if optim.schedule == "cosine":
+    after_warmup = optax.cosine_decay_schedule(lr, decay_steps, alpha=optim.min_lr_ratio)
+  elif optim.schedule == "linear":
+    after_warmup = optax.linear_schedule(lr, lr * optim.min_lr_ratio, decay_steps)
+  else:
+    after_warmup = optax.constant_schedule(lr)
+  if not warmup_steps:
+    return after_warmup
+  warmup = optax.linear_schedule(0.0, lr, warmup_steps)
+  return optax.join_schedules([warmup, after_warmup], [warmup_steps])
+
+
+def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+  """(AdamW with optional global-norm clipping, lr schedule) of the config's `optim` section
+  (`cftjax.config.base_config`: lr, schedule, warmup_steps | warmup_ratio, min_lr_ratio, b1, b2,
+  eps, weight_decay, grad_clip_norm (0: no clipping), decay_embeddings)."""
+  check_optim(optim)
+  schedule = make_schedule(optim, total_steps)
+  adamw = optax.adamw(
+      schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+      mask=lambda params: decay_mask(params, optim.decay_embeddings))
+  if not optim.grad_clip_norm:
+    return adamw, schedule
+  return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw), schedule
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradient accumulation.
+
+# sums_fn(params, micro_batch) -> {"loss_sum": scalar, ...float32 scalars}; keys ending in "_min" /
+# "_max" are combined over micro-batches by min / max, all others by addition.
+SumsFn = Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]
+
+
+def split_micro_batches(batch: Mapping[str, jax.Array], micro_batches: int) -> dict[str, jax.Array]:
+  """Each [B, ...] array -> [micro_batches, B / micro_batches, ...]; micro-batch j holds rows j, j + k,
+  j + 2k, ... so every device keeps its own rows (no resharding) and feeds each micro-batch equally."""
+  mesh = parallel.current()[0]
+  batch_axes = parallel.batch_sharding().spec[0]
+
+  def split(x):  # x: [B, ...]
+    x = jnp.swapaxes(x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
+    spec = PartitionSpec(None, batch_axes, *(None,) * (x.ndim - 2))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return {key: split(value) for key, value in batch.items()}
+
+
+def combine_sums(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Statistics of two micro-batches combined: min / max for "*_min" / "*_max" keys, else a + b."""
+  def combine(key):
+    if key.endswith("_min"):
+      return jnp.minimum(a[key], b[key])
+    if key.endswith("_max"):
+      return jnp.maximum(a[key], b[key])
+    return a[key] + b[key]
+
+  return {key: combine(key) for key in a}
+
+
+def _identity_sums(shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+  """The neutral element of `combine_sums`: +inf for "*_min", -inf for "*_max", else zeros."""
+  def neutral(key, shape):
+    fill = jnp.inf if key.endswith("_min") else -jnp.inf if key.endswith("_max") else 0.0
+    return jnp.full(shape.shape, fill, shape.dtype)
+
+  return {key: neutral(key, shape) for key, shape in shapes.items()}
+
+
+def accumulate_gradients(sums_fn: SumsFn, params: Any, batch: Mapping[str, jax.Array], *,
+                         micro_batches: int, grad_shardings: Any
+                         ) -> tuple[Any, dict[str, jax.Array]]:
+  """(summed grads of sums_fn's loss_sum, combined statistics) over the micro-batches of `batch`.
+
+  Call under jit. params: float32 master params (grads come back float32 in `grad_shardings`).
+  batch: global arrays [B, ...], B a multiple of micro_batches x batch shards. Divide by a GLOBAL
+  count once afterwards: the result then equals one pass over the full batch.
+  """
+  def loss_sum(master_params, micro):
+    sums = sums_fn(master_params, micro)
+    return sums["loss_sum"], sums
+
+  def add_micro_batch(carry, micro):
+    grads, sums = carry
+    micro_grads, micro_sums = jax.grad(loss_sum, has_aux=True)(params, micro)
+    grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grads, micro_grads), grad_shardings)
+    return (grads, combine_sums(sums, micro_sums)), None
+
+  micro = split_micro_batches(batch, micro_batches)
+  sums_shape = jax.eval_shape(loss_sum, params, jax.tree.map(lambda x: x[0], micro))[1]
+  zero_grads = jax.lax.with_sharding_constraint(
+      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), grad_shardings)
+  (grads, sums), _ = jax.lax.scan(add_micro_batch, (zero_grads, _identity_sums(sums_shape)), micro)
+  return grads, sums

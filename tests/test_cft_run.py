@@ -187,7 +187,7 @@ def test_resume_after_sigkill_and_sigterm_matches_the_uninterrupted_run(workspac
 
 def test_flops_per_token_and_device_peaks():
   from cftjax.models import ModelConfig
-  from cftjax.train import metrics
+  from cftjax.train import run as metrics
 
   cfg = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
                     num_kv_heads=1, head_dim=4)
@@ -209,13 +209,12 @@ def test_flops_per_token_and_device_peaks():
 
 def test_an_existing_world_is_used_as_written_and_the_config_says_so(workspace, tmp_path, caplog):
   from cftjax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from cftjax.train import cft_trainer  # pylint: disable=import-outside-toplevel
 
   config = config_lib.load_config(os.path.join(REPO, "configs", "demo_cft.py"), [
       ("train.run_dir", str(tmp_path / "run")), ("data.world_dir", workspace["world"]),
       ("data.world.teacher_leading_carry_slip", "0.5")])
-  with caplog.at_level("WARNING", logger="cftjax.train.cft_trainer"):
-    cft_trainer.ensure_synthetic_world(config)
+  with caplog.at_level("WARNING", logger="cftjax.data.synthetic"):
+    synthetic.ensure_world(config)
   assert (config.data.world.num_train, config.data.world.num_heldout) == (200, 20)
   assert config.data.world.teacher_leading_carry_slip == 0.0
   assert "teacher_leading_carry_slip': (0.5, 0.0)" in caplog.text and "num_train" in caplog.text
@@ -224,6 +223,6 @@ def test_an_existing_world_is_used_as_written_and_the_config_says_so(workspace, 
   fresh = config_lib.load_config(os.path.join(REPO, "configs", "demo_cft.py"), [
       ("train.run_dir", str(tmp_path / "run")), ("data.world.num_train", "40"),
       ("data.world.num_heldout", "8"), ("data.world.teacher_leading_carry_slip", "0.5")])
-  cft_trainer.ensure_synthetic_world(fresh)
+  synthetic.ensure_world(fresh)
   assert fresh.data.world_dir == str(tmp_path / "run" / "world")
   assert synthetic.written_world_params(fresh.data.world_dir)["teacher_leading_carry_slip"] == 0.5

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import jax
 
-from cftjax import parallel
 from cftjax.config import base_config
 from cftjax.data import readers, synthetic
 from cftjax.eval import runner
 from cftjax.models import ModelConfig, init_params
 from cftjax.tokenizer import Tokenizer
-from cftjax.train.verdict_eval import HeldOutEvaluator
+from cftjax.eval.heldout import VerdictEvaluator
 
 SUITE = '''
 from cftjax.eval.suites import base_suite_config, benchmark_entry
@@ -39,7 +38,7 @@ def test_suite_metrics_join_the_heldout_metrics(tmp_path):
   cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1,
                     num_heads=2, num_kv_heads=1, head_dim=16)
   params = init_params(cfg, jax.random.key(0))
-  evaluator = HeldOutEvaluator(config, cfg, tokenizer, parallel.make_mesh(), parallel.LOGICAL_RULES, None)
+  evaluator = VerdictEvaluator(config, cfg, tokenizer)
   metrics = evaluator.evaluate(params)
   assert metrics["heldout/num_examples"] == 3  # suite_limit applied
   # The same greedy critiques on the first 3 rows score the same through both paths.

@@ -15,7 +15,9 @@ import pytest
 from cftjax import config as config_lib
 from cftjax.data import synthetic
 from cftjax.eval import runner
-from cftjax.train import grpo_trainer, rollout
+from cftjax import launch
+from cftjax.config import base_config
+from cftjax.train import rollout
 
 # ------------------------------------------------------------------------------------------------
 # Rollout pieces.
@@ -97,7 +99,9 @@ REQUIRED_TRAIN_METRICS = (
 
 
 def smoke_config(world: str, run_dir: str, steps: int):
-  c = grpo_trainer.grpo_config()
+  c = base_config()
+  c.train.objective = "grpo"
+  c.eval.loss_batches = 0
   c.train.run_dir = run_dir
   c.train.steps = steps
   c.model.tokenizer_dir = os.path.join(world, "tokenizer")
@@ -140,7 +144,7 @@ def test_grpo_smoke_run_writes_metrics_and_resumes(tmp_path):
   world = str(tmp_path / "world")
   synthetic.write_world(world, num_train=40, num_heldout=8)
   run_dir = str(tmp_path / "run")
-  summary = grpo_trainer.train(smoke_config(world, run_dir, steps=2))
+  summary = launch.train(smoke_config(world, run_dir, steps=2))
   assert (summary["start_step"], summary["steps"]) == (0, 2)
   assert set(summary["initial_eval"]) >= {"verdict_accuracy", "verdict_missing_rate"}
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -154,7 +158,7 @@ def test_grpo_smoke_run_writes_metrics_and_resumes(tmp_path):
     assert row["draws"] == 1.0 and np.isfinite(row["loss"])
   assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["1", "2"]
 
-  resumed = grpo_trainer.train(smoke_config(world, run_dir, steps=3))
+  resumed = launch.train(smoke_config(world, run_dir, steps=3))
   assert (resumed["start_step"], resumed["steps"]) == (2, 3)
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f if '"train"' in line]
@@ -215,7 +219,7 @@ def test_grpo_warm_starts_from_a_cft_config_and_its_run_dir_evaluates(tmp_path):
   c.rl.warmstart_steps = 4
   c.checkpoint.best_metric = "verdict_accuracy"
   c.checkpoint.best_mode = "max"
-  summary = grpo_trainer.train(c)
+  summary = launch.train(c)
 
   with open(os.path.join(tmp_path, "cft", "summary.json")) as f:
     cft_summary = json.load(f)
@@ -244,4 +248,4 @@ def test_grpo_warm_starts_from_a_cft_config_and_its_run_dir_evaluates(tmp_path):
     json.dump(record, f)
   c.train.run_dir = str(tmp_path / "grpo_again")
   with pytest.raises(config_lib.ConfigError, match="rl.init_from_run=.*other data.world settings"):
-    grpo_trainer.train(c)
+    launch.train(c)

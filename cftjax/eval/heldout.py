@@ -1,18 +1,15 @@
-"""Held-out evaluation during CFT: held-out loss / token accuracy, and verdict accuracy of greedy
-critiques (generated, parsed with `parse_verdict`, compared with the rows' correctness labels)."""
+"""Held-out verdict accuracy during training: greedy critiques of labelled held-out rows, generated,
+parsed with `parse_verdict` and compared with the labels; plus an eval suite (eval.suite) run on the
+current params. The trainers receive it through `make_verdict_evaluator` (cftjax.launch wires it)."""
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Callable
 from typing import Any
 
-import jax
-
-from cftjax import parallel
-from cftjax.data import pipeline, sources
-from cftjax.data.records import CritiqueRecord
+from cftjax import config as config_lib
+from cftjax.data import sources
+from cftjax.data.critique import CritiqueRecord
 from cftjax.eval import runner
 from cftjax.models import ModelConfig
 
@@ -42,55 +39,27 @@ def labelled_records(eval_path: str, data_format: str, limit: int, on_bad_row: s
   return records
 
 
-class HeldOutEvaluator:
-  """Computes the held-out metrics of a set of params; built once, called at every eval step.
+class VerdictEvaluator:
+  """Verdict accuracy of greedy critiques of the first eval.verdict_examples labelled rows of
+  data.eval_path, and the eval.suite's metrics ("<benchmark>/<metric>"); built once per run.
 
   Args:
     config: the run config (sections data, eval).
     model_cfg: the model config used for generation (compute dtype included).
     tokenizer: a `cftjax.tokenizer.Tokenizer`.
-    mesh, rules: where the eval batches go (`parallel.host_local_to_global`).
-    eval_step: `sft_step.make_eval_step(...)`, `(params, batch) -> {loss_sum, token_count, correct_sum}`.
   """
 
-  def __init__(self, config: Any, model_cfg: ModelConfig, tokenizer: Any, mesh: Any,
-               rules: parallel.LogicalRules, eval_step: Callable[[Any, dict[str, Any]], dict[str, Any]]):
+  def __init__(self, config: Any, model_cfg: ModelConfig, tokenizer: Any):
     self._config, self._model_cfg, self._tokenizer = config, model_cfg, tokenizer
-    self._mesh, self._rules, self._eval_step = mesh, rules, eval_step
     self._records: list[CritiqueRecord] = []
     if config.eval.verdict_examples > 0:
       self._records = labelled_records(config.data.eval_path, config.data.format,
                                        config.eval.verdict_examples, config.data.on_bad_row)
     self._suite = None
-    if config.eval.get("suite"):
-      from cftjax import config as config_lib  # pylint: disable=import-outside-toplevel
-
+    if config.eval.suite:
       suite_cfg = config_lib.load_config(config.eval.suite, [])
       suite_cfg.limit, suite_cfg.output_dir, suite_cfg.progress_bar = config.eval.suite_limit, "", False
-      self._suite = runner.make_periodic_eval(suite_cfg, tokenizer, model_cfg)
-
-  def _loss_data_config(self) -> dict[str, Any]:
-    data, ev = self._config.data, self._config.eval
-    return {"sources": [{"path": data.eval_path, "format": data.format}], "template": data.template,
-            "max_seq_len": data.max_seq_len, "batch_size": ev.batch_size, "packing": data.packing,
-            "length_policy": data.length_policy, "on_bad_row": data.on_bad_row, "seed": data.seed,
-            "num_epochs": 1}
-
-  def heldout_loss(self, params: Any) -> dict[str, float]:
-    """eval_loss and eval_accuracy (next-token) over the first eval.loss_batches held-out batches."""
-    iterator = pipeline.make_sft_iterator(self._loss_data_config(), self._tokenizer,
-                                          jax.process_index(), jax.process_count())
-    totals = None
-    for batch in itertools.islice(iterator, self._config.eval.loss_batches):
-      sums = self._eval_step(params, parallel.host_local_to_global(batch, self._mesh, self._rules))
-      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    iterator.close()
-    if totals is None:
-      return {}
-    totals = jax.device_get(totals)
-    count = max(float(totals["token_count"]), 1.0)
-    return {"eval_loss": float(totals["loss_sum"]) / count,
-            "eval_accuracy": float(totals["correct_sum"]) / count}
+      self._suite = runner.PeriodicEval(suite_cfg, tokenizer, model_cfg)
 
   def verdict_metrics(self, params: Any) -> tuple[dict[str, float], list[str]]:
     """(verdict_accuracy / balanced accuracy / missing rate, the greedy critiques they were parsed from).
@@ -109,11 +78,21 @@ class HeldOutEvaluator:
             "verdict_missing_rate": summary["missing_rate"]}, texts
 
   def evaluate(self, params: Any) -> dict[str, float]:
-    """All held-out metrics of `params`."""
-    metrics = self.heldout_loss(params) if self._config.eval.loss_batches > 0 else {}
-    if self._suite is not None:
-      metrics |= self._suite(params, step=0)
+    """The suite's metrics and the verdict metrics of `params`."""
+    metrics = self._suite(params, step=0) if self._suite is not None else {}
     verdicts, texts = self.verdict_metrics(params)
     if texts:
       log.info("sample held-out critique (label %s):\n%s", self._records[0].label, texts[0])
     return metrics | verdicts
+
+  def close(self) -> None:
+    if self._suite is not None:
+      self._suite.close()
+
+
+def make_verdict_evaluator(config: Any, model_cfg: ModelConfig, tokenizer: Any) -> VerdictEvaluator | None:
+  """A `cftjax.train.run.EvaluatorFactory`: the VerdictEvaluator, or None when the run asks for no
+  verdict accuracy and no suite."""
+  if not (config.eval.verdict_examples or config.eval.suite):
+    return None
+  return VerdictEvaluator(config, model_cfg, tokenizer)

@@ -12,7 +12,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Sequence
 
-from cftjax.data.verdicts import last_braced_argument
+from cftjax.data.critique import last_braced_argument
 
 logger = logging.getLogger(__name__)
 

@@ -10,10 +10,9 @@ import math
 import re
 from typing import Any, Callable, Mapping, Sequence
 
-from cftjax.data.records import CritiqueRecord
-from cftjax.data.verdicts import parse_verdict, remove_think
-from cftjax.eval.grading import MathGrader, shared_grader
-from cftjax.train.sandbox import run_tests
+from cftjax.data.critique import CritiqueRecord, parse_verdict, remove_think
+from cftjax.rewards.grading import MathGrader, shared_grader
+from cftjax.rewards.sandbox import run_tests
 
 logger = logging.getLogger(__name__)
 

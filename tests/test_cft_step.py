@@ -12,10 +12,12 @@ import numpy as np
 import optax
 import pytest
 
+from cftjax import config as config_lib
 from cftjax import parallel
 from cftjax.models import Decoder, ModelConfig, abstract_params
-from cftjax.train.optimizer import make_optimizer
-from cftjax.train.sft_step import make_eval_step, make_sft_step, sft_grad_sums
+from cftjax.train.cft import cft_grad_sums, make_cft_step
+from cftjax.train.run import make_eval_step
+from cftjax.train.state import make_optimizer
 from cftjax.train.state import create_train_state
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -57,8 +59,8 @@ def mesh_of(data, fsdp, tensor):
 @functools.cache
 def fresh_state():
   """A TrainState initialised directly sharded on a 1x8x1 mesh (bf16 params in the model config)."""
-  return create_train_state(CFG.replace(param_dtype="bfloat16"), optax.adam(1e-3), jax.random.key(3),
-                            mesh_of(1, 8, 1))
+  with parallel.use_mesh(mesh_of(1, 8, 1)):
+    return create_train_state(CFG.replace(param_dtype="bfloat16"), optax.adam(1e-3), jax.random.key(3))
 
 
 @functools.cache
@@ -89,13 +91,12 @@ def reference(params, batch):
 @functools.cache
 def sharded_loss_and_grads(mesh_shape: tuple[int, int, int], micro_batches: int,
                            compute_dtype: str = "float32"):
-  """(mean loss, mean-loss grads as numpy, grad leaves' dtypes) from sft_grad_sums on a mesh."""
-  mesh = mesh_of(*mesh_shape)
-  shardings = parallel.param_shardings(abstract_params(CFG), mesh)
-  grads_fn = jax.jit(
-      functools.partial(sft_grad_sums, CFG, mesh=mesh, micro_batches=micro_batches,
-                        chunk_size=CHUNK, compute_dtype=compute_dtype),
-      in_shardings=(shardings, parallel.batch_sharding(mesh)))
+  """(mean loss, mean-loss grads as numpy, grad leaves' dtypes) from cft_grad_sums on a mesh."""
+  with parallel.use_mesh(mesh_of(*mesh_shape)):
+    grads_fn = jax.jit(
+        parallel.bind(functools.partial(cft_grad_sums, CFG, micro_batches=micro_batches,
+                                        chunk_size=CHUNK, compute_dtype=compute_dtype)),
+        in_shardings=(parallel.param_shardings(abstract_params(CFG)), parallel.batch_sharding()))
   grad_sums, sums = grads_fn(initial_params(), make_batch())
   count = float(sums["token_count"])
   grads = jax.tree.map(lambda g: np.asarray(g) / count, grad_sums)
@@ -135,18 +136,23 @@ def test_bf16_compute_keeps_float32_gradients(reference):
   assert_grads_close(grads, reference["grads"], 0.1)
 
 
-def test_sft_step_updates_a_sharded_state(params, batch, reference):
-  mesh = mesh_of(2, 2, 2)
-  tx, schedule = make_optimizer({"lr": 1e-3, "schedule": "linear", "weight_decay": 0.1,
-                                 "grad_clip_norm": 1.0}, total_steps=10)
-  state = create_train_state(CFG, tx, jax.random.key(0), mesh, init_params=params)
+def test_cft_step_updates_a_sharded_state(params, batch, reference):
+  with parallel.use_mesh(mesh_of(2, 2, 2)):
+    _check_cft_step_updates_a_sharded_state(params, batch, reference)
+
+
+def _check_cft_step_updates_a_sharded_state(params, batch, reference):
+  optim = config_lib.base_config().optim
+  optim.lr, optim.schedule, optim.warmup_ratio, optim.weight_decay = 1e-3, "linear", 0.0, 0.1
+  tx, schedule = make_optimizer(optim, total_steps=10)
+  state = create_train_state(CFG, tx, jax.random.key(0), init_params=params)
   gate = state.params["layers"]["mlp"]["gate_kernel"]
   assert gate.dtype == jnp.float32 and gate.sharding.spec == P(None, "fsdp", "tensor")
   np.testing.assert_array_equal(np.asarray(gate), params["layers"]["mlp"]["gate_kernel"])
 
-  step = make_sft_step(CFG, tx, mesh, micro_batches=2, chunk_size=CHUNK, schedule=schedule)
+  step = make_cft_step(CFG, tx, micro_batches=2, chunk_size=CHUNK, schedule=schedule)
   old_params = state.params
-  state, metrics = step(state, parallel.host_local_to_global(batch, mesh))
+  state, metrics = step(state, parallel.host_local_to_global(batch))
   assert jax.tree.leaves(old_params)[0].is_deleted()  # the input state was donated
 
   np.testing.assert_allclose(float(metrics["loss"]), reference["loss"], rtol=1e-6)
@@ -169,13 +175,13 @@ def test_sft_step_updates_a_sharded_state(params, batch, reference):
   adam_mu = state.opt_state[1][0].mu["layers"]["mlp"]["gate_kernel"]
   assert adam_mu.sharding.spec == P(None, "fsdp", "tensor")
   assert {s.data.shape for s in adam_mu.addressable_shards} == {(2, 16, 32)}
-  state, metrics = step(state, parallel.host_local_to_global(batch, mesh))
+  state, metrics = step(state, parallel.host_local_to_global(batch))
   assert int(state.step) == 2 and float(metrics["lr"]) == pytest.approx(float(schedule(1)))
   assert float(metrics["loss"]) < reference["loss"]
 
-  eval_step = make_eval_step(CFG, mesh, chunk_size=CHUNK)
-  sums = eval_step(jax.device_put(params, parallel.param_shardings(abstract_params(CFG), mesh)),
-                   parallel.host_local_to_global(batch, mesh))
+  eval_step = make_eval_step(CFG, chunk_size=CHUNK)
+  sums = eval_step(jax.device_put(params, parallel.param_shardings(abstract_params(CFG))),
+                   parallel.host_local_to_global(batch))
   np.testing.assert_allclose(float(sums["loss_sum"]) / float(sums["token_count"]), reference["loss"],
                              rtol=1e-6)
   assert float(sums["correct_sum"]) == reference["correct"]
@@ -192,20 +198,24 @@ def test_create_train_state_initialises_directly_sharded():
 
 
 def test_bad_init_params_and_batches_raise_clear_errors(params, batch):
-  mesh = mesh_of(2, 2, 2)
+  with parallel.use_mesh(mesh_of(2, 2, 2)):
+    _check_bad_init_params_and_batches_raise_clear_errors(params, batch)
+
+
+def _check_bad_init_params_and_batches_raise_clear_errors(params, batch):
   tx = optax.adam(1e-3)
   missing_head = {k: v for k, v in params.items() if k != "lm_head"}
   with pytest.raises(ValueError, match=r"missing \['lm_head'\] \(1 total\)"):
-    create_train_state(CFG, tx, jax.random.key(0), mesh, init_params=missing_head)
+    create_train_state(CFG, tx, jax.random.key(0), init_params=missing_head)
   wrong_shape = params | {"lm_head": params["lm_head"][:, :32]}
   with pytest.raises(ValueError, match=r"init_params lm_head has shape \(32, 32\); the model config "
                                        r"expects \(32, 64\)"):
-    create_train_state(CFG, tx, jax.random.key(0), mesh, init_params=wrong_shape)
-  state = jax.eval_shape(lambda: create_train_state(CFG, tx, jax.random.key(0), mesh))
-  step = make_sft_step(CFG, tx, mesh, micro_batches=8, chunk_size=CHUNK)
+    create_train_state(CFG, tx, jax.random.key(0), init_params=wrong_shape)
+  state = jax.eval_shape(lambda: create_train_state(CFG, tx, jax.random.key(0)))
+  step = make_cft_step(CFG, tx, micro_batches=8, chunk_size=CHUNK)
   with pytest.raises(ValueError, match=r"global batch 16 must be a multiple of micro_batches \(8\) x "
                                        r"batch shards \(4"):
     step.trace(state, batch)
   without_segments = {k: v for k, v in batch.items() if k != "segment_ids"}
   with pytest.raises(ValueError, match=r"CFT batch is missing \['segment_ids'\]"):
-    make_sft_step(CFG, tx, mesh, chunk_size=CHUNK).trace(state, without_segments)
+    make_cft_step(CFG, tx, chunk_size=CHUNK).trace(state, without_segments)

@@ -1,4 +1,5 @@
-"""Human-readable view of a data config: rendered examples with the loss mask, length histograms.
+"""Human-readable view of a config's training data: rendered examples with the loss mask, length
+histograms.
 
 Trained tokens (loss mask 1) are shown wrapped in [[...]].
 """
@@ -15,16 +16,18 @@ from cftjax.data import sources as sources_lib
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
 
 
-def inspect_dataset(data_cfg: Any, tokenizer: Any, num_examples: int = 3, max_rows: int = 2000,
+def inspect_dataset(data: Any, tokenizer: Any, num_examples: int = 3, max_rows: int = 2000,
                     num_bins: int = 10) -> str:
-  """A report: the first `num_examples` training examples in pipeline order, then per source a
-  histogram of token lengths over up to `max_rows` rows, with what the length policy would do."""
-  cfg = pipeline.resolve_data_config(data_cfg)
-  templates = pipeline.source_templates(cfg)
-  maker = pipeline.SFTExampleMaker(templates, tokenizer, cfg["max_seq_len"], cfg["length_policy"])
-  mixture, _ = pipeline.open_mixture(cfg, process_index=0, process_count=1)
-  lines = [f"== {num_examples} examples (max_seq_len={cfg['max_seq_len']}, "
-           f"length_policy={cfg['length_policy']}; "
+  """A report on the training rows of the config's `data` section (`pipeline.train_sources`): the
+  first `num_examples` examples in pipeline order, then per source a histogram of token lengths over
+  up to `max_rows` rows, with what data.length_policy would do."""
+  pipeline.check_data(data)
+  specs = pipeline.source_specs(pipeline.train_sources(data))
+  maker = pipeline.CFTExampleMaker(pipeline.source_templates(data, specs), tokenizer,
+                                   data.max_seq_len, data.length_policy)
+  mixture, _ = pipeline.open_mixture(data, specs, num_epochs=1, process_index=0, process_count=1)
+  lines = [f"== {num_examples} examples (max_seq_len={data.max_seq_len}, "
+           f"length_policy={data.length_policy}; "
            f"trained tokens in {TRAINED_OPEN}...{TRAINED_CLOSE})"]
   shown = 0
   for index in range(len(mixture)):
@@ -35,13 +38,13 @@ def inspect_dataset(data_cfg: Any, tokenizer: Any, num_examples: int = 3, max_ro
       continue
     lines += _describe_example(maker, tagged, tokenizer)
     shown += 1
-  for component, spec in enumerate(cfg["sources"]):
-    dataset, info = pipeline.open_config_source(cfg, spec)
+  for component, spec in enumerate(specs):
+    dataset, info = pipeline.open_config_source(data, spec)
     lines += _length_report(maker, component, dataset, info, max_rows, num_bins)
   return "\n".join(lines)
 
 
-def _describe_example(maker: pipeline.SFTExampleMaker, tagged, tokenizer) -> list[str]:
+def _describe_example(maker: pipeline.CFTExampleMaker, tagged, tokenizer) -> list[str]:
   component, record = tagged
   ids, mask = maker.render(component, record)
   status = maker(tagged)["status"]
@@ -62,7 +65,7 @@ def mark_trained(ids: np.ndarray, mask: np.ndarray, tokenizer) -> str:
   return "".join(pieces)
 
 
-def _length_report(maker: pipeline.SFTExampleMaker, component: int, dataset, info, max_rows: int,
+def _length_report(maker: pipeline.CFTExampleMaker, component: int, dataset, info, max_rows: int,
                    num_bins: int) -> list[str]:
   """Token-length histogram and length-policy counts for up to `max_rows` evenly spaced rows."""
   indices = np.unique(np.linspace(0, len(dataset) - 1, min(max_rows, len(dataset))).astype(int))

@@ -328,7 +328,3 @@ def run_tests(code: str, tests: Any, wall_s: float = 5.0, cpu_s: float = 5.0,
     reasons = list(pool.map(run_case, cases))
   return sum(r == "passed" for r in reasons) / len(reasons), reasons
 
-
-def network_isolation() -> str:
-  """"netns" when sandboxed programs get their own network namespace here, else "audit-hook"."""
-  return run_python("pass", wall_s=30.0).isolation

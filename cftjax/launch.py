@@ -1,0 +1,71 @@
+"""`cftjax train` as a function: one config in, one run out. Prepares the demo world when asked,
+runs a GRPO config's CFT warm start first (rl.warmstart_config), and runs the objective's trainer
+(train.objective: cft | grpo) with the held-out verdict evaluation plugged in."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from cftjax import config as config_lib
+from cftjax import parallel
+from cftjax.data import synthetic
+from cftjax.eval import heldout
+from cftjax.models import checkpoint_io
+from cftjax.train import cft, grpo
+from cftjax.train import run as run_lib
+
+log = logging.getLogger(__name__)
+
+TRAINERS = {"cft": cft.train, "grpo": grpo.train}
+
+
+def warm_start(config: Any) -> None:
+  """Trains (or finishes training) rl.warmstart_config, a CFT config, into rl.init_from_run unless
+  that run has already finished (written its summary); it uses this run's synthetic world."""
+  rl = config.rl
+  if not (rl.init_from_run and rl.warmstart_config) or os.path.exists(
+      os.path.join(rl.init_from_run, run_lib.SUMMARY_FILE)):
+    return
+  overrides = [("train.run_dir", rl.init_from_run)]
+  if rl.warmstart_steps:
+    overrides.append(("train.steps", str(rl.warmstart_steps)))
+  if config.data.world_dir:
+    overrides.append(("data.world_dir", config.data.world_dir))
+    overrides += [(f"data.world.{key}", str(value)) for key, value in config.data.world.items()]
+  log.info("rl.init_from_run=%s is not trained yet: training %s there first (%s)", rl.init_from_run,
+           rl.warmstart_config, overrides)
+  summary = train(config_lib.load_config(rl.warmstart_config, overrides))
+  log.info("warm start done:\n%s", run_lib.format_summary(summary))
+
+
+def check_init_run_world(config: Any) -> None:
+  """Raises when rl.init_from_run was trained on this run's synthetic world directory as written
+  with other data.world settings (e.g. a warm start left over from an older world)."""
+  if not (config.rl.init_from_run and config.data.synthetic_world):
+    return
+  source = checkpoint_io.read_run_config(config.rl.init_from_run).data
+  if source.get("world_dir") != config.data.world_dir:
+    return
+  differing = {key: (source.world.get(key), value) for key, value in config.data.world.items()
+               if source.world.get(key) != value}
+  if differing:
+    raise config_lib.ConfigError(
+        f"rl.init_from_run={config.rl.init_from_run!r} was trained on {config.data.world_dir} with "
+        f"other data.world settings (it, this run: {differing}): delete that run to train it again "
+        "on this world, or point rl.init_from_run elsewhere")
+
+
+def train(config: Any) -> dict[str, Any]:
+  """Runs (or resumes) the run of `config`; returns its summary (`cftjax.train.run.RunLoop.loop`)."""
+  parallel.maybe_initialize_distributed()  # before anything touches JAX's devices
+  objective = config.train.objective
+  if objective not in TRAINERS:
+    raise config_lib.ConfigError(f"config.train.objective={objective!r}; choose one of {sorted(TRAINERS)}")
+  if config.data.synthetic_world:
+    synthetic.ensure_world(config)
+  if objective == "grpo":
+    warm_start(config)
+    check_init_run_world(config)
+  return TRAINERS[objective](config, heldout.make_verdict_evaluator)

@@ -1,0 +1,1 @@
+"""Rewards: math answer grading, verdict / math / code reward functions, and the code sandbox."""

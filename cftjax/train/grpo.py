@@ -1,0 +1,438 @@
+"""Critique RL and GRPO end to end: the jitted, sharded GRPO update (clipped surrogate + optional KL,
+micro-batch accumulation, one division by the GLOBAL loss normaliser), the log-prob scorer, and the
+training run `train(config) -> summary` (rollouts from the current params, rewards, group
+advantages, updates, held-out evaluation, metrics and resumable checkpoints)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import logging
+import time
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+import numpy as np
+import optax
+
+from cftjax import config as config_lib
+from cftjax import parallel
+from cftjax.data import pipeline
+from cftjax.models import ModelConfig, abstract_params
+from cftjax.models import checkpoint_io
+from cftjax.rewards.registry import RewardComputer
+from cftjax.train import checkpoint as checkpoint_lib
+from cftjax.train import losses
+from cftjax.train import rollout as rollout_lib
+from cftjax.train import run as run_lib
+from cftjax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------
+# The update step.
+
+# The GRPO update batch (see cftjax.train.rollout.build_update_batch); all [B, T] unless noted:
+# inputs, targets (int32), positions, segment_ids (int32, 0 = padding), completion_mask (float32,
+# 1 on generated target tokens), old_logp (float32, aligned to targets), advantages [B] (float32),
+# and ref_logp (float32) when the KL term is on.
+Batch = dict[str, jax.Array]
+SCORE_KEYS = ("inputs", "targets", "positions", "segment_ids", "completion_mask")
+UPDATE_KEYS = SCORE_KEYS + ("old_logp", "advantages")
+LOG_RATIO_CLAMP = 20.0  # bound on |logp - old_logp| inside the ratio (losses.grpo_loss)
+
+
+def check_loss_settings(rl: Any) -> None:
+  """Raises a ConfigError naming the `rl` key of the GRPO objective that cannot be used."""
+  if rl.aggregation not in losses.AGGREGATION_MODES:
+    raise config_lib.ConfigError(f"rl.aggregation={rl.aggregation!r} is not one of "
+                                 f"{losses.AGGREGATION_MODES}")
+  if rl.kl_kind not in losses.KL_KINDS:
+    raise config_lib.ConfigError(f"rl.kl_kind={rl.kl_kind!r} is not one of {losses.KL_KINDS}")
+  if rl.kl_coef < 0:
+    raise config_lib.ConfigError(f"rl.kl_coef={rl.kl_coef} must be >= 0 (0 turns the reference "
+                                 "model off)")
+  if rl.temperature <= 0:
+    raise config_lib.ConfigError(f"rl.temperature={rl.temperature}: log-probs need a positive "
+                                 "temperature")
+
+
+def uses_reference(rl: Any) -> bool:
+  """Whether the objective has a KL term to the frozen initial policy (rl.kl_coef > 0)."""
+  return rl.kl_coef > 0
+
+
+def batch_keys(rl: Any) -> tuple[str, ...]:
+  """The keys of the update batch the objective of `rl` reads."""
+  return UPDATE_KEYS + (("ref_logp",) if uses_reference(rl) else ())
+
+
+def _select_keys(jitted: Callable, keys: tuple[str, ...], what: str) -> Callable:
+  """`jitted(first, batch)` called with exactly `keys` of batch (other keys ignored; missing raise)."""
+  def call(first: Any, batch: Batch):
+    missing = [key for key in keys if key not in batch]
+    if missing:
+      raise ValueError(f"{what} batch is missing {missing}; it needs {list(keys)} "
+                       "(build it with cftjax.train.rollout.build_update_batch)")
+    return jitted(first, {key: batch[key] for key in keys})
+
+  return call
+
+
+def grpo_sums(model_cfg: ModelConfig, params: Any, batch: Batch, rl: Any, *, chunk_size: int,
+              compute_dtype=None) -> dict[str, jax.Array]:
+  """`grpo_loss` sums of one (micro-)batch under the `rl` section's objective, plus entropy_sum
+  (masked) and seq_count. Log-probs are of softmax(logits / rl.temperature); rl.dual_clip 0 is off;
+  rl.max_response_len 0 is rl.max_new_tokens."""
+  logp, entropy = losses.completion_log_probs(model_cfg, params, batch, chunk_size=chunk_size,
+                                              temperature=rl.temperature, compute_dtype=compute_dtype)
+  mask = batch["completion_mask"].astype(jnp.float32)
+  sums = losses.grpo_loss(logp, batch["old_logp"], batch["advantages"], mask,
+                          ref_logp=batch.get("ref_logp"), kl_coef=rl.kl_coef, kl_kind=rl.kl_kind,
+                          eps_low=rl.eps_low, eps_high=rl.eps_high, dual_clip=rl.dual_clip or None,
+                          log_ratio_clamp=LOG_RATIO_CLAMP, aggregation=rl.aggregation,
+                          max_response_len=rl.max_response_len or rl.max_new_tokens)
+  return sums | {"entropy_sum": jnp.sum(mask * jax.lax.stop_gradient(entropy)),
+                 "seq_count": jnp.sum(jnp.sum(mask, axis=1) > 0).astype(jnp.float32)}
+
+
+def _mean_metrics(sums: dict[str, jax.Array], uses_reference: bool) -> dict[str, jax.Array]:
+  tokens = jnp.maximum(sums["token_count"], 1.0)
+  denominator = jnp.maximum(sums["denominator"], 1e-9)
+  metrics = {
+      "loss": sums["loss_sum"] / denominator, "pg_loss": sums["pg_loss_sum"] / denominator,
+      "entropy": sums["entropy_sum"] / tokens, "clip_frac_low": sums["clip_low_sum"] / tokens,
+      "clip_frac_high": sums["clip_high_sum"] / tokens, "dual_clip_frac": sums["dual_clip_sum"] / tokens,
+      "ratio_mean": sums["ratio_sum"] / tokens, "ratio_min": sums["ratio_min"],
+      "ratio_max": sums["ratio_max"], "abs_log_ratio": sums["abs_log_ratio_sum"] / tokens,
+      "completion_tokens": sums["token_count"], "sequences": sums["seq_count"]}
+  if uses_reference:
+    metrics |= {"kl": sums["kl_sum"] / tokens, "kl_loss": sums["kl_loss_sum"] / denominator}
+  return metrics
+
+
+def _batch_shardings(keys: tuple[str, ...]) -> dict[str, NamedSharding]:
+  return {key: parallel.batch_sharding(1 if key == "advantages" else 2) for key in keys}
+
+
+def make_grpo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, rl: Any, micro_batches: int = 1, chunk_size: int = 1024,
+                   compute_dtype=None, schedule: optax.Schedule | None = None,
+                   ) -> Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, dict[str, jax.Array]]]:
+  """A jitted `step(state, batch) -> (state, metrics)`: one optimizer update; the state is donated.
+
+  rl: the config's `rl` section (the objective: temperature, eps_low / eps_high, dual_clip,
+  aggregation, max_response_len, kl_coef, kl_kind; see `grpo_sums`), checked here.
+  batch: the global update batch (`batch_keys(rl)`; global jax.Arrays from
+  `parallel.host_local_to_global`, or numpy on one process), B a multiple of micro_batches x the
+  batch shards. The loss is sum(numerators) / sum(denominators) over the WHOLE batch, so k
+  micro-batches give the gradient of one full batch. Metrics (float32 scalars): loss, pg_loss,
+  entropy, clip_frac_low / high, dual_clip_frac, ratio_mean / min / max, abs_log_ratio (mean
+  |logp - old_logp|), kl and kl_loss (with a reference), completion_tokens, sequences, grad_norm
+  (before the optimizer's clipping), update_skipped (1.0 when a NaN / inf loss or gradient made the
+  step skip its update: see `state.apply_update_if_finite`) and lr (when a schedule is given).
+  """
+  state_shardings = state_lib.train_state_shardings(model_cfg, tx)
+  grad_shardings = parallel.param_shardings(abstract_params(model_cfg))
+  check_loss_settings(rl)
+  keys = batch_keys(rl)
+
+  def sums_fn(master_params, micro):
+    with parallel.activation_sharding():
+      return grpo_sums(model_cfg, master_params, micro, rl, chunk_size=chunk_size,
+                       compute_dtype=compute_dtype)
+
+  def step(state: state_lib.TrainState, batch: Batch) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+    parallel.check_batch_divisible(batch["inputs"].shape[0], micro_batches, "GRPO update")
+    grad_sums, sums = state_lib.accumulate_gradients(
+        sums_fn, state.params, batch, micro_batches=micro_batches,
+        grad_shardings=grad_shardings)
+    denominator = sums["denominator"]
+    grads = jax.tree.map(lambda g: jnp.where(denominator > 0, g / jnp.maximum(denominator, 1e-9), 0.0),
+                         grad_sums)
+    metrics = _mean_metrics(sums, uses_reference(rl))
+    if schedule is not None:
+      metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    new_state, update_metrics = state_lib.apply_update_if_finite(state, grads, metrics["loss"], tx)
+    return new_state, metrics | update_metrics
+
+  return _select_keys(jax.jit(parallel.bind(step), in_shardings=(state_shardings, _batch_shardings(keys)),
+                              out_shardings=(state_shardings, parallel.replicated()),
+                              donate_argnums=0), keys, "GRPO update")
+
+
+def make_log_prob_fn(model_cfg: ModelConfig, *, chunk_size: int = 1024,
+                     compute_dtype=None, temperature: float = 1.0
+                     ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+  """A jitted `score(params, batch) -> (logp [B, T], abs_gap_sum [])` for the policy or reference.
+
+  logp: float32 log-probs of the targets at `temperature`, zero off the completion mask (the old or
+  reference log-probs of an update batch). abs_gap_sum: sum over completion tokens of
+  |logp - batch["old_logp"]| (the sampler-vs-trainer gap when old_logp holds the sampler's).
+  """
+  param_shardings = parallel.param_shardings(abstract_params(model_cfg))
+  keys = SCORE_KEYS + ("old_logp",)
+
+  def score(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    with parallel.activation_sharding():
+      logp, _ = losses.completion_log_probs(model_cfg, params, batch, chunk_size=chunk_size,
+                                            temperature=temperature, compute_dtype=compute_dtype)
+    mask = batch["completion_mask"] > 0
+    logp = jnp.where(mask, logp, 0.0)
+    return logp, jnp.sum(jnp.where(mask, jnp.abs(logp - batch["old_logp"]), 0.0))
+
+  return _select_keys(jax.jit(parallel.bind(score), in_shardings=(param_shardings, _batch_shardings(keys)),
+                              out_shardings=(parallel.batch_sharding(), parallel.replicated())),
+                      keys, "log-prob scoring")
+
+# ------------------------------------------------------------------------------------------------
+# The run: settings from config.rl.
+
+
+def prompt_batches(config: Any, tokenizer: Any) -> pipeline.DataIterator:
+  """This process's endless iterator over prompt batches of data.sources (data.batch_size global)."""
+  data = config.data
+  if not data.sources:
+    raise config_lib.ConfigError("GRPO needs data.sources: a tuple of source specs with path, task "
+                                 "(crl | math | code), weight and template")
+  return pipeline.make_rl_iterator(
+      data, tokenizer, sources=data.sources, batch_size=data.batch_size, num_epochs=None,
+      max_prompt_len=config.rl.max_prompt_len, num_workers=data.num_workers,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _check_config(config: Any, prompts_per_host: int) -> None:
+  rl = config.rl
+  if config.train.steps < 1:
+    raise config_lib.ConfigError("GRPO reads an endless prompt stream: set train.steps (> 0)")
+  for key in ("group_size", "max_new_tokens", "ppo_epochs", "mini_batches", "max_draws"):
+    if rl[key] < 1:
+      raise config_lib.ConfigError(f"rl.{key}={rl[key]} must be >= 1")
+  check_loss_settings(rl)
+  rows = prompts_per_host * rl.group_size
+  if rows % rl.mini_batches:
+    raise config_lib.ConfigError(
+        f"data.batch_size x rl.group_size = {rows} rows per host do not split into "
+        f"rl.mini_batches={rl.mini_batches}; change one of them")
+
+# ------------------------------------------------------------------------------------------------
+# The initial policy.
+
+
+def adopt_init_run_model(config: Any) -> None:
+  """With rl.init_from_run, sets config.model's init_from, tokenizer_dir, param_dtype and arch to that
+  run's, so this run's config.json describes the model it trains (and `load_run` rebuilds it)."""
+  if not config.rl.init_from_run:
+    return
+  source = checkpoint_io.read_run_config(config.rl.init_from_run).model
+  model = config.model
+  model.init_from = source.init_from
+  model.tokenizer_dir = model.tokenizer_dir or source.tokenizer_dir
+  model.param_dtype = source.param_dtype
+  for key in model.arch.keys():
+    model.arch[key] = source.arch[key]
+
+
+def policy_init_params(config: Any, model_cfg: ModelConfig) -> Callable[[Any], Any]:
+  """`init_params` for `run.initial_state`: rl.init_from_run's best params, else model.init_from's."""
+  if not config.rl.init_from_run:
+    return run_lib.model_init_params(config)
+
+  def load(shardings: Any) -> Any:
+    target = checkpoint_io.master_params_target(model_cfg, shardings)
+    step, params = checkpoint_io.load_run_params(config.rl.init_from_run, target, "best")
+    log.info("initial policy: %s best params (step %d)", config.rl.init_from_run, step)
+    return params
+
+  return load
+
+
+def reference_params(config: Any, model_cfg: ModelConfig) -> Any:
+  """The frozen initial policy (the KL reference), the same params a fresh run starts from."""
+  shardings = parallel.param_shardings(abstract_params(model_cfg))
+  params = policy_init_params(config, model_cfg)(shardings)
+  if params is not None:
+    return state_lib.as_float32(params)
+  return state_lib.create_train_state(model_cfg, optax.identity(),
+                                      jax.random.PRNGKey(config.train.seed)).params
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _on_any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any JAX process (a collective with several processes)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.process_allgather(np.bool_(flag)).any())
+
+
+def _max_over_processes(value: int) -> int:
+  """The largest of every JAX process's `value` (a collective with several processes)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.process_allgather(np.int64(value)).max())
+
+
+def _split_rows(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
+  """Host-local batch -> `parts` batches of consecutive rows (the mini-batches)."""
+  rows = len(batch["advantages"]) // parts
+  return [{k: v[i * rows:(i + 1) * rows] for k, v in batch.items()} for i in range(parts)]
+
+
+def _mean_over_updates(update_metrics: list[dict[str, float]]) -> dict[str, float]:
+  """Means over a step's updates; extremes for ratio_min / ratio_max; the last lr."""
+  merged = {}
+  for key in update_metrics[0]:
+    values = [m[key] for m in update_metrics]
+    merged[key] = (min(values) if key == "ratio_min" else max(values) if key == "ratio_max"
+                   else values[-1] if key == "lr" else float(np.mean(values)))
+  return merged
+
+
+class GRPORun(run_lib.RunLoop):
+  """Everything one GRPO `train` call builds; `RunLoop.loop()` runs the steps."""
+
+  def __init__(self, config: Any, extra_evaluator: run_lib.EvaluatorFactory | None):
+    self.config = config
+    rl = config.rl
+    self.run_dir = config.train.run_dir
+    adopt_init_run_model(config)
+    config_lib.write_run_config(self.run_dir, config, write=jax.process_index() == 0)
+    self.config_record = config_lib.to_plain_dict(config)
+    self.model_cfg, self.tokenizer = checkpoint_io.build_model(config.model)
+    run_lib.check_attention(self.model_cfg, packed_rows=False)  # update rows: one sequence each
+    self.prompts_per_host = config.data.batch_size // jax.process_count()
+    _check_config(config, self.prompts_per_host)
+    self.total_steps = config.train.steps
+    self.updates_per_step = rl.ppo_epochs * rl.mini_batches
+    self.tx, self.schedule = state_lib.make_optimizer(config.optim, self.total_steps * self.updates_per_step)
+    self.checkpoints = checkpoint_lib.RunCheckpoints.from_config(self.run_dir, config.checkpoint)
+    self.data = prompt_batches(config, self.tokenizer)
+    self.state = run_lib.initial_state(self, self.tx, config.train.seed,
+                                       policy_init_params(config, self.model_cfg))
+    self.step = self.checkpoints.latest_step() or 0  # rollout steps (state.step counts updates)
+    step_kwargs = dict(chunk_size=config.train.chunk_size, compute_dtype=config.model.dtype)
+    self.update = make_grpo_step(
+        self.model_cfg, self.tx, rl=rl,
+        micro_batches=config.train.micro_batches, schedule=self.schedule, **step_kwargs)
+    self.ref_params = None
+    if uses_reference(rl):
+      self.ref_params = reference_params(config, self.model_cfg)
+    self.score_log_probs = None
+    if uses_reference(rl) or rl.recompute_old_logp:
+      self.score_log_probs = make_log_prob_fn(
+          self.model_cfg, temperature=rl.temperature, **step_kwargs)
+    self.rewards = RewardComputer(rl.rewards)
+    self.nonfinite = run_lib.NonFiniteGuard(config.train.max_consecutive_nonfinite)
+    self.evaluator = run_lib.make_evaluator(config, self.model_cfg, self.tokenizer, extra_evaluator)
+    self.writer = run_lib.MetricsWriter(
+        self.run_dir, self.total_steps, initial_step=self.step,
+        tensorboard=config.logging.tensorboard, progress_bar=config.logging.progress_bar)
+
+  # -- one step ------------------------------------------------------------------------------------
+
+  def _collect(self) -> rollout_lib.Rollout:
+    config, rl = self.config, self.config.rl
+    # One key on every process: generation is one global program over all processes' rows.
+    step_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), self.step)
+
+    def sample(prompts, draw):
+      return rollout_lib.sample_groups(self.state.params, self.model_cfg, prompts, rl, self.tokenizer,
+                                       jax.random.fold_in(step_rng, draw))
+
+    def score(groups):
+      rollout_lib.score_groups(groups, self.rewards, self.tokenizer, max_new_tokens=rl.max_new_tokens,
+                               overlong_buffer=rl.overlong_buffer, overlong_factor=rl.overlong_penalty)
+
+    return rollout_lib.collect_rollout(lambda: next(self.data), sample, score,
+                                       prompts_per_step=self.prompts_per_host,
+                                       dynamic_sampling=rl.dynamic_sampling, max_draws=rl.max_draws,
+                                       any_process=_on_any_process)
+
+  def _update_batches(self, rollout: rollout_lib.Rollout) -> list[dict[str, np.ndarray]]:
+    """This host's mini-batches; [] when no process has a group to train on. Every process builds
+    batches of one shape (the longest row anywhere), with all rows masked where it has no group."""
+    rl = self.config.rl
+    longest = _max_over_processes(rollout_lib.longest_row(rollout.groups))
+    if not longest:
+      return []
+    advantages = np.zeros(0, np.float32)
+    if rollout.groups:
+      rewards, group_ids = rollout_lib.group_rewards(rollout.groups)
+      advantages = np.asarray(losses.group_advantages(rewards, group_ids=group_ids, scale=rl.advantage_scale,
+                                               eps=rl.advantage_eps))
+    batch = rollout_lib.build_update_batch(
+        rollout.groups, advantages, self.prompts_per_host * rl.group_size,
+        seq_buckets=tuple(rl.seq_buckets) or None, mask_truncated=rl.mask_truncated,
+        pad_id=rollout_lib.pad_id(self.tokenizer), longest=longest)
+    return _split_rows(batch, rl.mini_batches)
+
+  def _score_reference_and_old(self, batches: list[dict[str, jax.Array]]) -> float | None:
+    """Adds ref_logp / recomputed old_logp to the global batches; returns the recomputed gap."""
+    gap_sum, tokens = 0.0, 0.0
+    for batch in batches:
+      if self.ref_params is not None:
+        batch["ref_logp"], _ = self.score_log_probs(self.ref_params, batch)
+      if self.config.rl.recompute_old_logp:
+        batch["old_logp"], gap = self.score_log_probs(self.state.params, batch)
+        gap_sum += float(gap)
+        tokens += float(jnp.sum(batch["completion_mask"]))
+    return gap_sum / max(tokens, 1.0) if self.config.rl.recompute_old_logp else None
+
+  def train_step(self, log_now: bool) -> dict[str, float]:
+    """One rollout + update step; returns its metrics (always gathered: the rollout is on the host)."""
+    del log_now
+    started = time.perf_counter()
+    rollout = self._collect()
+    metrics = rollout_lib.rollout_metrics(rollout, self.config.rl.group_size)
+    phase_started = time.perf_counter()
+    host_batches = self._update_batches(rollout)
+    batches = [parallel.host_local_to_global(b) for b in host_batches]
+    recomputed_gap = self._score_reference_and_old(batches)
+    jax.block_until_ready(batches)
+    reference_time = time.perf_counter() - phase_started
+    phase_started = time.perf_counter()
+    update_metrics = []
+    for _ in range(self.config.rl.ppo_epochs):
+      for batch in batches:
+        self.state, step_metrics = self.update(self.state, batch)
+        update_metrics.append(step_metrics)
+    update_metrics = [{k: float(v) for k, v in m.items()} for m in jax.device_get(update_metrics)]
+    for m in update_metrics:
+      self.nonfinite.observe(self.step + 1, m["update_skipped"])
+    update_time = time.perf_counter() - phase_started
+    if update_metrics:
+      metrics |= _mean_over_updates(update_metrics)
+      metrics["logp_gap"] = (recomputed_gap if recomputed_gap is not None
+                             else update_metrics[0]["abs_log_ratio"])
+    else:
+      log.warning("step %d: no group to train on; the update was skipped", self.step + 1)
+    step_time = time.perf_counter() - started
+    tokens = sum(int(np.count_nonzero(b["segment_ids"])) for b in host_batches) * jax.process_count()
+    generated = sum(int(g.lengths.sum()) for g in rollout.sampled)
+    metrics |= {"time_rollout_s": rollout.rollout_time_s, "time_reward_s": rollout.reward_time_s,
+                "time_reference_s": reference_time, "time_update_s": update_time,
+                "step_time_s": step_time, "tokens_per_s": tokens / step_time,
+                "rollout_tokens_per_s": generated / max(rollout.rollout_time_s, 1e-9),
+                "reward_errors": float(self.rewards.error_count),
+                "skipped_updates": float(self.nonfinite.total)}
+    return metrics
+
+  def close(self) -> None:
+    self.rewards.close()
+    super().close()
+
+
+def train(config: Any, extra_evaluator: run_lib.EvaluatorFactory | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the GRPO run in config.train.run_dir; returns and writes its summary.
+
+  extra_evaluator: as for `cftjax.train.cft.train` (held-out verdict accuracy of generated critiques).
+  The summary has the CFT run's keys (steps, total_steps, start_step, preempted,
+  final_train_metrics, initial_eval / final_eval, best_value, data_counts, wall_time_s), so
+  `run.format_summary` prints both.
+  """
+  return run_lib.run_in_mesh(config, lambda: GRPORun(config, extra_evaluator))
