@@ -72,6 +72,28 @@ def test_round_trip_restores_state_data_and_shardings(tmp_path):
   assert "process_0-of-1.json" in per_process
 
 
+def test_params_of_the_latest_or_a_numbered_step_are_read_from_the_train_state(tmp_path):
+  """checkpoint_io.load_run_params reads only the params of RUN_DIR/checkpoints/<step>/state, onto
+  the target's shardings; a step that is not there, or no best/, is a one-line error."""
+  run = ckpt.RunCheckpoints(str(tmp_path), max_to_keep=3, async_save=False)
+  for step in (1, 2):
+    run.save(step, _state(step), {}, {})
+  run.close()
+  target = _abstract(_state()).params
+  for step, want in (("latest", 2), (1, 1), ("2", 2)):
+    number, params = checkpoint_io.load_run_params(str(tmp_path), target, step)
+    assert number == want
+    _assert_trees_equal(params, _state(want).params)
+    assert params["w"].sharding == target["w"].sharding
+  with pytest.raises(FileNotFoundError, match=r"no finalized step 5; saved steps: \[1, 2\]"):
+    checkpoint_io.load_run_params(str(tmp_path), target, 5)
+  with pytest.raises(FileNotFoundError, match="no finalized checkpoint for step 'best'; train with "
+                                              "checkpoint.best_metric set"):
+    checkpoint_io.load_run_params(str(tmp_path), target, "best")
+  with pytest.raises(ValueError, match="step 'newest': use 'best', 'latest' or a step number"):
+    checkpoint_io.load_run_params(str(tmp_path), target, "newest")
+
+
 def test_unfinalized_step_is_never_restored_and_old_steps_are_pruned(tmp_path):
   run = ckpt.RunCheckpoints(str(tmp_path), max_to_keep=2, async_save=False)
   for step in (1, 2, 3):

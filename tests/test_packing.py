@@ -29,7 +29,7 @@ def _reference_examples(paths, tokenizer):
   """Per-example (inputs, targets, loss_mask) tuples rendered without the pipeline."""
   out = []
   for record in readers.load_records(paths["train"]):
-    ids, mask = critique.render_sft(record, "cft", tokenizer)
+    ids, mask = critique.render_cft(record, "cft", tokenizer)
     out.append((tuple(ids[:-1]), tuple(ids[1:]), tuple(np.asarray(mask[1:], np.float32))))
   return out
 

@@ -31,7 +31,7 @@ def world(tmp_path_factory):
   return paths, Tokenizer.from_dir(paths["tokenizer"])
 
 
-def _sft_config(paths, **overrides):
+def _cft_config(paths, **overrides):
   cfg = {"sources": [{"path": paths["train"]}, {"path": paths["heldout"], "weight": 0.25}],
          "template": "cft", "max_seq_len": 128, "batch_size": 4, "seed": 11}
   return {**cfg, **overrides}
@@ -72,7 +72,7 @@ RESUME_SCRIPT = textwrap.dedent("""
 
 def test_resume_in_fresh_process_sees_the_same_batches(world, tmp_path):
   paths, tokenizer = world
-  cfg = _sft_config(paths, max_seq_len=100, length_policy="drop")  # drops some
+  cfg = _cft_config(paths, max_seq_len=100, length_policy="drop")  # drops some
   it = cft_iterator(cfg, tokenizer)
   _take(it, 5)
   state_path = tmp_path / "state.json"
@@ -93,8 +93,8 @@ def test_resume_in_fresh_process_sees_the_same_batches(world, tmp_path):
 
 def test_worker_processes_give_the_same_batches_and_resume(world):
   paths, tokenizer = world
-  serial = _take(cft_iterator(_sft_config(paths), tokenizer), 6)
-  with cft_iterator(_sft_config(paths, num_workers=1), tokenizer) as it:
+  serial = _take(cft_iterator(_cft_config(paths), tokenizer), 6)
+  with cft_iterator(_cft_config(paths, num_workers=1), tokenizer) as it:
     _assert_same_batches(_take(it, 3), serial[:3])
     state = json.loads(json.dumps(it.get_state()))
     _assert_same_batches(_take(it, 3), serial[3:])
@@ -214,13 +214,13 @@ def test_config_errors_name_the_key(world):
   paths, tokenizer = world
   with pytest.raises(config_lib.ConfigError, match="'config.data.max_len'"):
     config_lib.set_override(config_lib.base_config(), "data.max_len", "3")
-  bad_source = _sft_config(paths, sources=[{"path": paths["train"], "wieght": 2}])
+  bad_source = _cft_config(paths, sources=[{"path": paths["train"], "wieght": 2}])
   with pytest.raises(ValueError, match=r"sources\[0\].*'wieght'"):
     cft_iterator(bad_source, tokenizer)
   with pytest.raises(config_lib.ConfigError, match="data.length_policy"):
-    cft_iterator(_sft_config(paths, length_policy="clip"), tokenizer)
+    cft_iterator(_cft_config(paths, length_policy="clip"), tokenizer)
   with pytest.raises(config_lib.ConfigError, match="not divisible"):
-    cft_iterator(_sft_config(paths, batch_size=3), tokenizer, 0, 2)
+    cft_iterator(_cft_config(paths, batch_size=3), tokenizer, 0, 2)
 
 
 def test_train_path_lists_comma_separated_sources(world):
@@ -234,7 +234,7 @@ def test_train_path_lists_comma_separated_sources(world):
   data.sources, data.train_path = (), ""
   with pytest.raises(config_lib.ConfigError, match="data.train_path"):
     pipeline.train_sources(data)
-  cfg = _sft_config(paths, sources=[{"path": paths["train"]}, {"path": paths["heldout"]}])
+  cfg = _cft_config(paths, sources=[{"path": paths["train"]}, {"path": paths["heldout"]}])
   data, stream = split_config(cfg)
   data.train_path = f"{paths['train']},{paths['heldout']}"
   stream["sources"] = pipeline.train_sources(data)
@@ -244,7 +244,7 @@ def test_train_path_lists_comma_separated_sources(world):
 
 def test_inspect_shows_mask_and_histogram(world):
   paths, tokenizer = world
-  data, stream = split_config(_sft_config(paths, max_seq_len=100))
+  data, stream = split_config(_cft_config(paths, max_seq_len=100))
   data.sources = stream["sources"]
   report = preview.inspect_dataset(data, tokenizer, num_examples=2)
   record = readers.load_records(paths["train"])[0]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cftjax.data import readers, synthetic
-from cftjax.data.critique import get_template, parse_verdict, render_prompt, render_sft
+from cftjax.data.critique import get_template, parse_verdict, render_prompt, render_cft
 from cftjax.tokenizer import Tokenizer
 
 _PROBLEM = re.compile(r"What is (\d+) \+ (\d+)\?")
@@ -184,7 +184,7 @@ def test_tokenizer_digits_round_trip_and_chat_template(world_dir):
     messages = template.messages(record, with_target=True)
     text = tok.apply_chat_template(messages, tokenize=False)
     assert text == "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    ids, mask = render_sft(record, template, tok)
+    ids, mask = render_cft(record, template, tok)
     assert tok.decode(ids) == text
     assert len(ids) <= 128
     prompt = render_prompt(record, template, tok)

@@ -1,4 +1,4 @@
-"""Tests of the prompt templates and of SFT / prompt rendering with real chat templates."""
+"""Tests of the prompt templates and of CFT / prompt rendering with real chat templates."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cftjax.data.critique import CritiqueRecord, PromptTemplate, get_template, render_prompt, render_sft
+from cftjax.data.critique import CritiqueRecord, PromptTemplate, get_template, render_prompt, render_cft
 from cftjax.tokenizer import Tokenizer
 from tests import tokenizer_fixtures
 
@@ -95,10 +95,10 @@ def qwen_dirs(tmp_path_factory):
   }
 
 
-def test_render_sft_matches_transformers_assistant_mask(qwen_dirs):
+def test_render_cft_matches_transformers_assistant_mask(qwen_dirs):
   transformers = pytest.importorskip("transformers")
   path = qwen_dirs["generation_tags"]
-  ids, mask = render_sft(RECORD, "cft", Tokenizer.from_dir(path))
+  ids, mask = render_cft(RECORD, "cft", Tokenizer.from_dir(path))
   reference = transformers.AutoTokenizer.from_pretrained(str(path)).apply_chat_template(
       get_template("cft").messages(RECORD, with_target=True), tokenize=True, return_dict=True,
       return_assistant_tokens_mask=True)
@@ -107,7 +107,7 @@ def test_render_sft_matches_transformers_assistant_mask(qwen_dirs):
   assert mask.tolist() == list(reference["assistant_masks"])
 
 
-def test_render_prompt_matches_transformers_and_prefixes_the_sft_ids(qwen_dirs):
+def test_render_prompt_matches_transformers_and_prefixes_the_cft_ids(qwen_dirs):
   transformers = pytest.importorskip("transformers")
   path = qwen_dirs["default_system"]
   tok = Tokenizer.from_dir(path)
@@ -117,16 +117,16 @@ def test_render_prompt_matches_transformers_and_prefixes_the_sft_ids(qwen_dirs):
         get_template(name).messages(RECORD, with_target=False), add_generation_prompt=True,
         tokenize=True, return_dict=False)
     assert prompt.tolist() == list(reference), name
-    ids, mask = render_sft(RECORD, name, tok)
+    ids, mask = render_cft(RECORD, name, tok)
     assert ids[:len(prompt)].tolist() == prompt.tolist() and not mask[:len(prompt)].any()
-  ids, mask = render_sft(RECORD, "cft", tok)
+  ids, mask = render_cft(RECORD, "cft", tok)
   assert tok.decode(ids[mask == 1]) == "Critique:\n" + RECORD.critique + "<|im_end|>"
   assert tok.decode(ids[:len(prompt)]).startswith("<|im_start|>system\nYou are Qwen")
 
 
-def test_render_sft_llama3_trains_on_critique_and_eot(qwen_dirs):
+def test_render_cft_llama3_trains_on_critique_and_eot(qwen_dirs):
   tok = Tokenizer.from_dir(qwen_dirs["llama3"])
-  ids, mask = render_sft(RECORD, "cft", tok)
+  ids, mask = render_cft(RECORD, "cft", tok)
   assert tok.decode(ids[mask == 1]) == "Critique:\n" + RECORD.critique + "<|eot_id|>"
   prompt = render_prompt(RECORD, "cft", tok)
   assert tok.decode(prompt).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")

@@ -171,7 +171,7 @@ def get_template(name_or_spec: str | Mapping[str, Any] | PromptTemplate) -> Prom
                         assistant=spec.get("assistant"))
 
 
-def render_sft(record: CritiqueRecord, template: PromptTemplate | str, tokenizer
+def render_cft(record: CritiqueRecord, template: PromptTemplate | str, tokenizer
                ) -> tuple[np.ndarray, np.ndarray]:
   """Token ids [seq] and loss mask [seq] (1 on the assistant turn and its end-of-turn token)."""
   messages = get_template(template).messages(record, with_target=True)

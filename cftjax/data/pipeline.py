@@ -185,7 +185,7 @@ class CFTExampleMaker:
 
   def render(self, component: int, record) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [n] and their trained-token mask [n] (float32)."""
-    ids, mask = critique.render_sft(record, self.templates[component], self.tokenizer)
+    ids, mask = critique.render_cft(record, self.templates[component], self.tokenizer)
     return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
 
   def __call__(self, tagged) -> dict[str, Any]:
