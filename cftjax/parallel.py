@@ -128,6 +128,13 @@ def _log_replication_once(name: str, dim: int, size: int, axis: str, axis_size: 
                  "dim over %r", name, dim, size, axis, axis_size, axis)
 
 
+def with_shardings(tree: Any, shardings: Any, dtype: Any = None) -> Any:
+  """ShapeDtypeStructs of `tree`'s leaves (arrays or ShapeDtypeStructs) carrying `shardings` (a tree
+  of the same structure), in `dtype` when given: a target for `jax.jit` tracing or an Orbax restore."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s), tree,
+                      shardings)
+
+
 def divisible_spec(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, name: str) -> PartitionSpec:
   """`spec` with every mesh axis that does not divide its dim dropped (that dim is then replicated
   over it); each drop is logged once per process, naming `name`, the dim and the axis."""

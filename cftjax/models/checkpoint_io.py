@@ -19,6 +19,7 @@ import jax
 from ml_collections import config_dict
 import orbax.checkpoint as ocp
 
+from cftjax import parallel
 from cftjax.config import RUN_CONFIG_FILE, ConfigError
 from cftjax.models.config import ModelConfig
 from cftjax.models.decoder import abstract_params
@@ -76,13 +77,14 @@ def read_model_config(ckpt_dir: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**json.load(f), **overrides})
 
 
-def abstract_unboxed_params(cfg: ModelConfig, shardings: Any = None) -> Any:
-  """ShapeDtypeStructs of the plain params of `cfg` (in cfg.param_dtype), carrying `shardings`
-  (a tree like the params) when given."""
+def params_target(cfg: ModelConfig, shardings: Any = None, dtype: Any = None) -> Any:
+  """A restore target: ShapeDtypeStructs of the plain params of `cfg` in `dtype` (default
+  cfg.param_dtype) on `shardings` (a tree like the params; default: the first device)."""
   abstract = nn.unbox(abstract_params(cfg))
   if shardings is None:
-    return abstract
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  return parallel.with_shardings(abstract, shardings, dtype)
 
 
 def load_model_checkpoint(ckpt_dir: str, shardings: Any = None,
@@ -91,7 +93,7 @@ def load_model_checkpoint(ckpt_dir: str, shardings: Any = None,
   ckpt_dir = os.path.abspath(ckpt_dir)
   cfg = read_model_config(ckpt_dir, **(config_overrides or {}))
   with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(ckpt_dir, PARAMS_DIR), abstract_unboxed_params(cfg, shardings))
+    params = ckptr.restore(os.path.join(ckpt_dir, PARAMS_DIR), params_target(cfg, shardings))
   tok = os.path.join(ckpt_dir, TOKENIZER_DIR)
   return cfg, params, tok if os.path.isdir(tok) else None
 
@@ -178,20 +180,10 @@ def _run_step_dir(run_dir: str, step: str | int) -> tuple[str, int, str]:
   return directory, int(step), item
 
 
-def master_params_target(model_cfg: ModelConfig, shardings: Any = None) -> Any:
-  """ShapeDtypeStructs of the float32 master params of `model_cfg` (what run checkpoints hold) on
-  `shardings` (a tree like the params; default: the first device), a restore target."""
-  if shardings is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, nn.unbox(abstract_params(model_cfg)))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, "float32", sharding=s),
-                      nn.unbox(abstract_params(model_cfg)), shardings)
-
-
 def load_run_params(run_dir: str, target: Any, step: str | int = "best") -> tuple[int, Any]:
   """(step number, params) of a run's best, latest or numbered step, restored like `target`
-  (ShapeDtypeStructs with shardings, e.g. `master_params_target`). From a train-state checkpoint
-  only the params are read."""
+  (ShapeDtypeStructs with shardings, e.g. `params_target(cfg, dtype="float32")`: run checkpoints
+  hold float32 master params). From a train-state checkpoint only the params are read."""
   directory, number, item = _run_step_dir(run_dir, step)
   if item == "params":
     manager = ocp.CheckpointManager(directory, item_handlers={"params": ocp.StandardCheckpointHandler()},
@@ -218,7 +210,7 @@ def load_run(run_dir: str, step: str | int = "best", dtype: str | None = None
   from the run's own config; `dtype` overrides its compute dtype."""
   config = read_run_config(run_dir)
   model_cfg, tokenizer = build_model(config.model)
-  number, params = load_run_params(run_dir, master_params_target(model_cfg), step)
+  number, params = load_run_params(run_dir, params_target(model_cfg, dtype="float32"), step)  # master params
   log.info("%s: loaded the params of step %d (%s)", run_dir, number, step)
   return model_cfg.replace(**({"dtype": dtype} if dtype else {})), params, tokenizer
 

@@ -241,7 +241,7 @@ def policy_init_params(config: Any, model_cfg: ModelConfig) -> Callable[[Any], A
     return run_lib.model_init_params(config)
 
   def load(shardings: Any) -> Any:
-    target = checkpoint_io.master_params_target(model_cfg, shardings)
+    target = checkpoint_io.params_target(model_cfg, shardings, dtype="float32")
     step, params = checkpoint_io.load_run_params(config.rl.init_from_run, target, "best")
     log.info("initial policy: %s best params (step %d)", config.rl.init_from_run, step)
     return params

@@ -105,8 +105,7 @@ def abstract_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformatio
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                       opt_state=jax.eval_shape(tx.init, params),
                       rng=jax.eval_shape(lambda key: jax.random.split(key)[1], jax.random.PRNGKey(seed)))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                      train_state_shardings(model_cfg, tx))
+  return parallel.with_shardings(shapes, train_state_shardings(model_cfg, tx))
 
 
 def apply_update_if_finite(state: TrainState, grads: Any, loss: jax.Array,
