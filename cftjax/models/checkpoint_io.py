@@ -224,7 +224,8 @@ def load_model(path: str, *, step: str | int = "best", dtype: str | None = None,
   fallback for a checkpoint without one.
   """
   if os.path.exists(os.path.join(path, CONFIG_FILE)):
-    model_cfg, params, own_tokenizer = load_model_checkpoint(path, config_overrides={"dtype": dtype} if dtype else None)
+    overrides = {"dtype": dtype} if dtype else None
+    model_cfg, params, own_tokenizer = load_model_checkpoint(path, config_overrides=overrides)
     if not (own_tokenizer or tokenizer_dir):
       raise ValueError(f"{path} holds no tokenizer/; set --config.tokenizer_dir")
     tokenizer = Tokenizer.from_dir(own_tokenizer or tokenizer_dir)

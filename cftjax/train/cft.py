@@ -39,9 +39,9 @@ def cft_grad_sums(model_cfg: ModelConfig, params: Any, batch: Batch, *, micro_ba
                   compute_dtype=None) -> tuple[Any, dict[str, jax.Array]]:
   """(summed grads of loss_sum, summed CE statistics) over the global batch, micro-batch by micro-batch.
 
-  Call under jit, inside `parallel.use_mesh`. params: float32 master params (cast to compute_dtype, default model_cfg.dtype,
-  inside the differentiated function, so grads come back in float32). batch: the global CFT batch
-  [B, T]. Divide the results by the global token count once to get the mean loss and its gradient.
+  Call under jit, inside `parallel.use_mesh`. params: float32 master params (cast to compute_dtype,
+  default model_cfg.dtype, inside the differentiated function, so grads come back in float32).
+  batch: the global CFT batch [B, T]. Divide the results by the global token count once to get the mean loss and its gradient.
   """
   losses.check_cft_batch(batch, micro_batches)
 

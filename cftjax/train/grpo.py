@@ -118,7 +118,8 @@ def _batch_shardings(keys: tuple[str, ...]) -> dict[str, NamedSharding]:
   return {key: parallel.batch_sharding(1 if key == "advantages" else 2) for key in keys}
 
 
-def make_grpo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, rl: Any, micro_batches: int = 1, chunk_size: int = 1024,
+def make_grpo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, rl: Any,
+                   micro_batches: int = 1, chunk_size: int = 1024,
                    compute_dtype=None, schedule: optax.Schedule | None = None,
                    ) -> Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, dict[str, jax.Array]]]:
   """A jitted `step(state, batch) -> (state, metrics)`: one optimizer update; the state is donated.
