@@ -102,7 +102,7 @@ def _run_generate(args: argparse.Namespace, overrides: list[tuple[str, str]]) ->
   result = sampling.generate(params, cfg, prompts, rng=jax.random.key(args.seed),
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.eos_ids,
-                             stop_strings=args.stop, tokenizer=tokenizer, pad_id=tokenizer.pad_id)
+                             stop_strings=args.stop, tokenizer=tokenizer, pad_id=sampling.pad_id(tokenizer))
   for tokens, length in zip(result.tokens, result.lengths):
     print(tokenizer.decode(tokens[:length].tolist(), skip_special_tokens=True), flush=True)
   return 0

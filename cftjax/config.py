@@ -45,7 +45,7 @@ def base_config() -> config_dict.ConfigDict:
   c.model.param_dtype = "float32"  # dtype a fresh model's params are created in (training casts them to float32)
   c.model.remat = "none"  # activation checkpointing: none | minimal | full
   # attention and the other platform-specific kernels (cftjax.models.attention): auto (per platform:
-  # blocked on CPU, xla on GPU / TPU) | xla | blocked | cudnn (GPU flash attention; bf16, packing off)
+  # cpu on CPU, blocked on GPU / TPU) | xla | blocked | cpu | cudnn (GPU flash; bf16, packing off)
   c.model.attention = "auto"
   # model.arch: the architecture of a from-scratch model (ignored with init_from).
   c.model.arch = config_dict.ConfigDict()

@@ -177,6 +177,14 @@ def current() -> tuple[Mesh, LogicalRules]:
   return entered
 
 
+def platform() -> str:
+  """The platform ("cpu", "gpu", "tpu") of the devices programs run on: the current mesh's inside
+  `use_mesh` (also when compiling ahead of time for another platform's devices), else JAX's default
+  backend."""
+  entered = _CURRENT.get()
+  return jax.default_backend() if entered is None else entered[0].devices.flat[0].platform
+
+
 def bind(fn: Callable[..., Any]) -> Callable[..., Any]:
   """`fn` run under the mesh and rules current now, wherever it is called (or traced by jit) later."""
   mesh, rules = current()

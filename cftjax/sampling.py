@@ -38,6 +38,12 @@ class GenerationResult:
   truncated: np.ndarray  # [batch] bool, reached max_new_tokens without a stop id or stop string
 
 
+def pad_id(tokenizer: Any) -> int:
+  """The id that pads a tokenizer's prompts and completions: its pad id (which falls back to its eos
+  id), else 0."""
+  return 0 if tokenizer.pad_id is None else tokenizer.pad_id
+
+
 def bucket_length(length: int, buckets: Sequence[int] | None = None) -> int:
   """The padded prompt length for `length`: the smallest of `buckets` >= it, else a power of two >= 16."""
   if buckets is None:

@@ -16,6 +16,7 @@ import pytest
 
 from cftjax import cli
 from cftjax.data import synthetic
+from tests.run_files import metric_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 20
@@ -75,17 +76,9 @@ def _finalized_steps(run_dir: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
 
 
-def _metric_rows(run_dir: str) -> list[dict]:
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.endswith("\n")]
-
-
 def _train_rows(run_dir: str) -> dict[int, dict]:
   """The last train metrics row of each step (a resumed run repeats the steps after its checkpoint)."""
-  return {row["step"]: row for row in _metric_rows(run_dir) if row["split"] == "train"}
+  return {row["step"]: row for row in metric_rows(run_dir) if row["split"] == "train"}
 
 
 def _final_state(run_dir: str) -> list[np.ndarray]:
@@ -160,9 +153,9 @@ def test_resume_after_sigkill_and_sigterm_matches_the_uninterrupted_run(workspac
   assert killed_at < TOTAL_STEPS
 
   # 2. Resume, then SIGTERM once it has trained a step: it saves that step and exits 0.
-  rows_before = len(_metric_rows(run_dir))
+  rows_before = len(metric_rows(run_dir))
   process = _start(workspace, run_dir)
-  _wait_for(lambda: any(row["split"] == "train" for row in _metric_rows(run_dir)[rows_before:]),
+  _wait_for(lambda: any(row["split"] == "train" for row in metric_rows(run_dir)[rows_before:]),
             process, "a step after resuming")
   process.send_signal(signal.SIGTERM)
   code, _ = _finish(process)

@@ -6,7 +6,6 @@ the losses and final state equal an uninterrupted run's and a partial checkpoint
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 import signal
@@ -26,6 +25,7 @@ from cftjax.models import ModelConfig
 from cftjax.train.cft import make_cft_step
 from cftjax.train.grpo import make_grpo_step
 from cftjax.train.state import create_train_state
+from tests.run_files import metric_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
@@ -137,14 +137,6 @@ def _train_args(world: str, run_dir: str, **overrides) -> list[str]:
       f"--config.{k}={v}" for k, v in values.items()]
 
 
-def _metric_rows(run_dir: str) -> list[dict]:
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.endswith("\n")]
-
-
 def test_consecutive_non_finite_updates_are_counted_then_stop_the_run(world, tmp_path, capsys):
   """lr 1e30: the first update is finite but sends the params to ~1e30, so every later gradient
   overflows (the step is not mocked: the real optimizer diverges)."""
@@ -160,7 +152,7 @@ def test_consecutive_non_finite_updates_are_counted_then_stop_the_run(world, tmp
   assert err == ["cftjax: error: step 4: the loss or gradients were NaN/inf in 3 consecutive updates "
                  "(train.max_consecutive_nonfinite=3), so the run stopped; lower optim.lr, check the "
                  "data, or resume from the last checkpoint"]
-  rows = [row for row in _metric_rows(run_dir) if row["split"] == "train"]
+  rows = [row for row in metric_rows(run_dir) if row["split"] == "train"]
   assert [(r["step"], r["update_skipped"], r["skipped_updates"]) for r in rows] == [
       (1, 0.0, 0.0), (2, 1.0, 1.0), (3, 1.0, 2.0)]
   assert np.isfinite(rows[0]["grad_norm"]) and not np.isfinite(rows[1]["grad_norm"])
@@ -239,11 +231,11 @@ def test_sigkill_at_random_moments_then_resume_reproduces_the_uninterrupted_run(
     more_steps = min(rng.randint(2, 6), KILL_STEPS - expected_start - KILL_MARGIN)
     if more_steps < 1:
       break
-    rows_target = len(_metric_rows(run_dir)) + more_steps
+    rows_target = len(metric_rows(run_dir)) + more_steps
     delay, reached = rng.uniform(0.0, 0.2), []
 
     def reached_then_waited():
-      if not reached and len(_metric_rows(run_dir)) >= rows_target:
+      if not reached and len(metric_rows(run_dir)) >= rows_target:
         reached.append(time.time())
       return bool(reached) and time.time() - reached[0] >= delay
 
@@ -258,8 +250,8 @@ def test_sigkill_at_random_moments_then_resume_reproduces_the_uninterrupted_run(
   assert process.returncode == 0, err[-5000:]
   assert _resumed_from(err) == expected_start
 
-  reference = {r["step"]: r for r in _metric_rows(reference_dir) if r["split"] == "train"}
-  resumed = {r["step"]: r for r in _metric_rows(run_dir) if r["split"] == "train"}  # last row per step
+  reference = {r["step"]: r for r in metric_rows(reference_dir) if r["split"] == "train"}
+  resumed = {r["step"]: r for r in metric_rows(run_dir) if r["split"] == "train"}  # last row per step
   assert sorted(resumed) == sorted(reference) == list(range(1, KILL_STEPS + 1))
   for step, row in reference.items():
     assert (resumed[step]["loss"], resumed[step]["grad_norm"]) == (row["loss"], row["grad_norm"]), step

@@ -210,7 +210,8 @@ def test_backend_attention_equals_xla(name, packed):
 
 
 def test_auto_attention_resolves_per_platform():
-  assert [attention.resolve("auto", p) for p in ("cpu", "gpu", "tpu", "other")] == ["blocked", "xla", "xla", "xla"]
+  assert [attention.resolve("auto", p) for p in ("cpu", "gpu", "tpu", "other")] == [
+      "cpu", "blocked", "blocked", "xla"]
   assert attention.resolve("cudnn", "cpu") == "cudnn"
   assert attention.backend("auto") is attention.BACKENDS[attention.resolve("auto", jax.default_backend())]
   assert ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
@@ -220,7 +221,7 @@ def test_auto_attention_resolves_per_platform():
 def test_attention_choices_that_cannot_run_are_named():
   small = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
                head_dim=4)
-  with pytest.raises(ConfigError, match=r"attention='flash'; choose one of \('auto', 'xla', 'blocked', 'cudnn'\)"):
+  with pytest.raises(ConfigError, match=r"attention='flash'; choose one of \('auto', 'xla', 'blocked', 'cpu', 'cudnn'\)"):
     ModelConfig(**small, attention="flash")
   with pytest.raises(ConfigError, match="attention='cudnn' needs dtype bfloat16 or float16, got dtype='float32'"):
     ModelConfig(**small, attention="cudnn")
@@ -254,8 +255,8 @@ def test_incremental_decoding_matches_full_forward(hf_pair):
     np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5)
 
   # The sampler's decode path through the dispatch, each decode layout (layers unrolled over
-  # per-layer caches): "blocked" ([out, in] weights, fused scores), "xla" (standard weights).
-  for name in ("blocked", "xla"):
+  # per-layer caches): "cpu" ([out, in] weights, fused scores), "xla" (standard weights).
+  for name in ("cpu", "xla"):
     decode = attention.BACKENDS[name].decode
     layer_caches = decode_caches(decode, prefill_cache)
     step = jax.jit(lambda c, t, p, d=decode: decode_step(cfg, d, decode_weights(cfg, d, params), t, p, c))

@@ -104,6 +104,16 @@ def test_optimizer_state_mirrors_param_shardings():
   assert isinstance(adam.mu["lm_head"], optax.MaskedNode)
 
 
+def test_platform_is_the_current_meshs_else_the_default_backend():
+  """Code that picks a kernel per platform (model.attention=auto) asks the mesh it runs on, so a
+  program compiled ahead of time for another platform's devices gets that platform's choice."""
+  assert parallel.platform() == jax.default_backend()
+  with parallel.use_mesh(mesh_of(1, 2, 1)):
+    assert parallel.platform() == "cpu"
+  with pytest.raises(RuntimeError, match="no device mesh"):
+    parallel.current()
+
+
 def test_host_local_to_global_single_process():
   mesh = mesh_of(2, 2, 2)
   local = {"inputs": np.arange(8 * 3, dtype=np.int32).reshape(8, 3),

@@ -117,7 +117,6 @@ def generate_completions(params: Any, model_cfg: ModelConfig, tokenizer: Any, pr
   """
   order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
   eos = stop_ids(tokenizer, suite.stop_tokens)
-  pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   for start in range(0, len(order), suite.batch_size):
     positions = order[start:start + suite.batch_size]
     batch = [prompts[i] for i in positions]
@@ -126,7 +125,7 @@ def generate_completions(params: Any, model_cfg: ModelConfig, tokenizer: Any, pr
     result = sampling.generate(
         params, model_cfg, batch, rng=jax.random.fold_in(jax.random.PRNGKey(suite.seed), positions[0]),
         max_new_tokens=bench.max_new_tokens, temperature=bench.temperature, top_k=bench.top_k,
-        top_p=bench.top_p, stop_ids=eos, pad_id=pad_id, cache_dtype=suite.cache_dtype,
+        top_p=bench.top_p, stop_ids=eos, pad_id=sampling.pad_id(tokenizer), cache_dtype=suite.cache_dtype,
         prompt_buckets=tuple(suite.prompt_buckets) or None)
     seconds = time.perf_counter() - began
     completions = [

@@ -23,9 +23,10 @@ class ModelConfig:
   """Decoder shape and numerics. Field names follow the architecture, not HF's spelling.
 
   `attention` names the attention backend and the decode layout that go with it
-  (`cftjax.models.attention.BACKENDS`): "auto" (per platform: "blocked" on CPU, "xla" elsewhere),
-  "xla" (`jax.nn.dot_product_attention` under masks), "blocked" (tuned for XLA CPU), "cudnn" (cuDNN
-  flash attention; GPU, bf16/f16, one sequence per row).
+  (`cftjax.models.attention.BACKENDS`): "auto" (per platform: "cpu" on CPU, "blocked" on GPU and
+  TPU, "xla" elsewhere), "xla" (`jax.nn.dot_product_attention` under masks), "blocked" (causal query
+  blocks), "cpu" (blocked, and the decode layout tuned for XLA CPU), "cudnn" (cuDNN flash attention;
+  GPU, bf16/f16, one sequence per row).
   """
 
   vocab_size: int

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from cftjax import config as config_lib
-from cftjax import parallel
+from cftjax import parallel, sampling
 from cftjax.data import pipeline
 from cftjax.models import ModelConfig, abstract_params
 from cftjax.models import checkpoint_io
@@ -369,7 +369,7 @@ class GRPORun(run_lib.RunLoop):
     batch = rollout_lib.build_update_batch(
         rollout.groups, advantages, self.prompts_per_host * rl.group_size,
         seq_buckets=tuple(rl.seq_buckets) or None, mask_truncated=rl.mask_truncated,
-        pad_id=rollout_lib.pad_id(self.tokenizer), longest=longest)
+        pad_id=sampling.pad_id(self.tokenizer), longest=longest)
     return _split_rows(batch, rl.mini_batches)
 
   def _score_reference_and_old(self, batches: list[dict[str, jax.Array]]) -> float | None:

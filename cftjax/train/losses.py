@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from cftjax import parallel
-from cftjax.models import Decoder, ModelConfig, lm_head_kernel
+from cftjax.models import Decoder, ModelConfig, attention, lm_head_kernel
 from cftjax.train import state as state_lib
 
 Array = jax.Array
@@ -377,9 +377,11 @@ def check_cft_batch(batch: dict[str, Array], micro_batches: int) -> None:
 
 
 def _compute_params(model_cfg: ModelConfig, params: Any, compute_dtype: Any) -> tuple[ModelConfig, Any]:
-  """(model_cfg in the compute dtype, params cast to it); compute_dtype None = model_cfg.dtype."""
+  """(model_cfg in the compute dtype with its attention backend resolved for the platform the program
+  runs on (`parallel.platform`), params cast to the dtype); compute_dtype None = model_cfg.dtype."""
   dtype = jnp.dtype(compute_dtype or model_cfg.dtype)
-  return model_cfg.replace(dtype=dtype.name), state_lib.cast_floats(params, dtype)
+  backend = attention.resolve(model_cfg.attention, parallel.platform())
+  return model_cfg.replace(dtype=dtype.name, attention=backend), state_lib.cast_floats(params, dtype)
 
 
 def _final_hidden(model_cfg: ModelConfig, params: Any, batch: dict[str, Array]) -> Array:

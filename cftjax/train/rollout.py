@@ -45,18 +45,13 @@ class Group:
 # Sampling and scoring.
 
 
-def pad_id(tokenizer: Any) -> int:
-  """The id that pads prompts and update rows: the tokenizer's pad id, else 0."""
-  return tokenizer.pad_id or 0
-
-
 def sample_groups(params: Any, model_cfg: ModelConfig, prompts: Sequence[Prompt], rl: Any,
                   tokenizer: Any, rng: jax.Array) -> list[Group]:
   """rl.group_size completions for each prompt from `params` (used as they are: no copy).
 
   rl: the config's `rl` section (group_size, max_new_tokens, temperature, top_k, top_p,
   stop_strings, prompt_buckets, generation_batch_size, cache_dtype). tokenizer: its eos_ids stop a
-  completion, its pad_id pads (`pad_id`); it also matches rl.stop_strings. rng: a PRNG key;
+  completion, its pad id pads (`sampling.pad_id`); it also matches rl.stop_strings. rng: a PRNG key;
   generate call i draws with fold_in(rng, i).
   generation_batch_size: rows (prompt x sample) per generate call, 0 = all rows at once. Rows are
   sorted by prompt length before they are cut into calls, and each call's prompts are padded to a
@@ -76,7 +71,7 @@ def sample_groups(params: Any, model_cfg: ModelConfig, prompts: Sequence[Prompt]
         params, model_cfg, batch, rng=jax.random.fold_in(rng, call),
         max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
         stop_ids=tuple(tokenizer.eos_ids), stop_strings=tuple(rl.stop_strings), tokenizer=tokenizer,
-        cache_dtype=rl.cache_dtype, pad_id=pad_id(tokenizer),
+        cache_dtype=rl.cache_dtype, pad_id=sampling.pad_id(tokenizer),
         prompt_buckets=tuple(rl.prompt_buckets) or None)
     for j, row in enumerate(chosen):
       n = int(result.lengths[j])

@@ -133,8 +133,8 @@ def make_evaluator(config: Any, model_cfg: ModelConfig, tokenizer: Any,
 
 def check_attention(model_cfg: ModelConfig, packed_rows: bool) -> None:
   """Raises a ConfigError naming model.attention (or data.packing) when the attention backend cannot
-  run on JAX's backend here, or cannot take rows packed with several sequences."""
-  attention.check_backend(model_cfg.attention, jax.default_backend(), packed_rows)
+  run on the run's devices (`parallel.platform`), or cannot take rows packed with several sequences."""
+  attention.check_backend(model_cfg.attention, parallel.platform(), packed_rows)
 
 
 def initial_state(run: "RunLoop", tx: optax.GradientTransformation, seed: int,
