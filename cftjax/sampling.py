@@ -242,6 +242,7 @@ def generate(params: dict[str, Any], cfg: ModelConfig, prompts: Sequence[Sequenc
   _validate(cfg, prompt_tokens, pad_id, max_new_tokens, temperature, top_k, top_p, cache_dtype, stop_strings,
             tokenizer)
   greedy = temperature == 0
+  cfg = cfg.replace(attention=attention.resolve(cfg.attention, _params_platform(params)))
   run = _compiled_generate(_cfg_key(cfg), max_new_tokens, cache_dtype, greedy,
                            0 if greedy else min(top_k, cfg.vocab_size), not greedy and top_p < 1.0,
                            tuple(int(i) for i in stop_ids), pad_id)
@@ -260,6 +261,13 @@ def generate(params: dict[str, Any], cfg: ModelConfig, prompts: Sequence[Sequenc
   if stop_strings:
     _cut_at_stop_strings(result, tuple(stop_strings), tokenizer, pad_id)
   return result
+
+
+def _params_platform(params: dict[str, Any]) -> str:
+  """The platform of the devices the params live on (host arrays: JAX's default backend): where the
+  sampler runs, so what model.attention="auto" resolves for."""
+  sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+  return next(iter(sharding.device_set)).platform if sharding is not None else jax.default_backend()
 
 
 def _multi_process_mesh(params: dict[str, Any]) -> jax.sharding.Mesh | None:
