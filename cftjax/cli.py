@@ -2,7 +2,9 @@
 
 A subcommand is a `Subcommand(name, help, add_arguments, run)` in SUBCOMMANDS; `run(args, overrides)`
 returns the exit code. `--config.a.b=v` overrides are split off before argparse sees the rest. Bad
-input ends in one line `cftjax: error: ...` and exit code 1 (2 for config errors); `--debug` re-raises.
+input ends in one line `cftjax: error: ...` and exit code 2 for an invalid command line or config
+(ConfigError, as argparse's usage errors), else 1 (bad files or data, a failed run); `--debug`
+re-raises. docs/troubleshooting.md lists the messages.
 """
 
 from __future__ import annotations
