@@ -73,13 +73,14 @@ def _run_convert(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> 
   del overrides
   if args.to_hf:
     if not args.ckpt:
-      raise ValueError("--to-hf needs --ckpt DIR (a `cftjax convert` checkpoint or a training run dir)")
+      raise config_lib.ConfigError("--to-hf needs --ckpt DIR (a `cftjax convert` checkpoint or a training "
+                                   "run dir)")
     convert.check_out_dir(args.out, to_hf=True)  # before the checkpoint is read
     convert.export_hf(*checkpoint_io.load_model(args.ckpt), args.out, max_shard_size=args.max_shard_size,
                       dtype=args.dtype)
   else:
     if not args.hf_dir:
-      raise ValueError("give --hf-dir DIR (HF -> cftjax) or --to-hf --ckpt DIR (cftjax -> HF)")
+      raise config_lib.ConfigError("give --hf-dir DIR (HF -> cftjax) or --to-hf --ckpt DIR (cftjax -> HF)")
     convert.hf_to_checkpoint(args.hf_dir, args.out, dtype=args.dtype or "float32")
   print(args.out)
   return 0
