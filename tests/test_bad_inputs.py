@@ -224,6 +224,15 @@ def test_config_file_that_raises(tmp_path, capsys, body, line_number, message):
   assert not os.path.exists(tmp_path / "run")
 
 
+def test_config_file_whose_sibling_module_raises(tmp_path, capsys):
+  (tmp_path / "paths.py").write_text("import os\n\nDATA = os.environ['NO_SUCH_VARIABLE_SET']\n")
+  config_file = str(tmp_path / "exp.py")
+  with open(config_file, "w") as f:
+    f.write("from cftjax.config import base_config\nimport paths\n\ndef get_config():\n  return base_config()\n")
+  code, line = run_cli(capsys, ["train", "--config", config_file])
+  assert code == 2 and f"{tmp_path / 'paths.py'} line 3: KeyError: 'NO_SUCH_VARIABLE_SET'" in line, line
+
+
 def test_relative_warmstart_config_that_does_not_resolve(tmp_path, capsys):
   config_file = str(tmp_path / "crl.py")
   with open(config_file, "w") as f:
