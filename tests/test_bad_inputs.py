@@ -372,19 +372,24 @@ def test_data_build_into_an_existing_version(world, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# The math grader from a script on stdin.
+# The math grader started from a script (piped on stdin, or without a main guard).
 
 GRADE_SCRIPT = "from cftjax.rewards.grading import grade_math\nprint(grade_math('1', r'\\boxed{1}'))\n"
 
 
-def run_stdin_script(script: str, pythonpath: str) -> subprocess.CompletedProcess:
+def run_script(script: str, pythonpath: str, script_file: str = "-") -> subprocess.CompletedProcess:
+  """`python -` with `script` on stdin (or `python SCRIPT_FILE`, the file holding it)."""
+  if script_file != "-":
+    with open(script_file, "w") as f:
+      f.write(script)
   env = dict(os.environ, PYTHONPATH=pythonpath)
-  return subprocess.run([sys.executable, "-"], input=script, cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=120)
+  return subprocess.run([sys.executable, script_file], input=script, cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
 
 
-def test_math_grader_from_a_script_on_stdin():
-  result = run_stdin_script(GRADE_SCRIPT, REPO)
+@pytest.mark.parametrize("on_stdin", [True, False], ids=["piped_on_stdin", "file_without_main_guard"])
+def test_math_grader_from_a_script(tmp_path, on_stdin):
+  result = run_script(GRADE_SCRIPT, REPO, "-" if on_stdin else str(tmp_path / "grade.py"))
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == "(True, 'correct')"
 
@@ -394,7 +399,7 @@ def test_math_grader_that_cannot_start_names_the_cause(tmp_path):
   broken.mkdir(parents=True)
   (broken / "__init__.py").write_text("raise ImportError('antlr4 runtime missing')\n")
   started = time.perf_counter()
-  result = run_stdin_script(GRADE_SCRIPT, f"{tmp_path / 'site'}{os.pathsep}{REPO}")
+  result = run_script(GRADE_SCRIPT, f"{tmp_path / 'site'}{os.pathsep}{REPO}")
   assert time.perf_counter() - started < 60
   assert result.returncode == 1
   last = result.stderr.strip().splitlines()[-1]
