@@ -2,7 +2,9 @@
 
 A subcommand is a `Subcommand(name, help, add_arguments, run)` in SUBCOMMANDS; `run(args, overrides)`
 returns the exit code. `--config.a.b=v` overrides are split off before argparse sees the rest. Bad
-input ends in one line `cftjax: error: ...` and exit code 1 (2 for config errors); `--debug` re-raises.
+input ends in one line `cftjax: error: ...` and exit code 2 for an invalid command line or config
+(ConfigError, as argparse's usage errors), else 1 (bad files or data, a failed run); `--debug`
+re-raises. docs/troubleshooting.md lists the messages.
 """
 
 from __future__ import annotations
@@ -71,12 +73,14 @@ def _run_convert(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> 
   del overrides
   if args.to_hf:
     if not args.ckpt:
-      raise ValueError("--to-hf needs --ckpt DIR (a `cftjax convert` checkpoint or a training run dir)")
+      raise config_lib.ConfigError("--to-hf needs --ckpt DIR (a `cftjax convert` checkpoint or a training "
+                                   "run dir)")
+    convert.check_out_dir(args.out, to_hf=True)  # before the checkpoint is read
     convert.export_hf(*checkpoint_io.load_model(args.ckpt), args.out, max_shard_size=args.max_shard_size,
                       dtype=args.dtype)
   else:
     if not args.hf_dir:
-      raise ValueError("give --hf-dir DIR (HF -> cftjax) or --to-hf --ckpt DIR (cftjax -> HF)")
+      raise config_lib.ConfigError("give --hf-dir DIR (HF -> cftjax) or --to-hf --ckpt DIR (cftjax -> HF)")
     convert.hf_to_checkpoint(args.hf_dir, args.out, dtype=args.dtype or "float32")
   print(args.out)
   return 0
@@ -99,6 +103,7 @@ def _run_generate(args: argparse.Namespace, overrides: list[tuple[str, str]]) ->
   cfg, params, tokenizer = checkpoint_io.load_model(args.ckpt)
   prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
              for p in args.prompt]
+  _check_context_length(cfg.max_position_embeddings, max(map(len, prompts)), args.max_new_tokens)
   result = sampling.generate(params, cfg, prompts, rng=jax.random.key(args.seed),
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.eos_ids,
@@ -106,6 +111,15 @@ def _run_generate(args: argparse.Namespace, overrides: list[tuple[str, str]]) ->
   for tokens, length in zip(result.tokens, result.lengths):
     print(tokenizer.decode(tokens[:length].tolist(), skip_special_tokens=True), flush=True)
   return 0
+
+
+def _check_context_length(max_positions: int, prompt_tokens: int, max_new_tokens: int) -> None:
+  """Refuses (as vLLM's server does) a request that would run past the model's context length."""
+  if prompt_tokens + max_new_tokens > max_positions:
+    raise config_lib.ConfigError(
+        f"--max-new-tokens={max_new_tokens}: the longest prompt ({prompt_tokens} tokens) plus "
+        f"{max_new_tokens} new tokens exceeds the model's max_position_embeddings={max_positions}; "
+        f"lower --max-new-tokens to at most {max(max_positions - prompt_tokens, 0)} or shorten the prompt")
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +131,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
   build.add_argument("--version", default="1.0.0")
   build.add_argument("--format", default="auto", help="row format (auto-detected by default)")
   build.add_argument("--heldout-fraction", type=float, default=0.0, help="also write a 'heldout' split")
-  build.add_argument("--on-bad-row", default="error", choices=("error", "skip"))
+  build.add_argument("--on-bad-row", default="error", choices=("error", "skip"),
+                     help="skip (and count in the log) rows that do not parse, or stop at the first")
+  build.add_argument("--overwrite", action="store_true", help="replace OUT/NAME/VERSION if it exists")
   inspect = actions.add_parser("inspect", help="rendered, tokenized examples with the loss mask, length histogram")
   _add_train_arguments(inspect)
   inspect.add_argument("--num", type=int, default=3, help="examples to show")
@@ -129,7 +145,8 @@ def _run_data(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
     if args.heldout_fraction:
       splits = {"train": 1.0 - args.heldout_fraction, "heldout": args.heldout_fraction}
     print(tfds_builder.build_dataset(args.input, args.out, name=args.name, version=args.version,
-                                     fmt=args.format, splits=splits, on_bad_row=args.on_bad_row))
+                                     fmt=args.format, splits=splits, on_bad_row=args.on_bad_row,
+                                     overwrite=args.overwrite))
     return 0
   config = config_lib.load_config(args.config, overrides)
   if config.data.synthetic_world:

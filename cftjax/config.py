@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -154,7 +155,9 @@ def base_config() -> config_dict.ConfigDict:
   c.rl.recompute_old_logp = False  # old log-probs by a trainer forward pass instead of the sampler's
   # Initial policy: a cftjax run dir (its best params), else model.init_from / from scratch.
   c.rl.init_from_run = ""
-  c.rl.warmstart_config = ""  # a CFT config trained into init_from_run first unless that run finished
+  # a CFT config trained into init_from_run first unless that run finished; relative to the directory
+  # of the config file that sets it (on the command line: to the working directory)
+  c.rl.warmstart_config = ""
   c.rl.warmstart_steps = 0  # its train.steps (0 = the config's own)
 
   # mesh: device mesh axis sizes (cftjax.parallel.make_mesh); -1 = all remaining devices.
@@ -203,7 +206,10 @@ def load_config_file(spec: str) -> config_dict.ConfigDict:
   """Imports `path.py` (or `path.py:arg`) and returns its `get_config()` (or `get_config(arg)`).
 
   While it runs, the file's directory is first on the import path, so a config file can import the
-  modules beside it (the recipes in configs/recipes.py).
+  modules beside it (the recipes in configs/recipes.py). An exception the file raises (a syntax
+  error included) becomes a ConfigError naming the file and line. A relative `rl.warmstart_config`
+  the file sets is resolved against the file's directory (an override on the command line is
+  relative to the working directory, as every other path).
   """
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
@@ -215,16 +221,42 @@ def load_config_file(spec: str) -> config_dict.ConfigDict:
   sys.path.insert(0, config_dir)  # config files import their siblings (configs/recipes.py)
   try:
     module_spec.loader.exec_module(module)
+    get_config = getattr(module, "get_config", None)
+    config = None if get_config is None else get_config(arg) if arg else get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _config_file_error(path, e) from e
   finally:
     sys.path.remove(config_dir)
-  if not hasattr(module, "get_config"):
+  if get_config is None:
     raise ConfigError(f"{path}: defines no get_config() function")
-  config = module.get_config(arg) if arg else module.get_config()
   if not isinstance(config, config_dict.ConfigDict):
     raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected a ConfigDict")
   if "train" in config and not config.train.run_dir:  # eval configs have no train section
     config.train.run_dir = os.path.join("runs", module_name.removeprefix("cftjax_config_"))
+  if "rl" in config and config.rl.get("warmstart_config"):
+    config.rl.warmstart_config = _beside(config_dir, config.rl.warmstart_config)
   return config
+
+
+def _config_file_error(path: str, error: Exception) -> ConfigError:
+  """A config file's own exception (or syntax error) as one ConfigError naming the file and line:
+  the innermost traceback line in the config file's directory (the file or a sibling it imports)."""
+  if isinstance(error, SyntaxError) and error.filename:  # IndentationError too
+    where, message = f"{error.filename} line {error.lineno}", error.msg
+  else:
+    config_dir = os.path.dirname(os.path.abspath(path))
+    lines = [f for f in traceback.extract_tb(error.__traceback__)
+             if os.path.dirname(os.path.abspath(f.filename)) == config_dir]
+    where = f"{lines[-1].filename} line {lines[-1].lineno}" if lines else path
+    message = str(error)
+  return ConfigError(f"{where}: {type(error).__name__}: {message} (raised while loading the config "
+                     "file; fix it there)")
+
+
+def _beside(config_dir: str, spec: str) -> str:
+  """A config-file spec (`path` or `path:arg`) with a relative path resolved against config_dir."""
+  path, colon, arg = spec.partition(":")
+  return os.path.normpath(os.path.join(config_dir, path)) + colon + arg
 
 
 def leaf_paths(config: config_dict.ConfigDict, prefix: str = "") -> list[str]:

@@ -21,12 +21,36 @@ log = logging.getLogger(__name__)
 TRAINERS = {"cft": cft.train, "grpo": grpo.train}
 
 
+def _needs_warm_start(rl: Any) -> bool:
+  return bool(rl.init_from_run and rl.warmstart_config) and not os.path.exists(
+      os.path.join(rl.init_from_run, run_lib.SUMMARY_FILE))
+
+
+def check_before_start(config: Any) -> None:
+  """The checks that need no data, model or devices (run before anything is written): the
+  objective, train.steps and the warm-start config file."""
+  objective = config.train.objective
+  if objective not in TRAINERS:
+    raise config_lib.ConfigError(f"config.train.objective={objective!r}; choose one of {sorted(TRAINERS)}")
+  if config.train.steps < 0:
+    raise config_lib.ConfigError(
+        f"train.steps={config.train.steps}: it must be >= 0 (0 = data.num_epochs passes over the "
+        "training rows); set --config.train.steps to a step count")
+  if objective == "grpo" and _needs_warm_start(config.rl):
+    path = config.rl.warmstart_config.partition(":")[0]
+    if not os.path.isfile(path):
+      relative = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
+      raise config_lib.ConfigError(
+          f"rl.warmstart_config={config.rl.warmstart_config!r}: no such config file{relative}; a "
+          "relative path set in a config file is relative to that file's directory, one given as "
+          "--config.rl.warmstart_config to the working directory; fix the path")
+
+
 def warm_start(config: Any) -> None:
   """Trains (or finishes training) rl.warmstart_config, a CFT config, into rl.init_from_run unless
   that run has already finished (written its summary); it uses this run's synthetic world."""
   rl = config.rl
-  if not (rl.init_from_run and rl.warmstart_config) or os.path.exists(
-      os.path.join(rl.init_from_run, run_lib.SUMMARY_FILE)):
+  if not _needs_warm_start(rl):
     return
   overrides = [("train.run_dir", rl.init_from_run)]
   if rl.warmstart_steps:
@@ -59,10 +83,9 @@ def check_init_run_world(config: Any) -> None:
 
 def train(config: Any) -> dict[str, Any]:
   """Runs (or resumes) the run of `config`; returns its summary (`cftjax.train.run.RunLoop.loop`)."""
+  check_before_start(config)
   parallel.maybe_initialize_distributed()  # before anything touches JAX's devices
   objective = config.train.objective
-  if objective not in TRAINERS:
-    raise config_lib.ConfigError(f"config.train.objective={objective!r}; choose one of {sorted(TRAINERS)}")
   if config.data.synthetic_world:
     synthetic.ensure_world(config)
   if objective == "grpo":

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 import numpy as np
 
 from cftjax import parallel
+from cftjax.config import ConfigError
 from cftjax.models import attention
 from cftjax.models.config import ModelConfig
 from cftjax.models.decoder import (Decoder, decode_caches, decode_logits, decode_step, decode_weights,
@@ -189,15 +190,15 @@ def _validate(cfg: ModelConfig, tokens: np.ndarray, pad_id: int, max_new_tokens:
     raise ValueError(f"prompt rows {bad_rows.tolist()} hold token ids outside [0, {cfg.vocab_size}) "
                      "(vocab_size)")
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens}; it must be >= 1")
+    raise ConfigError(f"max_new_tokens={max_new_tokens}; it must be >= 1")
   if temperature < 0:
-    raise ValueError(f"temperature={temperature}; use 0 for greedy or a positive value")
+    raise ConfigError(f"temperature={temperature}; use 0 for greedy or a positive value")
   if top_k < 0:
-    raise ValueError(f"top_k={top_k}; use 0 to turn top-k off or a positive count")
+    raise ConfigError(f"top_k={top_k}; use 0 to turn top-k off or a positive count")
   if not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p={top_p}; it must be in (0, 1] (1.0 turns nucleus filtering off)")
+    raise ConfigError(f"top_p={top_p}; it must be in (0, 1] (1.0 turns nucleus filtering off)")
   if cache_dtype not in CACHE_DTYPES:
-    raise ValueError(f"cache_dtype={cache_dtype!r}; choose one of {CACHE_DTYPES}")
+    raise ConfigError(f"cache_dtype={cache_dtype!r}; choose one of {CACHE_DTYPES}")
   if stop_strings and tokenizer is None:
     raise ValueError("stop_strings need a tokenizer (pass tokenizer=...) to decode the generated tokens")
 

@@ -8,16 +8,20 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
+import tensorflow_datasets as tfds
 
 from cftjax import cli
 from cftjax import config as config_lib
 from cftjax.data import synthetic
 from cftjax.models import ModelConfig, init_params
-from cftjax.models.hf_io import save_hf
 from cftjax.models import attention
+from cftjax.models.checkpoint_io import save_model_checkpoint
+from cftjax.models.hf_io import save_hf
+from cftjax.tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo_cft.py")
@@ -180,6 +184,227 @@ def test_malformed_data_rows(world, tmp_path, capsys):
     f.writelines(good[:3] + ['{"question": "1 + 1", "solution": \n'] + good[3:])
   code, line = run_cli(capsys, train_args(world, str(tmp_path / "run"), **{"data.train_path": rows}))
   assert code == 1 and f"{rows} line 4" in line and "on_bad_row" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# Config values and config files.
+
+
+def tree(path: str) -> dict[str, bytes]:
+  """{relative path: bytes} of every file under `path` ({} if it does not exist)."""
+  files = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        files[os.path.relpath(full, path)] = f.read()
+  return files
+
+
+def test_negative_train_steps(world, tmp_path, capsys):
+  run_dir = str(tmp_path / "run")
+  code, line = run_cli(capsys, train_args(world, run_dir, **{"train.steps": -5}))
+  assert code == 2 and "train.steps=-5: it must be >= 0" in line and "set --config.train.steps" in line
+  assert not os.path.exists(run_dir)
+
+
+@pytest.mark.parametrize("body, line_number, message", [
+    ("  c.train.steps = 10 // 0\n", 5, "ZeroDivisionError: integer division or modulo by zero"),
+    ("  c.train.steps = = 3\n", 5, "SyntaxError: invalid syntax"),
+    ("  raise ValueError('set DATA_ROOT first')\n", 5, "ValueError: set DATA_ROOT first"),
+])
+def test_config_file_that_raises(tmp_path, capsys, body, line_number, message):
+  config_file = str(tmp_path / "broken.py")
+  with open(config_file, "w") as f:
+    f.write(f"from cftjax.config import base_config\n\ndef get_config():\n  c = base_config()\n{body}"
+            f"  c.train.run_dir = {str(tmp_path / 'run')!r}\n  return c\n")
+  code, line = run_cli(capsys, ["train", "--config", config_file])
+  assert code == 2 and f"{config_file} line {line_number}: {message}" in line, line
+  assert "fix it there" in line
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_config_file_whose_sibling_module_raises(tmp_path, capsys):
+  (tmp_path / "paths.py").write_text("import os\n\nDATA = os.environ['NO_SUCH_VARIABLE_SET']\n")
+  config_file = str(tmp_path / "exp.py")
+  with open(config_file, "w") as f:
+    f.write("from cftjax.config import base_config\nimport paths\n\ndef get_config():\n  return base_config()\n")
+  code, line = run_cli(capsys, ["train", "--config", config_file])
+  assert code == 2 and f"{tmp_path / 'paths.py'} line 3: KeyError: 'NO_SUCH_VARIABLE_SET'" in line, line
+
+
+def test_relative_warmstart_config_that_does_not_resolve(tmp_path, capsys):
+  config_file = str(tmp_path / "crl.py")
+  with open(config_file, "w") as f:
+    f.write(f"""from cftjax.config import base_config
+
+def get_config():
+  c = base_config()
+  c.train.objective = "grpo"
+  c.train.steps = 1
+  c.train.run_dir = {str(tmp_path / "run")!r}
+  c.data.synthetic_world = True
+  c.data.world_dir = {str(tmp_path / "world")!r}
+  c.data.world.num_train = 20
+  c.data.world.num_heldout = 4
+  c.rl.init_from_run = {str(tmp_path / "warm")!r}
+  c.rl.warmstart_config = "missing_cft.py"
+  return c
+""")
+  code, line = run_cli(capsys, ["train", "--config", config_file])
+  assert code == 2
+  assert f"rl.warmstart_config={str(tmp_path / 'missing_cft.py')!r}: no such config file" in line
+  assert "relative to that file's directory" in line and "fix the path" in line
+  assert sorted(os.listdir(tmp_path)) in (["crl.py"], ["__pycache__", "crl.py"])
+
+  code, line = run_cli(capsys, ["train", "--config", config_file, "--config.rl.warmstart_config=cft.py"])
+  assert code == 2 and f"no such config file (relative to the working directory {os.getcwd()})" in line
+  assert not any(os.path.exists(tmp_path / d) for d in ("run", "world", "warm"))
+
+
+# ------------------------------------------------------------------------------------------------
+# convert, generate, eval.
+
+
+def test_convert_into_an_existing_out_is_refused_before_reading_weights(hf_template, hf_dir, tmp_path,
+                                                                        capsys):
+  out = str(tmp_path / "out")
+  assert cli.main(["--log_level=ERROR"] + convert_args(hf_dir, out)) == 0
+  capsys.readouterr()
+  before = tree(out)
+  shard = os.path.join(hf_dir, shards(hf_dir)[0])
+  with open(shard, "r+b") as f:  # a weight read now would fail with the shard's error instead
+    f.truncate(100)
+  code, line = run_cli(capsys, convert_args(hf_dir, out))
+  assert code == 1 and f"{os.path.join(out, 'params')} already exists; choose an empty --out" in line
+  assert tree(out) == before
+
+  export_out = str(tmp_path / "exported")
+  shutil.copytree(hf_template, export_out)
+  before = tree(export_out)
+  code, line = run_cli(capsys, ["convert", "--to-hf", "--ckpt", str(tmp_path / "no_such_ckpt"),
+                                "--out", export_out])
+  assert code == 1 and f"{export_out} already holds a Hugging Face model (config.json" in line
+  assert "choose an empty --out directory" in line and tree(export_out) == before
+
+
+@pytest.fixture(scope="module")
+def short_context_ckpt(world, tmp_path_factory):
+  """A model checkpoint with the world's tokenizer and max_position_embeddings 128."""
+  path = str(tmp_path_factory.mktemp("short_context") / "ckpt")
+  tokenizer_dir = os.path.join(world, "tokenizer")
+  cfg = ModelConfig(vocab_size=Tokenizer.from_dir(tokenizer_dir).vocab_size, hidden_size=16,
+                    intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                    max_position_embeddings=128)
+  save_model_checkpoint(path, cfg, init_params(cfg, jax.random.key(0)), tokenizer_dir)
+  return path
+
+
+def test_generate_past_max_position_embeddings(short_context_ckpt, capsys):
+  args = ["generate", "--ckpt", short_context_ckpt, "--prompt", "What is 1 + 2?", "--max-new-tokens"]
+  code, line = run_cli(capsys, args + ["1000"])
+  assert code == 2 and "--max-new-tokens=1000: the longest prompt (" in line
+  assert "exceeds the model's max_position_embeddings=128; lower --max-new-tokens to at most" in line
+  most = int(line.split("at most ")[1].split()[0])
+  assert cli.main(["--log_level=ERROR"] + args + [str(most)]) == 0  # the limit it names is exact
+  assert cli.main(["--log_level=ERROR"] + args + [str(most + 1)]) == 2
+
+
+def test_eval_with_an_empty_suite(short_context_ckpt, tmp_path, capsys):
+  config_file = str(tmp_path / "eval_empty.py")
+  with open(config_file, "w") as f:
+    f.write("from cftjax.eval.suites import base_suite_config\n\ndef get_config():\n"
+            "  return base_suite_config('empty')\n")
+  code, line = run_cli(capsys, ["eval", "--config", config_file, "--ckpt", short_context_ckpt])
+  assert code == 2 and "config.benchmarks of eval suite 'empty' is empty: nothing to evaluate" in line
+  assert "benchmark_entry(path, kind)" in line
+  assert not os.path.exists(os.path.join(short_context_ckpt, "eval"))
+
+
+# ------------------------------------------------------------------------------------------------
+# data build.
+
+
+def rows_with_bad_json(world: str, path: str) -> int:
+  """Writes 8 good rows with a malformed JSON line 4 to `path`; returns the good row count."""
+  with open(os.path.join(world, "train.jsonl")) as f:
+    good = f.readlines()[:8]
+  with open(path, "w") as f:
+    f.writelines(good[:3] + ['{"question": "1 + 1", "solution": \n'] + good[3:])
+  return len(good)
+
+
+def test_data_build_skips_malformed_json_lines(world, tmp_path, capsys):
+  rows, out = str(tmp_path / "rows.jsonl"), str(tmp_path / "tfds")
+  num_good = rows_with_bad_json(world, rows)
+  build = ["data", "build", "--input", rows, "--out", out, "--name", "rows"]
+  code, line = run_cli(capsys, build)
+  assert code == 1 and f"{rows} line 4: malformed JSON" in line and "--on-bad-row skip" in line
+  assert not os.path.exists(out)
+
+  assert cli.main(["--log_level=WARNING"] + build + ["--on-bad-row", "skip"]) == 0
+  captured = capsys.readouterr()
+  assert f"skipping unreadable row: {rows} line 4: malformed JSON" in captured.err
+  assert f"{rows}: skipped 1 unreadable row(s) of {num_good + 1}" in captured.err
+  dataset_dir = captured.out.strip().splitlines()[-1]
+  assert len(tfds.builder_from_directory(dataset_dir).as_data_source("train")) == num_good
+
+
+def test_data_build_into_an_existing_version(world, tmp_path, capsys):
+  out = str(tmp_path / "tfds")
+  build = ["data", "build", "--input", os.path.join(world, "heldout.jsonl"), "--out", out, "--name", "rows"]
+  assert cli.main(["--log_level=ERROR"] + build) == 0
+  dataset_dir = capsys.readouterr().out.strip().splitlines()[-1]
+  before = tree(out)
+  code, line = run_cli(capsys, build)
+  assert code == 1 and f"{dataset_dir} already exists" in line and "--overwrite" in line
+  assert tree(out) == before
+
+  bad = str(tmp_path / "bad.jsonl")  # a failed --overwrite leaves the old version as it was
+  rows_with_bad_json(world, bad)
+  code, line = run_cli(capsys, build[:3] + [bad] + build[4:] + ["--overwrite"])
+  assert code == 1 and f"{bad} line 4" in line and tree(out) == before
+
+  assert cli.main(["--log_level=ERROR"] + build[:3] + [os.path.join(world, "train.jsonl")] + build[4:]
+                  + ["--overwrite"]) == 0
+  assert len(tfds.builder_from_directory(dataset_dir).as_data_source("train")) == 20
+  assert sorted(os.listdir(os.path.join(out, "rows"))) == ["1.0.0"]  # no build directory left
+
+
+# ------------------------------------------------------------------------------------------------
+# The math grader started from a script (piped on stdin, or without a main guard).
+
+GRADE_SCRIPT = "from cftjax.rewards.grading import grade_math\nprint(grade_math('1', r'\\boxed{1}'))\n"
+
+
+def run_script(script: str, pythonpath: str, script_file: str = "-") -> subprocess.CompletedProcess:
+  """`python -` with `script` on stdin (or `python SCRIPT_FILE`, the file holding it)."""
+  if script_file != "-":
+    with open(script_file, "w") as f:
+      f.write(script)
+  env = dict(os.environ, PYTHONPATH=pythonpath)
+  return subprocess.run([sys.executable, script_file], input=script, cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("on_stdin", [True, False], ids=["piped_on_stdin", "file_without_main_guard"])
+def test_math_grader_from_a_script(tmp_path, on_stdin):
+  result = run_script(GRADE_SCRIPT, REPO, "-" if on_stdin else str(tmp_path / "grade.py"))
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "(True, 'correct')"
+
+
+def test_math_grader_that_cannot_start_names_the_cause(tmp_path):
+  broken = tmp_path / "site" / "math_verify"
+  broken.mkdir(parents=True)
+  (broken / "__init__.py").write_text("raise ImportError('antlr4 runtime missing')\n")
+  started = time.perf_counter()
+  result = run_script(GRADE_SCRIPT, f"{tmp_path / 'site'}{os.pathsep}{REPO}")
+  assert time.perf_counter() - started < 60
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("cftjax.rewards.grading.GraderError: math grader worker process could not "
+                         "start: ImportError: antlr4 runtime missing; check that math-verify imports"), last
 
 
 # ------------------------------------------------------------------------------------------------

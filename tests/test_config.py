@@ -100,3 +100,19 @@ def test_shipped_configs_are_accepted_by_the_optimizer_and_data_pipeline(name):
   assert pipeline.host_batch_size(config.data.batch_size, 1) == config.data.batch_size
   specs = pipeline.source_specs(pipeline.train_sources(config.data))
   assert all(s["format"] in ("auto", *readers.KNOWN_FORMATS) for s in specs)
+
+
+def test_warmstart_config_is_relative_to_the_config_file_that_sets_it(tmp_path):
+  config_file = tmp_path / "exps" / "crl.py"
+  config_file.parent.mkdir()
+  config_file.write_text("from cftjax.config import base_config\n\n"
+                         "def get_config():\n"
+                         "  c = base_config()\n"
+                         "  c.rl.warmstart_config = '../cft/warm.py:0.5'\n"
+                         "  return c\n")
+  config = config_lib.load_config(str(config_file))
+  assert config.rl.warmstart_config == str(tmp_path / "cft" / "warm.py") + ":0.5"
+  override = config_lib.load_config(str(config_file), [("rl.warmstart_config", "cft.py")])
+  assert override.rl.warmstart_config == "cft.py"  # the command line: relative to the working directory
+  shipped = config_lib.load_config(os.path.join(REPO, "configs", "demo_crl.py"))
+  assert shipped.rl.warmstart_config == os.path.join(REPO, "configs", "demo_cft.py")

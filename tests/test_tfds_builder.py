@@ -79,7 +79,7 @@ def test_bad_rows_error_names_the_line_or_are_skipped(world, tmp_path):
 def test_existing_version_and_bad_names_are_refused(world, tmp_path):
   paths, _ = world
   tfds_builder.build_dataset(paths["heldout"], str(tmp_path), name="held")
-  with pytest.raises(FileExistsError, match="bump `version`"):
+  with pytest.raises(FileExistsError, match="already exists; choose another version"):
     tfds_builder.build_dataset(paths["heldout"], str(tmp_path), name="held")
   tfds_builder.build_dataset(paths["heldout"], str(tmp_path), name="held", overwrite=True)
   with pytest.raises(ValueError, match="snake_case"):

@@ -318,14 +318,15 @@ def read_rows(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
 
   `where` names the file and line (JSONL) or row (JSON, Parquet). Bad rows raise DataError.
   """
-  for where, row in _iter_rows(path):
+  for where, row in iter_rows(path):
     if isinstance(row, DataError):
       raise row
     yield where, row
 
 
-def _iter_rows(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
-  """Like read_rows, but a bad row is yielded as its DataError so callers may skip it."""
+def iter_rows(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
+  """Like read_rows, but a bad row is yielded as its DataError so callers may skip it (a file that
+  cannot be read at all still raises)."""
   if not os.path.exists(path):
     raise DataError(f"{path}: no such file", "missing_file")
   if path.endswith(".jsonl"):
@@ -415,7 +416,7 @@ def load_records(path: str, fmt: str = "auto", on_bad_row: str = "error",
   if fmt != "auto" and fmt not in KNOWN_FORMATS:
     raise ValueError(f"unknown format {fmt!r}; known formats: {['auto', *KNOWN_FORMATS]}")
   records, skipped, first_errors = [], collections.Counter(), []
-  for where, row in _iter_rows(path):
+  for where, row in iter_rows(path):
     try:
       if isinstance(row, DataError):
         raise row

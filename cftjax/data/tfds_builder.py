@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 _VERSION_PATTERN = re.compile(r"^\d+\.\d+\.\d+$")
+_SKIP_HINT = "(skip bad rows with --on-bad-row skip, on_bad_row='skip' in Python)"
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -44,8 +45,10 @@ def build_dataset(input_path: str | None, out_dir: str, name: str = "critique_ro
 
   splits: None -> {"train": input_path}; {split: path} reads each split from its own file;
     {split: fraction} (fractions summing to <= 1) splits `input_path`'s rows by a seeded shuffle.
-  Rows that do not parse raise (on_bad_row="error") or are skipped and counted ("skip").
-  Read it back with the pipeline source spec {"kind": "tfds", "path": <returned dir>}.
+  Rows that do not parse (malformed JSON included) raise (on_bad_row="error") or are skipped, each
+  logged with its file and line, and counted ("skip"). The dataset is built in a temporary directory
+  beside it and moved into place when complete, so a failed build leaves an existing version as it
+  was. Read it back with the pipeline source spec {"kind": "tfds", "path": <returned dir>}.
   """
   if not _NAME_PATTERN.match(name):
     raise ValueError(f"name={name!r}: TFDS dataset names are snake_case ([a-z][a-z0-9_]*)")
@@ -54,22 +57,42 @@ def build_dataset(input_path: str | None, out_dir: str, name: str = "critique_ro
   if on_bad_row not in ("error", "skip"):
     raise ValueError(f"on_bad_row={on_bad_row!r} must be 'error' or 'skip'")
   dataset_dir = os.path.join(out_dir, name, version)
-  if os.path.exists(dataset_dir):
-    if not overwrite:
-      raise FileExistsError(f"{dataset_dir} exists; bump `version` or pass overwrite=True")
-    shutil.rmtree(dataset_dir)
-  split_rows = _split_rows(input_path, splits, seed)
+  if os.path.exists(dataset_dir) and not overwrite:
+    raise FileExistsError(f"{dataset_dir} already exists; choose another version (--version) or "
+                          "replace it (--overwrite)")
+  split_rows = _split_rows(input_path, splits, seed, on_bad_row)
   builder_cls = _builder_class(name, version, split_rows, fmt, on_bad_row)
-  with tempfile.TemporaryDirectory() as download_dir:
-    builder = builder_cls(data_dir=out_dir, file_format="array_record")
-    builder.download_and_prepare(download_dir=download_dir)
+  os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=os.path.join(out_dir, name), prefix=".building-") as tmp:
+    builder = builder_cls(data_dir=tmp, file_format="array_record")
+    builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"))
+    if os.path.exists(dataset_dir):
+      shutil.rmtree(dataset_dir)
+    os.replace(os.path.join(tmp, name, version), dataset_dir)
   logger.info("built TFDS dataset %s: %s", dataset_dir,
               {s: info.num_examples for s, info in builder.info.splits.items()})
   return dataset_dir
 
 
-def _split_rows(input_path: str | None, splits: Mapping[str, str | float] | None, seed: int
-                ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+def _readable_rows(path: str, on_bad_row: str) -> list[tuple[str, dict[str, Any]]]:
+  """(where, row) for every row of `path` that reads as a JSON object; the others (malformed JSON,
+  not UTF-8, not an object) raise, or with on_bad_row="skip" are logged one by one and counted."""
+  rows, skipped = [], 0
+  for where, row in readers.iter_rows(path):
+    if isinstance(row, readers.DataError):
+      if on_bad_row == "error":
+        raise readers.DataError(f"{row} {_SKIP_HINT}", row.reason)
+      skipped += 1
+      logger.warning("skipping unreadable row: %s", row)
+      continue
+    rows.append((where, row))
+  if skipped:
+    logger.warning("%s: skipped %d unreadable row(s) of %d", path, skipped, skipped + len(rows))
+  return rows
+
+
+def _split_rows(input_path: str | None, splits: Mapping[str, str | float] | None, seed: int,
+                on_bad_row: str) -> dict[str, list[tuple[str, dict[str, Any]]]]:
   """(where, row) lists per split."""
   if splits is None:
     if input_path is None:
@@ -78,13 +101,13 @@ def _split_rows(input_path: str | None, splits: Mapping[str, str | float] | None
   if not splits:
     raise ValueError("splits is empty")
   if all(isinstance(v, str) or isinstance(v, os.PathLike) for v in splits.values()):
-    return {split: list(readers.read_rows(os.fspath(path))) for split, path in splits.items()}
+    return {split: _readable_rows(os.fspath(path), on_bad_row) for split, path in splits.items()}
   if input_path is None:
     raise ValueError(f"splits={dict(splits)} are fractions; give the input_path they split")
   fractions = {split: float(f) for split, f in splits.items()}
   if any(f <= 0 for f in fractions.values()) or sum(fractions.values()) > 1 + 1e-9:
     raise ValueError(f"split fractions {fractions} must be > 0 and sum to <= 1")
-  rows = list(readers.read_rows(input_path))
+  rows = _readable_rows(input_path, on_bad_row)
   order = np.random.default_rng(seed).permutation(len(rows))
   out, start = {}, 0
   for split, fraction in fractions.items():
@@ -103,7 +126,7 @@ def _examples(rows: list[tuple[str, dict[str, Any]]], fmt: str, source: str, on_
       record = sources.parse_any_row(row, fmt, where, source)
     except readers.DataError as e:
       if on_bad_row == "error":
-        raise readers.DataError(f"{e} (pass on_bad_row='skip' to skip bad rows)", e.reason) from e
+        raise readers.DataError(f"{e} {_SKIP_HINT}", e.reason) from e
       skipped += 1
       logger.warning("skipping bad row: %s", e)
       continue

@@ -51,19 +51,24 @@ class PreparedBenchmark:
 
 def suite_benchmarks(config: Any) -> list[Benchmark]:
   """The benchmarks of an eval suite config (`suites.base_suite_config`), in `config.benchmarks_to_run`
-  order, else sorted by name; raises naming the key of an unusable entry or config.batch_size.
+  order, else sorted by name; raises ConfigError naming the key of an unusable entry, an empty
+  config.benchmarks or config.batch_size.
 
   A global `config.limit` > 0 caps every benchmark's limit.
   """
   if config.batch_size < 1:
-    raise ValueError(f"config.batch_size={config.batch_size}; it must be >= 1")
+    raise config_lib.ConfigError(f"config.batch_size={config.batch_size}; it must be >= 1")
   entries = config.benchmarks
+  if not entries:
+    raise config_lib.ConfigError(
+        f"config.benchmarks of eval suite {config.get('name', '')!r} is empty: nothing to evaluate; add "
+        "entries (config.benchmarks.NAME = benchmark_entry(path, kind), as in configs/eval_demo.py)")
   names = [n.strip() for n in config.benchmarks_to_run.split(",") if n.strip()]
   names = names or sorted(entries.keys())
   unknown = [n for n in names if n not in entries]
   if unknown:
-    raise ValueError(f"config.benchmarks_to_run names {unknown}, which are not in config.benchmarks "
-                     f"({sorted(entries.keys())})")
+    raise config_lib.ConfigError(f"config.benchmarks_to_run names {unknown}, which are not in "
+                                 f"config.benchmarks ({sorted(entries.keys())})")
   cap = config.limit
   benchmarks = []
   for name in names:

@@ -51,13 +51,20 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
   return found
 
 
+def check_no_model_checkpoint(out_dir: str) -> None:
+  """Raises FileExistsError if `out_dir` already holds a model checkpoint (params/ or its config)."""
+  for name in (PARAMS_DIR, CONFIG_FILE):
+    path = os.path.join(os.path.abspath(out_dir), name)
+    if os.path.exists(path):
+      raise FileExistsError(f"{path} already exists; choose an empty --out directory")
+
+
 def save_model_checkpoint(out_dir: str, cfg: ModelConfig, params: dict[str, Any],
                           tokenizer_dir: str | None = None) -> None:
   """Writes params (Orbax, every process takes part), the model config and tokenizer files (process 0)."""
   out_dir = os.path.abspath(out_dir)
+  check_no_model_checkpoint(out_dir)
   params_dir = os.path.join(out_dir, PARAMS_DIR)
-  if os.path.exists(params_dir):
-    raise FileExistsError(f"{params_dir} already exists; choose an empty --out directory")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(params_dir, params)
     ckptr.wait_until_finished()

@@ -6,20 +6,37 @@ import logging
 import os
 
 from cftjax.models import checkpoint_io
-from cftjax.models.hf_io import load_hf, save_hf
+from cftjax.models.hf_io import HF_CONFIG_FILE, load_hf, save_hf
 
 log = logging.getLogger(__name__)
 
 
+def check_out_dir(out_dir: str, to_hf: bool) -> None:
+  """Raises FileExistsError when `out_dir` already holds what a conversion would write there (a
+  cftjax checkpoint, or with to_hf an HF model); cheap, so callers run it before reading weights."""
+  if not to_hf:
+    checkpoint_io.check_no_model_checkpoint(out_dir)
+    return
+  found = sorted(n for n in os.listdir(out_dir) if n == HF_CONFIG_FILE or n.endswith(".safetensors")
+                 ) if os.path.isdir(out_dir) else []
+  if found:
+    raise FileExistsError(f"{out_dir} already holds a Hugging Face model ({', '.join(found[:3])}); "
+                          "choose an empty --out directory")
+
+
 def hf_to_checkpoint(hf_dir: str, out_dir: str, dtype: str = "float32") -> None:
-  """Reads an HF model dir (config, safetensors, tokenizer files) and writes a cftjax checkpoint."""
+  """Reads an HF model dir (config, safetensors, tokenizer files) and writes a cftjax checkpoint
+  into `out_dir`, which must not hold one (checked before any weight is read)."""
+  check_out_dir(out_dir, to_hf=False)
   cfg, params = load_hf(hf_dir, dtype=dtype, progress=True)
   checkpoint_io.save_model_checkpoint(out_dir, cfg, params, tokenizer_dir=hf_dir)
   log.info("converted %s (%s, %.2fB params) -> %s", hf_dir, cfg.model_type, cfg.num_params / 1e9, out_dir)
 
 
 def export_hf(cfg, params, tokenizer, out_dir: str, max_shard_size: str = "5GB", dtype: str | None = None) -> None:
-  """Writes params (+ tokenizer files) as an HF dir that transformers and vLLM load."""
+  """Writes params (+ tokenizer files) as an HF dir that transformers and vLLM load; `out_dir`
+  must not hold an HF model yet."""
+  check_out_dir(out_dir, to_hf=True)
   save_hf(cfg, params, out_dir, max_shard_size=max_shard_size, dtype=dtype)
   if tokenizer is not None:
     tokenizer.save(out_dir)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+HF_CONFIG_FILE = "config.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,8 +309,8 @@ def save_hf(cfg: ModelConfig, params: dict[str, Any], out_dir: str, max_shard_si
     written.append(INDEX_FILE)
   hf_config = cfg.to_hf_dict()
   hf_config["torch_dtype"] = str(dtype)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
+  with open(os.path.join(out_dir, HF_CONFIG_FILE), "w") as f:
     json.dump(hf_config, f, indent=2)
-  written.append("config.json")
+  written.append(HF_CONFIG_FILE)
   log.info("wrote %d tensors (%.1f MB) in %d file(s) to %s", len(shard_of), total / 1e6, len(files), out_dir)
   return written

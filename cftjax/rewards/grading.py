@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
 import queue
+import sys
 import threading
+import types
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
-from typing import Sequence
 
 from cftjax.data.critique import last_braced_argument
 
@@ -53,10 +56,19 @@ def _grade_in_worker(gold: str, pred_text: str) -> Grade:
     return False, f"error: {type(e).__name__}: {e}"
 
 
+class GraderError(RuntimeError):
+  """The math grader's worker processes cannot run (e.g. math-verify does not import)."""
+
+
 def _worker_main(conn: Connection) -> None:
-  """Worker loop: receive (gold, pred_text), send (correct, reason); None or EOF stops it."""
+  """Worker loop: receive (gold, pred_text), send (correct, reason); None or EOF stops it. Sends
+  _READY once math-verify imports, else the import error's text, and exits."""
   logging.getLogger("math_verify").setLevel(logging.ERROR)   # "timeout disabled" warnings
-  import math_verify  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  try:
+    import math_verify  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except Exception as e:  # pylint: disable=broad-except
+    conn.send(f"{type(e).__name__}: {e}")
+    return
   conn.send(_READY)
   while True:
     try:
@@ -78,6 +90,25 @@ def _process_context() -> multiprocessing.context.BaseContext:
   return multiprocessing.get_context("spawn")
 
 
+_main_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+  """While a worker starts, `__main__` is an empty module, so the worker does not re-run the
+  parent's main script (multiprocessing's spawn / forkserver children do, to unpickle targets
+  defined there; the grader's target is in this module). Workers thus start the same from a script,
+  a script piped on stdin (`python -`, no file to re-run), a notebook, or a script without an
+  `if __name__ == "__main__":` guard."""
+  with _main_lock:
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+      yield
+    finally:
+      sys.modules["__main__"] = main
+
+
 class _Worker:
   """One worker process, started on first use and restarted after it is killed."""
 
@@ -90,19 +121,22 @@ class _Worker:
     parent_conn, child_conn = self._context.Pipe()
     process = self._context.Process(target=_worker_main, args=(child_conn,), daemon=True,
                                     name="cftjax-math-grader")
-    process.start()
+    with _main_module_hidden():
+      process.start()
     child_conn.close()
     try:
-      ready = parent_conn.poll(_STARTUP_TIMEOUT_S) and parent_conn.recv() == _READY
+      reply = parent_conn.recv() if parent_conn.poll(_STARTUP_TIMEOUT_S) else None
     except EOFError:
-      ready = False
-    if not ready:
+      process.join()
+      reply = f"it exited with code {process.exitcode} before it was ready (its error is above)"
+    if reply != _READY:
       process.kill()
       process.join()
-      raise RuntimeError(
-          f"math grader worker did not start within {_STARTUP_TIMEOUT_S}s (exit code "
-          f"{process.exitcode}); see its traceback above. Is math-verify importable, and does the "
-          "main script guard its entry point with `if __name__ == '__main__':`?")
+      parent_conn.close()
+      raise GraderError(
+          f"math grader worker process could not start: "
+          f"{reply or f'no reply within {_STARTUP_TIMEOUT_S}s'}; check that math-verify imports in "
+          f"this environment ({sys.executable} -c 'import math_verify')")
     self._process, self._conn = process, parent_conn
 
   def grade(self, gold: str, pred_text: str, timeout_s: float) -> Grade:
