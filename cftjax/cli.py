@@ -24,6 +24,7 @@ from cftjax import sampling
 from cftjax.data import preview, synthetic, tfds_builder
 from cftjax.eval import runner
 from cftjax.models import checkpoint_io, convert
+from cftjax.serve import server
 from cftjax.train import plots
 from cftjax.train import run as run_lib
 
@@ -122,6 +123,24 @@ def _check_context_length(max_positions: int, prompt_tokens: int, max_new_tokens
         f"lower --max-new-tokens to at most {max(max_positions - prompt_tokens, 0)} or shorten the prompt")
 
 
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--ckpt", required=True, help="a model checkpoint or a training run dir (best params)")
+  parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+  parser.add_argument("--port", type=int, default=8000)
+  parser.add_argument("--served-model-name", default=None,
+                      help="the model id clients must send (default: the checkpoint directory's name)")
+  parser.add_argument("--max-batch", type=int, default=32, help="most requests generated as one batch")
+  parser.add_argument("--batch-window-ms", type=float, default=5.0,
+                      help="how long the first waiting request waits for others to join its batch")
+
+
+def _run_serve(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+  del overrides
+  server.serve(args.ckpt, host=args.host, port=args.port, served_name=args.served_model_name,
+               max_batch_rows=args.max_batch, batch_window_s=args.batch_window_ms / 1000)
+  return 0
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
   actions = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
   build = actions.add_parser("build", help="rows -> a versioned TFDS dataset in ArrayRecord format")
@@ -174,6 +193,8 @@ SUBCOMMANDS = (
     Subcommand("convert", "Hugging Face dir <-> cftjax checkpoint", _add_convert_arguments, _run_convert),
     Subcommand("generate", "sample completions of chat prompts from a checkpoint", _add_generate_arguments,
                _run_generate),
+    Subcommand("serve", "an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) over a checkpoint",
+               _add_serve_arguments, _run_serve),
     Subcommand("data", "build a TFDS ArrayRecord dataset or inspect a config's training data",
                _add_data_arguments, _run_data, takes_config_overrides=True),
     Subcommand("plot", "PNG curves of a run's metrics", _add_plot_arguments, _run_plot),
@@ -207,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   if logging.getLogger().level > logging.DEBUG:
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
-  if command.name in ("train", "eval", "generate"):
+  if command.name in ("train", "eval", "generate", "serve"):
     host_memory.log_huge_pages_hint()
   try:
     return command.run(args, overrides)
