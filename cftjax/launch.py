@@ -5,7 +5,6 @@ runs a GRPO config's CFT warm start first (rl.warmstart_config), and runs the ob
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from cftjax import config as config_lib
@@ -21,14 +20,17 @@ log = logging.getLogger(__name__)
 TRAINERS = {"cft": cft.train, "grpo": grpo.train}
 
 
-def warm_start(config: Any) -> None:
-  """Trains (or finishes training) rl.warmstart_config, a CFT config, into rl.init_from_run unless
-  that run has already finished (written its summary); it uses this run's synthetic world."""
+def warm_start(config: Any) -> dict[str, Any] | None:
+  """Trains (or finishes training) rl.warmstart_config, a CFT config, into rl.init_from_run's run
+  directory unless that run has already finished; it uses this run's synthetic world. Returns the
+  warm start's summary when it ran (None otherwise)."""
   rl = config.rl
-  if not (rl.init_from_run and rl.warmstart_config) or os.path.exists(
-      os.path.join(rl.init_from_run, run_lib.SUMMARY_FILE)):
-    return
-  overrides = [("train.run_dir", rl.init_from_run)]
+  if not (rl.init_from_run and rl.warmstart_config):
+    return None
+  run_dir = grpo.init_run_dir(config)
+  if run_lib.finished_summary(run_dir) is not None:
+    return None
+  overrides = [("train.run_dir", run_dir)]
   if rl.warmstart_steps:
     overrides.append(("train.steps", str(rl.warmstart_steps)))
   if config.data.world_dir:
@@ -37,7 +39,9 @@ def warm_start(config: Any) -> None:
   log.info("rl.init_from_run=%s is not trained yet: training %s there first (%s)", rl.init_from_run,
            rl.warmstart_config, overrides)
   summary = train(config_lib.load_config(rl.warmstart_config, overrides))
-  log.info("warm start done:\n%s", run_lib.format_summary(summary))
+  log.info("warm start %s:\n%s", "interrupted" if summary["preempted"] else "done",
+           run_lib.format_summary(summary))
+  return summary
 
 
 def check_init_run_world(config: Any) -> None:
@@ -45,7 +49,7 @@ def check_init_run_world(config: Any) -> None:
   with other data.world settings (e.g. a warm start left over from an older world)."""
   if not (config.rl.init_from_run and config.data.synthetic_world):
     return
-  source = checkpoint_io.read_run_config(config.rl.init_from_run).data
+  source = checkpoint_io.read_run_config(grpo.init_run_dir(config)).data
   if source.get("world_dir") != config.data.world_dir:
     return
   differing = {key: (source.world.get(key), value) for key, value in config.data.world.items()
@@ -58,7 +62,8 @@ def check_init_run_world(config: Any) -> None:
 
 
 def train(config: Any) -> dict[str, Any]:
-  """Runs (or resumes) the run of `config`; returns its summary (`cftjax.train.run.RunLoop.loop`)."""
+  """Runs (or resumes) the run of `config`; returns its summary (`cftjax.train.run.RunLoop.loop`), or
+  the warm start's when a signal stopped it."""
   parallel.maybe_initialize_distributed()  # before anything touches JAX's devices
   objective = config.train.objective
   if objective not in TRAINERS:
@@ -66,6 +71,8 @@ def train(config: Any) -> dict[str, Any]:
   if config.data.synthetic_world:
     synthetic.ensure_world(config)
   if objective == "grpo":
-    warm_start(config)
+    warm = warm_start(config)
+    if warm is not None and warm["preempted"]:
+      return warm  # stopped by a signal: the GRPO run starts when a rerun finishes the warm start
     check_init_run_world(config)
   return TRAINERS[objective](config, heldout.make_verdict_evaluator)
