@@ -273,9 +273,11 @@ class RunCheckpoints:
         self._best.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with self._disk_errors(self._manager, None):
+      self._manager.close()
     if self._best is not None:
-      self._best.close()
+      with self._disk_errors(self._best, None):
+        self._best.close()
 
 
 class PreemptionFlag:

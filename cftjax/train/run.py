@@ -165,9 +165,10 @@ def initial_state(run: "RunLoop", tx: optax.GradientTransformation, seed: int,
         state, data_state = run.checkpoints.restore(step, abstract)
       except checkpoint_lib.CheckpointDamagedError as e:
         if i + 1 == len(steps):
+          step_dir = os.path.join(run.run_dir, checkpoint_io.RUN_CHECKPOINT_DIR, str(step))
           raise checkpoint_lib.CheckpointDamagedError(
-              f"{e}; there is no earlier complete checkpoint: move {run.run_dir} aside to start the "
-              "run from step 0") from None
+              f"{e}; there is no earlier complete checkpoint to fall back to: move {step_dir} aside to "
+              "train this run from step 0") from None
         moved = run.checkpoints.move_aside(step)
         log.warning("%s; moved it to %s and resuming from step %d, the previous complete checkpoint",
                     e, moved, steps[i + 1])
