@@ -32,11 +32,11 @@ DEMO_CONFIG = os.path.join(REPO, "configs", "demo_cft.py")
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TINY = {
     "checkpoint.every_steps": 2, "logging.every_steps": 1, "logging.progress_bar": "false",
-    "logging.tensorboard": "false", "eval.loss_batches": 1, "eval.batch_size": 4,
+    "logging.tensorboard": "false", "eval.loss_batches": 1, "eval.batch_size": 8,
     "eval.every_steps": 0, "eval.verdict_examples": 0, "checkpoint.best_metric": "eval_loss",
     "checkpoint.best_mode": "min", "model.arch.hidden_size": 32, "model.arch.intermediate_size": 64,
     "model.arch.num_layers": 1, "model.arch.num_heads": 2, "model.arch.num_kv_heads": 2,
-    "model.arch.head_dim": 16, "data.batch_size": 4, "data.packing": "false",
+    "model.arch.head_dim": 16, "data.batch_size": 8, "data.packing": "false",
     "train.cpu_peak_flops": 1e11, "optim.warmup_ratio": 0.0,
 }
 

@@ -75,12 +75,26 @@ class _IteratorStateSnapshot:
     pass
 
 
+class _DropDiskFullLogs(logging.Filter):
+  """Drops Orbax's own log records of a full disk (a traceback from its writer thread per file):
+  the DiskFullError raised in the main thread says it in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += str(record.exc_info[1])
+    return "No space left on device" not in text and "os_error_code='28'" not in text
+
+
+_DISK_FULL_LOG_FILTER = _DropDiskFullLogs()
+
+
 class _DiskErrors:
   """Turns a save that failed on a full disk (ENOSPC, also raised later from Orbax's background
   thread) into one DiskFullError naming the directory and the newest intact step."""
 
-  def __init__(self, manager: ocp.CheckpointManager, step: int | None, latest: Any):
-    self._manager, self._step, self._latest = manager, step, latest
+  def __init__(self, manager: ocp.CheckpointManager, step: int | None):
+    self._manager, self._step = manager, step
 
   def __enter__(self) -> None:
     return None
@@ -118,6 +132,8 @@ class RunCheckpoints:
     if best_mode not in ("max", "min"):
       raise ValueError(f"checkpoint.best_mode={best_mode!r}: use 'max' or 'min'")
     self.best_metric, self.best_mode = best_metric, best_mode
+    self._saving: dict[int, int] = {}  # id(manager) -> the step it was last asked to save
+    logging.getLogger("absl").addFilter(_DISK_FULL_LOG_FILTER)  # idempotent
     self._manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(run_dir, RUN_CHECKPOINT_DIR)),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
@@ -158,7 +174,10 @@ class RunCheckpoints:
     return True
 
   def _disk_errors(self, manager: ocp.CheckpointManager, step: int | None) -> "_DiskErrors":
-    return _DiskErrors(manager, step, self._manager.latest_step)
+    """Turns a full disk in `manager`'s save of `step` (None: its last save) into a DiskFullError."""
+    if step is not None:
+      self._saving[id(manager)] = step
+    return _DiskErrors(manager, self._saving.get(id(manager)))
 
   def complete_steps(self) -> list[int]:
     """The finalized steps, newest first."""
