@@ -5,6 +5,7 @@ returns the exit code. `--config.a.b=v` overrides are split off before argparse 
 input ends in one line `cftjax: error: ...` and exit code 2 for an invalid command line or config
 (ConfigError, as argparse's usage errors), else 1 (bad files or data, a failed run); `--debug`
 re-raises. docs/troubleshooting.md lists the messages.
+Ctrl-C exits 130 (`train` first saves a checkpoint and the summary).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from cftjax.train import plots
 from cftjax.train import run as run_lib
 
 
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it; `train` saves first
+CKPT_HELP = ("a model checkpoint (`cftjax convert` output) or a training run: RUN_DIR (its best params "
+             "if they beat step 0, else its latest step), RUN_DIR:best, RUN_DIR:latest or RUN_DIR:step=N")
+
+
 @dataclasses.dataclass(frozen=True)
 class Subcommand:
   name: str
@@ -47,13 +53,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
   summary = launch.train(config_lib.load_config(args.config, overrides))
   print(run_lib.format_summary(summary), flush=True)
-  return 0
+  return EXIT_INTERRUPTED if summary["preempted"] and summary.get("signal") == "SIGINT" else 0
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
   _add_train_arguments(parser)
-  parser.add_argument("--ckpt", required=True,
-                      help="a model checkpoint (`cftjax convert` output) or a training run dir (its best params)")
+  parser.add_argument("--ckpt", required=True, help=CKPT_HELP)
 
 
 def _run_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
@@ -63,7 +68,7 @@ def _run_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--hf-dir", help="Hugging Face model dir (config.json, safetensors, tokenizer files)")
   parser.add_argument("--to-hf", action="store_true", help="export a cftjax checkpoint back to HF layout")
-  parser.add_argument("--ckpt", help="with --to-hf: a cftjax model checkpoint or a training run dir (best params)")
+  parser.add_argument("--ckpt", help="with --to-hf: " + CKPT_HELP)
   parser.add_argument("--out", required=True, help="output directory (must not hold a checkpoint yet)")
   parser.add_argument("--dtype", default=None,
                       help="param dtype written (default: float32 on import, the checkpoint's on export)")
@@ -88,7 +93,7 @@ def _run_convert(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> 
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--ckpt", required=True, help="a model checkpoint or a training run dir (best params)")
+  parser.add_argument("--ckpt", required=True, help=CKPT_HELP)
   parser.add_argument("--prompt", required=True, action="append",
                       help="a user message (repeat for a batch); rendered with the chat template")
   parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -232,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     host_memory.log_huge_pages_hint()
   try:
     return command.run(args, overrides)
+  except KeyboardInterrupt:
+    print(f"cftjax: interrupted (Ctrl-C); exit code {EXIT_INTERRUPTED}", file=sys.stderr)
+    return EXIT_INTERRUPTED
   except Exception as e:  # pylint: disable=broad-except
     if args.debug or not _is_input_error(e):
       raise

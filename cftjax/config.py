@@ -412,19 +412,26 @@ def check_resume_compatible(saved: dict[str, Any], config: config_dict.ConfigDic
         "shapes, so the run cannot resume: restore their values or use a new --config.train.run_dir.")
 
 
-def write_run_config(run_dir: str, config: config_dict.ConfigDict, write: bool = True) -> None:
-  """Checks `config` against RUN_DIR/config.json if present, then (when `write`) rewrites it with the
-  resolved config and the code version. Every process checks; only process 0 should write."""
+def check_run_config(run_dir: str, config: config_dict.ConfigDict) -> None:
+  """Raises a ConfigError when RUN_DIR/config.json exists and `config` changes a key that fixes the
+  shapes of its saved state (`check_resume_compatible`), or the file is unreadable."""
   path = os.path.join(run_dir, RUN_CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        saved = json.load(f)["config"]
-      except (json.JSONDecodeError, KeyError) as e:
-        raise ConfigError(f"{path}: unreadable run config ({e}); move it aside to start afresh") from None
-    check_resume_compatible(saved, config, path)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    try:
+      saved = json.load(f)["config"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise ConfigError(f"{path}: unreadable run config ({e}); move it aside to start afresh") from None
+  check_resume_compatible(saved, config, path)
+
+
+def write_run_config(run_dir: str, config: config_dict.ConfigDict, write: bool = True) -> None:
+  """(When `write`: call on process 0 only) writes RUN_DIR/config.json with the resolved config and the
+  code version, atomically."""
   if not write:
     return
+  path = os.path.join(run_dir, RUN_CONFIG_FILE)
   os.makedirs(run_dir, exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 TRAINERS = {"cft": cft.train, "grpo": grpo.train}
 
 
-def _needs_warm_start(rl: Any) -> bool:
-  return bool(rl.init_from_run and rl.warmstart_config) and not os.path.exists(
-      os.path.join(rl.init_from_run, run_lib.SUMMARY_FILE))
+def _needs_warm_start(config: Any) -> bool:
+  rl = config.rl
+  return bool(rl.init_from_run and rl.warmstart_config) and run_lib.finished_summary(
+      grpo.init_run_dir(config)) is None
 
 
 def check_before_start(config: Any) -> None:
@@ -36,7 +37,7 @@ def check_before_start(config: Any) -> None:
     raise config_lib.ConfigError(
         f"train.steps={config.train.steps}: it must be >= 0 (0 = data.num_epochs passes over the "
         "training rows); set --config.train.steps to a step count")
-  if objective == "grpo" and _needs_warm_start(config.rl):
+  if objective == "grpo" and _needs_warm_start(config):
     path = config.rl.warmstart_config.partition(":")[0]
     if not os.path.isfile(path):
       relative = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
@@ -46,13 +47,15 @@ def check_before_start(config: Any) -> None:
           "--config.rl.warmstart_config to the working directory; fix the path")
 
 
-def warm_start(config: Any) -> None:
-  """Trains (or finishes training) rl.warmstart_config, a CFT config, into rl.init_from_run unless
-  that run has already finished (written its summary); it uses this run's synthetic world."""
+def warm_start(config: Any) -> dict[str, Any] | None:
+  """Trains (or finishes training) rl.warmstart_config, a CFT config, into rl.init_from_run's run
+  directory unless that run has already finished; it uses this run's synthetic world. Returns the
+  warm start's summary when it ran (None otherwise)."""
   rl = config.rl
-  if not _needs_warm_start(rl):
-    return
-  overrides = [("train.run_dir", rl.init_from_run)]
+  if not _needs_warm_start(config):
+    return None
+  run_dir = grpo.init_run_dir(config)
+  overrides = [("train.run_dir", run_dir)]
   if rl.warmstart_steps:
     overrides.append(("train.steps", str(rl.warmstart_steps)))
   if config.data.world_dir:
@@ -61,7 +64,9 @@ def warm_start(config: Any) -> None:
   log.info("rl.init_from_run=%s is not trained yet: training %s there first (%s)", rl.init_from_run,
            rl.warmstart_config, overrides)
   summary = train(config_lib.load_config(rl.warmstart_config, overrides))
-  log.info("warm start done:\n%s", run_lib.format_summary(summary))
+  log.info("warm start %s:\n%s", "interrupted" if summary["preempted"] else "done",
+           run_lib.format_summary(summary))
+  return summary
 
 
 def check_init_run_world(config: Any) -> None:
@@ -69,7 +74,7 @@ def check_init_run_world(config: Any) -> None:
   with other data.world settings (e.g. a warm start left over from an older world)."""
   if not (config.rl.init_from_run and config.data.synthetic_world):
     return
-  source = checkpoint_io.read_run_config(config.rl.init_from_run).data
+  source = checkpoint_io.read_run_config(grpo.init_run_dir(config)).data
   if source.get("world_dir") != config.data.world_dir:
     return
   differing = {key: (source.world.get(key), value) for key, value in config.data.world.items()
@@ -82,13 +87,16 @@ def check_init_run_world(config: Any) -> None:
 
 
 def train(config: Any) -> dict[str, Any]:
-  """Runs (or resumes) the run of `config`; returns its summary (`cftjax.train.run.RunLoop.loop`)."""
+  """Runs (or resumes) the run of `config`; returns its summary (`cftjax.train.run.RunLoop.loop`), or
+  the warm start's when a signal stopped it."""
   check_before_start(config)
   parallel.maybe_initialize_distributed()  # before anything touches JAX's devices
   objective = config.train.objective
   if config.data.synthetic_world:
     synthetic.ensure_world(config)
   if objective == "grpo":
-    warm_start(config)
+    warm = warm_start(config)
+    if warm is not None and warm["preempted"]:
+      return warm  # stopped by a signal: the GRPO run starts when a rerun finishes the warm start
     check_init_run_world(config)
   return TRAINERS[objective](config, heldout.make_verdict_evaluator)

@@ -11,13 +11,14 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from cftjax import cli
 from cftjax import config as config_lib
 from cftjax.data import synthetic
-from cftjax.models import ModelConfig, init_params
+from cftjax.models import ModelConfig, checkpoint_io, init_params
 from cftjax.models import attention
 from cftjax.models.checkpoint_io import save_model_checkpoint
 from cftjax.models.hf_io import save_hf
@@ -169,8 +170,8 @@ def test_unknown_config_key(world, tmp_path, capsys):
 
 def test_run_dir_written_by_another_config(world, tmp_path, capsys):
   run_dir = str(tmp_path / "run")
-  other = config_lib.load_config(DEMO_CONFIG, [("model.arch.hidden_size", "64")])
-  config_lib.write_run_config(run_dir, other)
+  assert cli.main(["--log_level=ERROR"] + train_args(world, run_dir, **{"model.arch.hidden_size": 64})) == 0
+  capsys.readouterr()
   code, line = run_cli(capsys, train_args(world, run_dir))
   assert code == 2 and os.path.join(run_dir, "config.json") in line
   assert "model.arch.hidden_size: 64 -> 16" in line and "use a new --config.train.run_dir" in line
@@ -426,3 +427,92 @@ def test_console_exit_code_and_stderr(world, tmp_path):
   assert result.stderr.strip().startswith("cftjax: error: The tokenizer of")
   assert "Traceback" not in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints of a run: which params `generate` reads, damaged checkpoint files, a full disk.
+
+
+def trained_run(capsys, world: str, run_dir: str, **overrides) -> str:
+  """A tiny run trained in-process (2 steps, a checkpoint at each)."""
+  args = train_args(world, run_dir, **({"train.steps": 2, "checkpoint.every_steps": 1} | overrides))
+  assert cli.main(["--log_level=ERROR"] + args) == 0
+  capsys.readouterr()
+  return run_dir
+
+
+def test_generate_on_a_run_without_best_names_what_exists(world, tmp_path, capsys):
+  """checkpoint.best_metric is set but no eval ran: RUN_DIR:best says so and how to pick a step;
+  plain RUN_DIR reads the latest step."""
+  run_dir = trained_run(capsys, world, str(tmp_path / "run"), **{"checkpoint.best_metric": "eval_loss",
+                                                                  "checkpoint.best_mode": "min"})
+  code, line = run_cli(capsys, ["generate", "--ckpt", f"{run_dir}:best", "--prompt", "1+2"])
+  assert code == 1 and "set checkpoint.best_metric" not in line
+  assert line == (f"cftjax: error: {run_dir}:best: the run has no best/ checkpoint: no eval has saved "
+                  "one yet (checkpoint.best_metric='eval_loss') (saved steps [1, 2], no best/); use "
+                  f"{run_dir}:latest or {run_dir}:step=N")
+  assert cli.main(["--log_level=ERROR", "generate", "--ckpt", run_dir, "--prompt", "1+2",
+                   "--max-new-tokens", "4"]) == 0
+
+
+def test_corrupt_data_iterator_json_in_a_checkpoint(world, tmp_path, capsys):
+  run_dir = trained_run(capsys, world, str(tmp_path / "run"), **{"checkpoint.max_to_keep": 1})
+  path = os.path.join(run_dir, "checkpoints", "2", "data", "process_0-of-1.json")
+  with open(path, "w") as f:
+    f.write('{"parent": {"next\x01index": 8}}')
+  code, line = run_cli(capsys, train_args(world, run_dir, **{"train.steps": 3}))
+  assert code == 1 and line.startswith(f"cftjax: error: {path}: not valid JSON (Invalid control character")
+  assert f"move {os.path.join(run_dir, 'checkpoints', '2')} aside" in line
+  assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["2"]  # nothing moved or lost
+
+
+def test_checkpoint_step_without_its_metadata(world, tmp_path, capsys):
+  run_dir = trained_run(capsys, world, str(tmp_path / "run"), **{"checkpoint.max_to_keep": 1})
+  step_dir = os.path.join(run_dir, "checkpoints", "2")
+  os.remove(os.path.join(step_dir, "state", "_METADATA"))
+  code, line = run_cli(capsys, train_args(world, run_dir, **{"train.steps": 3}))
+  assert code == 1 and "pytree structure" not in line
+  assert line.startswith(f"cftjax: error: {step_dir}/state/_METADATA is missing: the checkpoint step dir "
+                         f"{step_dir} is incomplete")
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+  """A tmpfs mounted at tmp_path/disk (root only); resized by the test, unmounted afterwards."""
+  mount_point = str(tmp_path / "disk")
+  os.makedirs(mount_point)
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", mount_point],
+                           capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+  yield mount_point
+  subprocess.run(["umount", "-l", mount_point], check=True)
+
+
+def _used_bytes(path: str) -> int:
+  stat = os.statvfs(path)
+  return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def test_disk_full_during_an_async_save(world, tmp_path, capsys, small_disk):
+  """A run resumed on a disk with room for half a checkpoint more: the save of step 4 hits a real
+  ENOSPC; one line names ENOSPC and the directory, exit code 1, and step 2 still restores."""
+  built = trained_run(capsys, world, str(tmp_path / "built"), **{"checkpoint.every_steps": 2})
+  run_dir = shutil.copytree(built, os.path.join(small_disk, "run"))
+  one_step = _used_bytes(small_disk)
+  shutil.copytree(os.path.join(run_dir, "checkpoints", "2"), os.path.join(small_disk, "probe"))
+  one_step = _used_bytes(small_disk) - one_step
+  shutil.rmtree(os.path.join(small_disk, "probe"))
+  size = _used_bytes(small_disk) + one_step // 2
+  subprocess.run(["mount", "-o", f"remount,size={size}", small_disk], check=True)
+  code, line = run_cli(capsys, train_args(world, run_dir, **{"train.steps": 4, "checkpoint.every_steps": 2}))
+  assert code == 1
+  assert line.startswith(f"cftjax: error: {os.path.join(run_dir, 'checkpoints')}: no space left on device "
+                         "(ENOSPC) while saving")
+  assert "step 2 is intact" in line
+  target = checkpoint_io.params_target(checkpoint_io.build_model(
+      checkpoint_io.read_run_config(run_dir).model)[0], dtype="float32")
+  step, params = checkpoint_io.load_run_params(f"{run_dir}:step=2", target)
+  _, original = checkpoint_io.load_run_params(f"{built}:step=2", target)
+  assert step == 2 and checkpoint_io.run_steps(run_dir)[0] == [2]
+  jax.tree.map(np.testing.assert_array_equal, params, original)

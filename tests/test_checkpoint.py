@@ -74,24 +74,25 @@ def test_round_trip_restores_state_data_and_shardings(tmp_path):
 
 def test_params_of_the_latest_or_a_numbered_step_are_read_from_the_train_state(tmp_path):
   """checkpoint_io.load_run_params reads only the params of RUN_DIR/checkpoints/<step>/state, onto
-  the target's shardings; a step that is not there, or no best/, is a one-line error."""
+  the target's shardings; a step that is not there, or no best/, is a one-line error naming what
+  exists."""
   run = ckpt.RunCheckpoints(str(tmp_path), max_to_keep=3, async_save=False)
   for step in (1, 2):
     run.save(step, _state(step), {}, {})
   run.close()
   target = _abstract(_state()).params
-  for step, want in (("latest", 2), (1, 1), ("2", 2)):
-    number, params = checkpoint_io.load_run_params(str(tmp_path), target, step)
+  for spec, want in ((f"{tmp_path}:latest", 2), (f"{tmp_path}:step=1", 1), (str(tmp_path), 2)):
+    number, params = checkpoint_io.load_run_params(spec, target)
     assert number == want
     _assert_trees_equal(params, _state(want).params)
     assert params["w"].sharding == target["w"].sharding
-  with pytest.raises(FileNotFoundError, match=r"no finalized step 5; saved steps: \[1, 2\]"):
-    checkpoint_io.load_run_params(str(tmp_path), target, 5)
-  with pytest.raises(FileNotFoundError, match="no finalized checkpoint for step 'best'; train with "
-                                              "checkpoint.best_metric set"):
-    checkpoint_io.load_run_params(str(tmp_path), target, "best")
-  with pytest.raises(ValueError, match="step 'newest': use 'best', 'latest' or a step number"):
-    checkpoint_io.load_run_params(str(tmp_path), target, "newest")
+  with pytest.raises(FileNotFoundError, match=r":step=5: no step 5 in .* \(saved steps \[1, 2\], no best/\)"):
+    checkpoint_io.load_run_params(f"{tmp_path}:step=5", target)
+  with pytest.raises(FileNotFoundError, match=r":best: the run has no best/ checkpoint: .*saved steps "
+                                              r"\[1, 2\].*use .*:latest or .*:step=N"):
+    checkpoint_io.load_run_params(f"{tmp_path}:best", target)
+  with pytest.raises(ValueError, match="unknown checkpoint selector 'newest'; use RUN_DIR, RUN_DIR:best"):
+    checkpoint_io.load_run_params(f"{tmp_path}:newest", target)
 
 
 def test_unfinalized_step_is_never_restored_and_old_steps_are_pruned(tmp_path):
@@ -135,7 +136,7 @@ def test_best_params_follow_the_metric_across_restarts(tmp_path, mode, values, b
   best_step = values.index(best) + 1
   assert saved == [True, values[1] > values[0] if mode == "max" else values[1] < values[0], best_step == 3]
   assert sorted(os.listdir(tmp_path / "best")) == [str(best_step)]
-  step, params = checkpoint_io.load_run_params(str(tmp_path), _abstract(_state()).params, "best")
+  step, params = checkpoint_io.load_run_params(f"{tmp_path}:best", _abstract(_state()).params)
   assert step == best_step
   _assert_trees_equal(params, _state(best_step).params)
 

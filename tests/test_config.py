@@ -78,12 +78,12 @@ def test_run_config_records_code_version_and_refuses_shape_changes(config_file, 
   assert "git_sha" in record["code_version"]
 
   schedule_change = config_lib.load_config(config_file, [("optim.lr", "5e-5"), ("train.steps", "9")])
-  config_lib.write_run_config(run_dir, schedule_change)  # allowed: no shape changes
+  config_lib.check_run_config(run_dir, schedule_change)  # allowed: no shape changes
 
   shape_change = config_lib.load_config(config_file, [("model.arch.hidden_size", "128"),
                                                       ("data.max_seq_len", "64")])
   with pytest.raises(config_lib.ConfigError) as error:
-    config_lib.write_run_config(run_dir, shape_change)
+    config_lib.check_run_config(run_dir, shape_change)
   assert "model.arch.hidden_size: 64 -> 128" in str(error.value)
   assert "data.max_seq_len: 2048 -> 64" in str(error.value)
   assert "config.json" in str(error.value)

@@ -417,8 +417,9 @@ def _needs_grader(benchmarks: Sequence[Benchmark]) -> bool:
 
 
 def load_for_eval(ckpt_dir: str, config: Any) -> tuple[ModelConfig, Any, Any]:
-  """(model config with config.dtype applied, params, tokenizer) of a model checkpoint or a training
-  run directory (its best params); see `cftjax.models.checkpoint_io.load_model`."""
+  """(model config with config.dtype applied, params, tokenizer) of a model checkpoint or the params a
+  checkpoint selector picks in a training run (RUN_DIR, RUN_DIR:best, RUN_DIR:latest,
+  RUN_DIR:step=N); see `cftjax.models.checkpoint_io.load_model`."""
   return checkpoint_io.load_model(ckpt_dir, dtype=config.get("dtype") or None,
                                   tokenizer_dir=config.get("tokenizer_dir") or None)
 
@@ -431,7 +432,8 @@ def run_eval(config: Any, ckpt_dir: str) -> dict[str, Any]:
   math_average}. OUT is config.output_dir, or CKPT/eval/<config.name>.
   """
   benchmarks = suite_benchmarks(config)
-  out_dir = config.get("output_dir") or os.path.join(ckpt_dir, "eval", config.get("name", "suite"))
+  out_dir = config.get("output_dir") or os.path.join(checkpoint_io.parse_checkpoint_ref(ckpt_dir).path,
+                                                     "eval", config.get("name", "suite"))
   model_cfg, params, tokenizer = load_for_eval(ckpt_dir, config)
   prepared = [prepare(b, tokenizer) for b in benchmarks]
   identity = {"ckpt": os.path.abspath(ckpt_dir)}

@@ -3,11 +3,13 @@
 A converted-model checkpoint DIR (`cftjax convert`): `params/` (Orbax), `model_config.json`
 (ModelConfig fields), `tokenizer/` (optional). A training run directory RUN_DIR (`cftjax train`):
 `config.json` (the run's config), `checkpoints/<step>/state` (the train state, its params included)
-and `best/<step>/params`; `load_run` reads the params of its best, latest or a given step.
+and `best/<step>/params`; `load_run` reads the params a checkpoint selector (`RUN_DIR`,
+`RUN_DIR:best`, `RUN_DIR:latest`, `RUN_DIR:step=N`) picks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,7 +34,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "generation_config.json", "vocab.json", "merges.txt")
 RUN_CHECKPOINT_DIR = "checkpoints"  # RUN_DIR/checkpoints/<step>/{state,data,config}
 RUN_BEST_DIR = "best"  # RUN_DIR/best/<step>/params
-RUN_STEPS = ("best", "latest")  # or a step number
 
 log = logging.getLogger(__name__)
 
@@ -155,43 +156,122 @@ def load_init_params(path: str, shardings: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
-# Training run directories.
+# Training run directories and the checkpoint selector.
+
+SELECTOR_HELP = "RUN_DIR, RUN_DIR:best, RUN_DIR:latest or RUN_DIR:step=N"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+  """Where a checkpoint is read from: `path` (a run directory or a converted model checkpoint) and,
+  for a run directory, which of its params: "auto" (best if it beats step 0, else latest), "best",
+  "latest" or "step" (then `step`)."""
+
+  path: str
+  select: str = "auto"
+  step: int | None = None
+
+  def __str__(self) -> str:
+    suffix = {"auto": "", "best": ":best", "latest": ":latest"}.get(self.select, f":step={self.step}")
+    return self.path + suffix
+
+
+def parse_checkpoint_ref(spec: str) -> CheckpointRef:
+  """The one parser of checkpoint arguments (--ckpt, rl.init_from_run): `PATH`, `PATH:best`,
+  `PATH:latest` or `PATH:step=N`. A path that exists as written is taken whole (even with a colon)."""
+  spec = str(spec)
+  if os.path.exists(spec) or ":" not in spec:
+    return CheckpointRef(spec)
+  path, selector = spec.rsplit(":", 1)
+  if selector in ("best", "latest"):
+    return CheckpointRef(path, selector)
+  if selector.startswith("step="):
+    number = selector[len("step="):]
+    if number.isdigit():
+      return CheckpointRef(path, "step", int(number))
+  raise ValueError(f"{spec!r}: unknown checkpoint selector {selector!r}; use {SELECTOR_HELP}")
 
 
 def read_run_config(run_dir: str) -> config_dict.ConfigDict:
   """The config a `cftjax train` run directory was written with (RUN_DIR/config.json)."""
   path = os.path.join(run_dir, RUN_CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {run_dir!r} is not a directory written by `cftjax train`")
+    raise FileNotFoundError(f"{path} not found: {run_dir!r} is not a directory written by `cftjax train` "
+                            "(it writes config.json with its first checkpoint)")
   with open(path, encoding="utf-8") as f:
     return config_dict.ConfigDict(json.load(f)["config"])
 
 
-def _run_step_dir(run_dir: str, step: str | int) -> tuple[str, int, str]:
-  """(Orbax manager directory, step number, item name) holding the params of `step` of a run."""
-  if step == "best":
-    directory, item = os.path.abspath(os.path.join(run_dir, RUN_BEST_DIR)), "params"
-  else:
-    directory, item = os.path.abspath(os.path.join(run_dir, RUN_CHECKPOINT_DIR)), "state"
-  steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
-  if step in ("best", "latest"):
+def finalized_steps(directory: str) -> list[int]:
+  """The finalized steps of an Orbax manager directory (RUN_DIR/checkpoints or RUN_DIR/best), sorted."""
+  return sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
+
+
+def run_steps(run_dir: str) -> tuple[list[int], int | None]:
+  """(finalized train-state steps, the best-params step or None) of a run directory."""
+  best = finalized_steps(os.path.join(run_dir, RUN_BEST_DIR))
+  return finalized_steps(os.path.join(run_dir, RUN_CHECKPOINT_DIR)), (best[-1] if best else None)
+
+
+def _what_exists(run_dir: str, steps: list[int], best: int | None) -> str:
+  have = f"saved steps {steps}" if steps else "no saved step"
+  return have + (f", best: step {best}" if best is not None else ", no best/")
+
+
+def _no_best_reason(run_dir: str) -> str:
+  try:
+    metric = read_run_config(run_dir).checkpoint.get("best_metric", "")
+  except (FileNotFoundError, KeyError, ValueError):
+    metric = ""
+  if not metric:
+    return "it was trained without checkpoint.best_metric"
+  return f"no eval has saved one yet (checkpoint.best_metric={metric!r})"
+
+
+def select_run_step(ref: CheckpointRef) -> tuple[str, int, str]:
+  """(Orbax manager directory, step, item name) holding the params `ref` selects in its run directory.
+
+  "auto" is best/ when its step is after step 0 (a trained model beat the untrained one), else the
+  latest saved step; it logs which. Errors name the run directory and the steps that exist.
+  """
+  run_dir = ref.path
+  steps, best = run_steps(run_dir)
+  state_dir = os.path.abspath(os.path.join(run_dir, RUN_CHECKPOINT_DIR))
+  best_dir = os.path.abspath(os.path.join(run_dir, RUN_BEST_DIR))
+  exists = _what_exists(run_dir, steps, best)
+  if ref.select == "auto":
+    if best is not None and (best > 0 or not steps or steps[-1] == 0):
+      log.info("%s: using best/ (step %d); pick another with %s:latest or :step=N", run_dir, best, run_dir)
+      return best_dir, best, "params"
+    if steps:
+      why = ("best/ is step 0, the untrained model no later eval beat" if best is not None
+             else "the run has no best/")
+      log.info("%s: using the latest step %d (%s); pick another with %s:best or :step=N", run_dir,
+               steps[-1], why, run_dir)
+      return state_dir, steps[-1], "state"
+    raise FileNotFoundError(f"{run_dir}: no checkpoint to read ({exists}); train it first")
+  if ref.select == "best":
+    if best is None:
+      raise FileNotFoundError(f"{ref}: the run has no best/ checkpoint: {_no_best_reason(run_dir)} "
+                              f"({exists}); use {run_dir}:latest or {run_dir}:step=N")
+    return best_dir, best, "params"
+  if ref.select == "latest":
     if not steps:
-      hint = ("train with checkpoint.best_metric set, or load step 'latest'" if step == "best"
-              else "the run has not saved a checkpoint yet")
-      raise FileNotFoundError(f"{directory}: no finalized checkpoint for step {step!r}; {hint}")
-    return directory, max(steps), item
-  if not isinstance(step, int) and not str(step).isdigit():
-    raise ValueError(f"step {step!r}: use 'best', 'latest' or a step number")
-  if int(step) not in steps:
-    raise FileNotFoundError(f"{directory}: no finalized step {int(step)}; saved steps: {sorted(steps)}")
-  return directory, int(step), item
+      raise FileNotFoundError(f"{ref}: the run has no saved step yet ({exists})")
+    return state_dir, steps[-1], "state"
+  if ref.step in steps:
+    return state_dir, ref.step, "state"
+  if ref.step == best:
+    return best_dir, best, "params"
+  raise FileNotFoundError(f"{ref}: no step {ref.step} in {run_dir} ({exists})")
 
 
-def load_run_params(run_dir: str, target: Any, step: str | int = "best") -> tuple[int, Any]:
-  """(step number, params) of a run's best, latest or numbered step, restored like `target`
-  (ShapeDtypeStructs with shardings, e.g. `params_target(cfg, dtype="float32")`: run checkpoints
-  hold float32 master params). From a train-state checkpoint only the params are read."""
-  directory, number, item = _run_step_dir(run_dir, step)
+def load_run_params(ref: CheckpointRef | str, target: Any) -> tuple[int, Any]:
+  """(step number, params) that `ref` (a CheckpointRef or its string) selects in a run directory,
+  restored like `target` (ShapeDtypeStructs with shardings, e.g. `params_target(cfg, dtype="float32")`:
+  run checkpoints hold float32 master params). From a train-state checkpoint only the params are read."""
+  ref = ref if isinstance(ref, CheckpointRef) else parse_checkpoint_ref(ref)
+  directory, number, item = select_run_step(ref)
   if item == "params":
     manager = ocp.CheckpointManager(directory, item_handlers={"params": ocp.StandardCheckpointHandler()},
                                     options=ocp.CheckpointManagerOptions(read_only=True))
@@ -211,33 +291,39 @@ def load_run_params(run_dir: str, target: Any, step: str | int = "best") -> tupl
   return number, restored.params if item == "params" else restored.state["params"]
 
 
-def load_run(run_dir: str, step: str | int = "best", dtype: str | None = None
-             ) -> tuple[ModelConfig, Any, Tokenizer]:
-  """(model config, params on the first device, tokenizer) of a `cftjax train` run directory, built
-  from the run's own config; `dtype` overrides its compute dtype."""
-  config = read_run_config(run_dir)
+def load_run(ref: CheckpointRef | str, dtype: str | None = None) -> tuple[ModelConfig, Any, Tokenizer]:
+  """(model config, params on the first device, tokenizer) of the params `ref` selects in a `cftjax
+  train` run directory, built from the run's own config; `dtype` overrides its compute dtype."""
+  ref = ref if isinstance(ref, CheckpointRef) else parse_checkpoint_ref(ref)
+  config = read_run_config(ref.path)
   model_cfg, tokenizer = build_model(config.model)
-  number, params = load_run_params(run_dir, params_target(model_cfg, dtype="float32"), step)  # master params
-  log.info("%s: loaded the params of step %d (%s)", run_dir, number, step)
+  number, params = load_run_params(ref, params_target(model_cfg, dtype="float32"))  # master params
+  log.info("%s: loaded the params of step %d", ref, number)
   return model_cfg.replace(**({"dtype": dtype} if dtype else {})), params, tokenizer
 
 
-def load_model(path: str, *, step: str | int = "best", dtype: str | None = None,
+def load_model(spec: str, *, dtype: str | None = None,
                tokenizer_dir: str | None = None) -> tuple[ModelConfig, Any, Tokenizer]:
-  """(model config, params, tokenizer) of a converted model checkpoint (model_config.json) or a
-  training run directory (config.json; its `step`: best, latest or a number).
+  """(model config, params, tokenizer) of a converted model checkpoint (model_config.json) or of the
+  params a checkpoint selector picks in a training run directory (config.json): `RUN_DIR`,
+  `RUN_DIR:best`, `RUN_DIR:latest` or `RUN_DIR:step=N` (`parse_checkpoint_ref`).
 
   dtype overrides the compute dtype. The checkpoint's own tokenizer wins; tokenizer_dir is the
   fallback for a checkpoint without one.
   """
+  ref = parse_checkpoint_ref(spec)
+  path = ref.path
   if os.path.exists(os.path.join(path, CONFIG_FILE)):
+    if ref.select != "auto":
+      raise ValueError(f"{spec}: {path} is a converted model checkpoint with one set of params; "
+                       f"a selector (:best, :latest, :step=N) applies to a training run directory")
     overrides = {"dtype": dtype} if dtype else None
     model_cfg, params, own_tokenizer = load_model_checkpoint(path, config_overrides=overrides)
     if not (own_tokenizer or tokenizer_dir):
       raise ValueError(f"{path} holds no tokenizer/; set --config.tokenizer_dir")
     tokenizer = Tokenizer.from_dir(own_tokenizer or tokenizer_dir)
   elif os.path.exists(os.path.join(path, RUN_CONFIG_FILE)):
-    model_cfg, params, tokenizer = load_run(path, step, dtype)
+    model_cfg, params, tokenizer = load_run(ref, dtype)
   else:
     raise FileNotFoundError(f"{path}: neither a model checkpoint ({CONFIG_FILE}) nor a training run "
                             f"directory ({RUN_CONFIG_FILE})")

@@ -132,7 +132,7 @@ class CFTRun(run_lib.RunLoop):
   def __init__(self, config: Any, extra_evaluator: run_lib.EvaluatorFactory | None):
     self.config = config
     self.run_dir = config.train.run_dir
-    config_lib.write_run_config(self.run_dir, config, write=jax.process_index() == 0)
+    run_lib.check_run_dir(self.run_dir, config)  # config.json is written with the first save
     self.config_record = config_lib.to_plain_dict(config)
     self.model_cfg, self.tokenizer = checkpoint_io.build_model(config.model)
     run_lib.check_attention(self.model_cfg, packed_rows=config.data.packing)

@@ -211,6 +211,10 @@ def _check_config(config: Any, prompts_per_host: int) -> None:
   for key in ("group_size", "max_new_tokens", "ppo_epochs", "mini_batches", "max_draws"):
     if rl[key] < 1:
       raise config_lib.ConfigError(f"rl.{key}={rl[key]} must be >= 1")
+  if rl.group_size == 1:
+    raise config_lib.ConfigError(
+        "rl.group_size=1: a GRPO advantage is a reward minus its group's mean, so a group of one "
+        "always has advantage 0 and nothing would train; set rl.group_size >= 2 (e.g. 8)")
   check_loss_settings(rl)
   rows = prompts_per_host * rl.group_size
   if rows % rl.mini_batches:
@@ -222,12 +226,17 @@ def _check_config(config: Any, prompts_per_host: int) -> None:
 # The initial policy.
 
 
+def init_run_dir(config: Any) -> str:
+  """The run directory of rl.init_from_run (which may carry a checkpoint selector, e.g. RUN_DIR:latest)."""
+  return checkpoint_io.parse_checkpoint_ref(config.rl.init_from_run).path
+
+
 def adopt_init_run_model(config: Any) -> None:
   """With rl.init_from_run, sets config.model's init_from, tokenizer_dir, param_dtype and arch to that
   run's, so this run's config.json describes the model it trains (and `load_run` rebuilds it)."""
   if not config.rl.init_from_run:
     return
-  source = checkpoint_io.read_run_config(config.rl.init_from_run).model
+  source = checkpoint_io.read_run_config(init_run_dir(config)).model
   model = config.model
   model.init_from = source.init_from
   model.tokenizer_dir = model.tokenizer_dir or source.tokenizer_dir
@@ -237,14 +246,15 @@ def adopt_init_run_model(config: Any) -> None:
 
 
 def policy_init_params(config: Any, model_cfg: ModelConfig) -> Callable[[Any], Any]:
-  """`init_params` for `run.initial_state`: rl.init_from_run's best params, else model.init_from's."""
+  """`init_params` for `run.initial_state`: the params rl.init_from_run selects (a checkpoint selector:
+  RUN_DIR is its best if that beats step 0, else its latest), else model.init_from's."""
   if not config.rl.init_from_run:
     return run_lib.model_init_params(config)
 
   def load(shardings: Any) -> Any:
     target = checkpoint_io.params_target(model_cfg, shardings, dtype="float32")
-    step, params = checkpoint_io.load_run_params(config.rl.init_from_run, target, "best")
-    log.info("initial policy: %s best params (step %d)", config.rl.init_from_run, step)
+    step, params = checkpoint_io.load_run_params(config.rl.init_from_run, target)
+    log.info("initial policy: %s, step %d", config.rl.init_from_run, step)
     return params
 
   return load
@@ -302,7 +312,7 @@ class GRPORun(run_lib.RunLoop):
     rl = config.rl
     self.run_dir = config.train.run_dir
     adopt_init_run_model(config)
-    config_lib.write_run_config(self.run_dir, config, write=jax.process_index() == 0)
+    run_lib.check_run_dir(self.run_dir, config)  # config.json is written with the first save
     self.config_record = config_lib.to_plain_dict(config)
     self.model_cfg, self.tokenizer = checkpoint_io.build_model(config.model)
     run_lib.check_attention(self.model_cfg, packed_rows=False)  # update rows: one sequence each
@@ -329,6 +339,7 @@ class GRPORun(run_lib.RunLoop):
           self.model_cfg, temperature=rl.temperature, **step_kwargs)
     self.rewards = RewardComputer(rl.rewards)
     self.nonfinite = run_lib.NonFiniteGuard(config.train.max_consecutive_nonfinite)
+    self.no_variance_updates = 0  # updates skipped: no group with reward variance to train on
     self.evaluator = run_lib.make_evaluator(config, self.model_cfg, self.tokenizer, extra_evaluator)
     self.writer = run_lib.MetricsWriter(
         self.run_dir, self.total_steps, initial_step=self.step,
@@ -411,7 +422,9 @@ class GRPORun(run_lib.RunLoop):
       metrics["logp_gap"] = (recomputed_gap if recomputed_gap is not None
                              else update_metrics[0]["abs_log_ratio"])
     else:
-      log.warning("step %d: no group to train on; the update was skipped", self.step + 1)
+      self.no_variance_updates += self.updates_per_step
+      log.warning("step %d: no group with reward variance to train on; its %d update(s) were skipped "
+                  "(%d so far)", self.step + 1, self.updates_per_step, self.no_variance_updates)
     step_time = time.perf_counter() - started
     tokens = sum(int(np.count_nonzero(b["segment_ids"])) for b in host_batches) * jax.process_count()
     generated = sum(int(g.lengths.sum()) for g in rollout.sampled)
@@ -420,8 +433,13 @@ class GRPORun(run_lib.RunLoop):
                 "step_time_s": step_time, "tokens_per_s": tokens / step_time,
                 "rollout_tokens_per_s": generated / max(rollout.rollout_time_s, 1e-9),
                 "reward_errors": float(self.rewards.error_count),
-                "skipped_updates": float(self.nonfinite.total)}
+                "skipped_updates": float(self.skipped_updates()),
+                "skipped_updates_no_variance": float(self.no_variance_updates)}
     return metrics
+
+  def skipped_updates(self) -> int:
+    """Updates skipped in this call: for a NaN / inf, or for no group with reward variance."""
+    return self.nonfinite.total + self.no_variance_updates
 
   def close(self) -> None:
     self.rewards.close()

@@ -1,10 +1,12 @@
 """What the CFT and GRPO trainers share: the held-out evaluation, the non-finite-update guard, the
-initial state (restored from the run's latest checkpoint or created), model FLOPs and MFU, the
-process-0 metrics writer, and `RunLoop`, the step loop with logging, periodic eval, checkpoints,
-SIGTERM and the run summary (RUN_DIR/summary.json)."""
+initial state (restored from the run's newest complete checkpoint or created), model FLOPs and MFU,
+the process-0 metrics writer, and `RunLoop`, the step loop with logging, periodic eval, checkpoints
+(never of non-finite params), SIGTERM / SIGINT and the run summary (RUN_DIR/summary.json), run under
+the run directory's lock."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -15,16 +17,19 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cftjax import config as config_lib
 from cftjax import parallel
 from cftjax.data import pipeline
 from cftjax.models import ModelConfig, abstract_params
 from cftjax.models import attention, checkpoint_io
 from cftjax.train import losses
 from cftjax.train import checkpoint as checkpoint_lib
+from cftjax.train import run_lock
 from cftjax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -137,17 +142,40 @@ def check_attention(model_cfg: ModelConfig, packed_rows: bool) -> None:
   attention.check_backend(model_cfg.attention, parallel.platform(), packed_rows)
 
 
+def check_run_dir(run_dir: str, config: Any) -> None:
+  """Raises a ConfigError when `config` cannot resume the state saved in `run_dir`. Only a run that
+  saved something (a train-state step or best params) is checked: the config.json of a start that
+  failed before its first save does not bind the next command."""
+  steps, best = checkpoint_io.run_steps(run_dir)
+  if steps or best is not None:
+    config_lib.check_run_config(run_dir, config)
+
+
 def initial_state(run: "RunLoop", tx: optax.GradientTransformation, seed: int,
                   init_params: Callable[[Any], Any]) -> state_lib.TrainState:
-  """The run's latest checkpoint (its data position restored into run.data) if there is one, else a
-  fresh state whose params are `init_params(param shardings)` (None: initialised from `seed`)."""
-  latest = run.checkpoints.latest_step()
-  if latest is not None:
+  """The run's newest complete checkpoint (its data position restored into run.data) if there is
+  one, else a fresh state whose params are `init_params(param shardings)` (None: initialised from
+  `seed`). A damaged newest step is moved to RUN_DIR/corrupt_checkpoints with a one-line warning and
+  the step before it is restored; with none before it the error is raised."""
+  steps = run.checkpoints.complete_steps()
+  if steps:
     abstract = state_lib.abstract_train_state(run.model_cfg, tx, seed)
-    state, data_state = run.checkpoints.restore(latest, abstract)
-    run.data.set_state(data_state)
-    log.info("resumed %s from step %d", run.run_dir, latest)
-    return state
+    for i, step in enumerate(steps):
+      try:
+        state, data_state = run.checkpoints.restore(step, abstract)
+      except checkpoint_lib.CheckpointDamagedError as e:
+        if i + 1 == len(steps):
+          step_dir = os.path.join(run.run_dir, checkpoint_io.RUN_CHECKPOINT_DIR, str(step))
+          raise checkpoint_lib.CheckpointDamagedError(
+              f"{e}; there is no earlier complete checkpoint to fall back to: move {step_dir} aside to "
+              "train this run from step 0") from None
+        moved = run.checkpoints.move_aside(step)
+        log.warning("%s; moved it to %s and resuming from step %d, the previous complete checkpoint",
+                    e, moved, steps[i + 1])
+        continue
+      run.data.set_state(data_state)
+      log.info("resumed %s from step %d", run.run_dir, step)
+      return state
   shardings = state_lib.train_state_shardings(run.model_cfg, tx)
   return state_lib.create_train_state(run.model_cfg, tx, jax.random.PRNGKey(seed),
                                       init_params(shardings.params))
@@ -194,7 +222,11 @@ def format_summary(summary: dict[str, Any]) -> str:
   """A before/after table of the held-out metrics and a line about the run."""
   lines = [f"run {summary['run_dir']}: steps {summary['start_step']} -> {summary['steps']} of "
            f"{summary['total_steps']} in {summary['wall_time_s']:.1f} s"
-           + (" (preempted: checkpoint saved)" if summary["preempted"] else "")]
+           + (f" (stopped by {summary.get('signal') or 'preemption'}: checkpoint saved; rerun to resume)"
+              if summary["preempted"] else "")
+           + (f"; {summary['skipped_updates']} update(s) skipped" if summary.get("skipped_updates") else "")]
+  if summary.get("best_step") is not None:
+    lines.append(f"best params: step {summary['best_step']} ({summary['run_dir']}:best)")
   before, after = summary.get("initial_eval", {}), summary.get("final_eval", {})
   names = sorted(set(before) | set(after))
   if names:
@@ -278,10 +310,24 @@ def total_peak_flops(cpu_peak_flops: float = 0.0) -> float:
   return peak * jax.device_count()
 
 
+def json_safe(value: Any) -> Any:
+  """`value` with every NaN / inf float replaced by None (JSON null), so the file stays valid JSON."""
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
 class MetricsWriter:
   """Writes metrics on process 0 only (JSONL, TensorBoard, tqdm); a no-op elsewhere.
 
-  Each record is `{"step": int, "split": "train" | "eval", **scalars}`. Appends to an existing
+  Each record is `{"step": int, "split": "train" | "eval", **scalars}`; a NaN / inf scalar is
+  written as null. Appends to an existing
   metrics.jsonl, so a resumed run continues the same file.
   """
 
@@ -304,7 +350,8 @@ class MetricsWriter:
     if not self.enabled:
       return
     values = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), "split": split, **values}) + "\n")
+    self._jsonl.write(json.dumps(json_safe({"step": int(step), "split": split, **values}),
+                                 allow_nan=False) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
       for name, value in values.items():
@@ -369,16 +416,40 @@ def _due(step: int, every: int) -> bool:
   return every > 0 and step % every == 0
 
 
+_all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
+
+
+def params_finite(params: Any) -> bool:
+  """Whether every param is finite (a collective over the params' shardings: call on all processes)."""
+  return bool(_all_finite(params))
+
+
+def read_summary(run_dir: str) -> dict[str, Any]:
+  """RUN_DIR/summary.json as written by the last `train` call that ended, or {} (none, unreadable)."""
+  try:
+    with open(os.path.join(run_dir, SUMMARY_FILE), encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def finished_summary(run_dir: str) -> dict[str, Any] | None:
+  """The summary of a run that has finished (trained its last step and ran its final eval), else None."""
+  summary = read_summary(run_dir)
+  return summary if summary.get("finished") else None
+
+
 class RunLoop:
   """Base of a trainer's run, built and run inside `parallel.use_mesh`. A subclass's __init__ sets
-  config, run_dir, model_cfg, step, total_steps, state, data, writer, checkpoints, evaluator (or None)
-  and config_record, and implements `train_step`."""
+  config, run_dir, model_cfg, step, total_steps, state, data, writer, checkpoints, evaluator (or None),
+  nonfinite (a NonFiniteGuard) and config_record, and implements `train_step`."""
 
   config: Any
   run_dir: str
   model_cfg: ModelConfig
   step: int
   total_steps: int
+  _config_committed: bool = False
 
   def train_step(self, log_now: bool) -> dict[str, float]:
     """Advances one optimizer step (raises StopIteration when the data ends); returns the metrics to log
@@ -388,53 +459,95 @@ class RunLoop:
   def on_start(self) -> None:
     """Called once before the first step, after the initial evaluation."""
 
+  def skipped_updates(self) -> int:
+    """Updates skipped in this call so far (NaN / inf loss or gradient)."""
+    return self.nonfinite.total
+
+  def commit_config(self) -> None:
+    """Writes RUN_DIR/config.json (process 0) before the first thing this call saves, so the config
+    is on disk exactly when there is saved training state it describes."""
+    if not self._config_committed:
+      config_lib.write_run_config(self.run_dir, self.config, write=jax.process_index() == 0)
+      self._config_committed = True
+
+  def _unsafe_to_save(self) -> str | None:
+    """Why the params must not be saved now (None when they may): the last update was skipped for a
+    NaN / inf (saving would rotate out the checkpoints from before the trouble) or a param is NaN / inf."""
+    if self.nonfinite.consecutive:
+      return f"the last {self.nonfinite.consecutive} update(s) were skipped for NaN/inf"
+    if not params_finite(self.state.params):
+      return "the params hold NaN/inf"
+    return None
+
   def evaluate(self) -> dict[str, float]:
     metrics = self.evaluator.evaluate(self.state.params)
     self.writer.write(self.step, metrics, split="eval")
-    self.checkpoints.maybe_save_best(self.step, self.state.params, metrics)
+    if self.checkpoints.is_improvement(metrics) and self._unsafe_to_save() is None:
+      self.commit_config()
+      self.checkpoints.maybe_save_best(self.step, self.state.params, metrics)
     return metrics
 
   def save(self) -> None:
+    """Saves the train state of this step unless `_unsafe_to_save` (then the earlier steps stay)."""
+    reason = self._unsafe_to_save()
+    if reason:
+      log.warning("step %d: no checkpoint saved because %s; the checkpoints of steps %s are kept",
+                  self.step, reason, sorted(self.checkpoints.complete_steps()))
+      return
+    self.commit_config()
     self.checkpoints.save(self.step, self.state, self.data.get_state(), self.config_record)
 
-  def loop(self) -> dict[str, Any]:
+  def loop(self, stop: checkpoint_lib.PreemptionFlag) -> dict[str, Any]:
+    """Runs the steps left, the periodic and final evals and saves; returns the run summary.
+
+    `stop` (entered by the caller) ends the loop after a step with a save when SIGTERM / SIGINT
+    arrives. The final eval runs once per finished run: a rerun that finds the run at its last
+    step runs it when the earlier call did not (it was stopped before it), else reuses its result.
+    """
     config = self.config
     start_step, started = self.step, time.perf_counter()
+    prior = read_summary(self.run_dir) if start_step else {}
     summary: dict[str, Any] = {"run_dir": self.run_dir, "start_step": start_step,
                                "total_steps": self.total_steps, "preempted": False}
+    if "initial_eval" in prior:
+      summary["initial_eval"] = prior["initial_eval"]
     if self.evaluator is not None and config.eval.at_start and self.step == 0:
       summary["initial_eval"] = self.evaluate()
     last_metrics: dict[str, float] = {}
     self.on_start()
-    with checkpoint_lib.PreemptionFlag(self.checkpoints) as preemption:
-      while self.step < self.total_steps:
-        final = self.step + 1 == self.total_steps
-        log_now = _due(self.step + 1, config.logging.every_steps) or final
-        try:
-          metrics = self.train_step(log_now)
-        except StopIteration:
-          log.warning("training data ended at step %d of %d", self.step, self.total_steps)
-          break
-        self.step += 1
-        self.writer.advance(self.step)
-        if log_now:
-          last_metrics = metrics
-          self.writer.write(self.step, metrics)
-        if self.evaluator is not None and _due(self.step, config.eval.every_steps) and not final:
-          self.evaluate()
-        summary["preempted"] = preemption.should_stop(self.step)
-        if _due(self.step, config.checkpoint.every_steps) or summary["preempted"]:
-          self.save()
-        if summary["preempted"]:
-          break
+    while self.step < self.total_steps:
+      final = self.step + 1 == self.total_steps
+      log_now = _due(self.step + 1, config.logging.every_steps) or final
+      try:
+        metrics = self.train_step(log_now)
+      except StopIteration:
+        log.warning("training data ended at step %d of %d", self.step, self.total_steps)
+        break
+      self.step += 1
+      self.writer.advance(self.step)
+      if log_now:
+        last_metrics = metrics
+        self.writer.write(self.step, metrics)
+      if self.evaluator is not None and _due(self.step, config.eval.every_steps) and not final:
+        self.evaluate()
+      summary["preempted"] = stop.should_stop(self.step)
+      if _due(self.step, config.checkpoint.every_steps) or summary["preempted"]:
+        self.save()
+      if summary["preempted"]:
+        break
     if not summary["preempted"]:
       self.save()  # the final state (a no-op when this step was just saved)
-      if self.evaluator is not None and self.step > start_step:
-        summary["final_eval"] = self.evaluate()
+      summary["preempted"] = stop.signalled()  # a signal after the last step: the rerun evaluates
+      if self.evaluator is not None and not summary["preempted"]:
+        if self.step == start_step and prior.get("steps") == self.step and "final_eval" in prior:
+          summary["final_eval"] = prior["final_eval"]
+        else:
+          summary["final_eval"] = self.evaluate()
     self.checkpoints.wait()
-    summary.update(steps=self.step, final_train_metrics=last_metrics,
-                   wall_time_s=time.perf_counter() - started, data_counts=self.data.length_counts,
-                   best_value=self.checkpoints.best_value())
+    summary.update(steps=self.step, finished=not summary["preempted"], signal=stop.received,
+                   final_train_metrics=last_metrics, wall_time_s=time.perf_counter() - started,
+                   data_counts=self.data.length_counts, skipped_updates=self.skipped_updates(),
+                   best_step=self.checkpoints.best_step(), best_value=self.checkpoints.best_value())
     return summary
 
   def close(self) -> None:
@@ -445,18 +558,43 @@ class RunLoop:
     self.data.close()
 
 
+@contextlib.contextmanager
+def locked_run_dir(run_dir: str):
+  """Holds RUN_DIR's lock (process 0 takes it; every process raises RunLockedError when it is held)."""
+  lock = run_lock.RunLock(run_dir) if jax.process_index() == 0 else None
+  error = None
+  if lock is not None:
+    try:
+      lock.acquire()
+    except run_lock.RunLockedError as e:
+      error = e
+  refused = error is not None
+  if jax.process_count() > 1:
+    refused = bool(multihost_utils.process_allgather(np.bool_(refused)).any())
+  if refused:
+    raise error or run_lock.RunLockedError(f"{run_dir}: process 0 found the run directory locked")
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+
+
 def run_in_mesh(config: Any, build: Callable[[], RunLoop]) -> dict[str, Any]:
-  """Builds a run and runs its loop inside `parallel.use_mesh` on the mesh of config.mesh (sizes and
-  rules), closes the run, and writes the summary (process 0); returns it."""
+  """Under RUN_DIR's lock, builds a run and runs its loop inside `parallel.use_mesh` on the mesh of
+  config.mesh (sizes and rules) with SIGTERM / SIGINT turned into a save and a stop, writes the
+  summary (process 0; also when a signal comes after the last step), closes the run; returns the
+  summary."""
   parallel.maybe_initialize_distributed()
   mesh = parallel.make_mesh(config.mesh)
-  with parallel.use_mesh(mesh, parallel.logical_rules(config.mesh.rules)):
+  with locked_run_dir(config.train.run_dir), parallel.use_mesh(mesh, parallel.logical_rules(config.mesh.rules)):
     run = build()
     try:
-      summary = run.loop()
+      with checkpoint_lib.PreemptionFlag(run.checkpoints) as stop:
+        summary = run.loop(stop)
+        if jax.process_index() == 0:
+          with open(os.path.join(run.run_dir, SUMMARY_FILE), "w") as f:
+            json.dump(json_safe(summary), f, indent=2, allow_nan=False, default=float)
     finally:
       run.close()
-  if jax.process_index() == 0:
-    with open(os.path.join(run.run_dir, SUMMARY_FILE), "w") as f:
-      json.dump(summary, f, indent=2, default=float)
   return summary
