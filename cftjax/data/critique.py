@@ -191,7 +191,6 @@ def render_prompt(record: CritiqueRecord, template: PromptTemplate | str, tokeni
 
 STYLES = ("auto", "cft", "crl", "critique_rl")
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
 _CFT_MARKER = "Conclusion"
@@ -212,7 +211,7 @@ def remove_think(text: str) -> str:
   (the thinking began in the prompt), everything up to it; then, if a `<think>` is never closed
   (generation stopped while thinking), everything from it on.
   """
-  text = _THINK_BLOCK.sub("", text)
+  text = _drop_think_blocks(text)
   close = text.rfind(_THINK_CLOSE)
   if close >= 0:
     text = text[close + len(_THINK_CLOSE):]
@@ -220,6 +219,20 @@ def remove_think(text: str) -> str:
   if open_ >= 0:
     text = text[:open_]
   return text
+
+
+def _drop_think_blocks(text: str) -> str:
+  """`text` without its `<think>...</think>` blocks (each from an opening tag to the first closing
+  tag after it), in one left-to-right pass: linear in len(text), however many tags are unclosed."""
+  kept, position = [], 0
+  while True:
+    start = text.find(_THINK_OPEN, position)
+    end = text.find(_THINK_CLOSE, start + len(_THINK_OPEN)) if start >= 0 else -1
+    if end < 0:  # no further complete block
+      kept.append(text[position:])
+      return "".join(kept)
+    kept.append(text[position:start])
+    position = end + len(_THINK_CLOSE)
 
 
 def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
