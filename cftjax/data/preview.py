@@ -24,7 +24,7 @@ def inspect_dataset(data: Any, tokenizer: Any, num_examples: int = 3, max_rows: 
   pipeline.check_data(data)
   specs = pipeline.source_specs(pipeline.train_sources(data))
   maker = pipeline.CFTExampleMaker(pipeline.source_templates(data, specs), tokenizer,
-                                   data.max_seq_len, data.length_policy)
+                                   data.max_seq_len, data.length_policy, data.on_bad_row)
   mixture, _ = pipeline.open_mixture(data, specs, num_epochs=1, process_index=0, process_count=1)
   lines = [f"== {num_examples} examples (max_seq_len={data.max_seq_len}, "
            f"length_policy={data.length_policy}; "

@@ -21,10 +21,10 @@ from cftjax.data.critique import CritiqueRecord
 logger = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("auto", "jsonl", "parquet", "array_record", "tfds")
-TASKS = ("cft", "crl", "math", "code")
+TASKS = ("auto", *readers.TASKS)  # auto: each row's own task (verl rows have one), else "cft"
 SOURCE_DEFAULTS: dict[str, Any] = {
     "path": None, "format": "auto", "kind": "auto", "split": "train", "weight": 1.0, "name": None,
-    "task": "cft", "template": None,
+    "task": "auto", "template": None,
 }
 _ROW_JSON_FEATURE = "row_json"  # TFDS feature holding the original row (see tfds_builder.py)
 
