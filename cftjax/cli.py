@@ -192,10 +192,9 @@ def _run_data(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
                                      overwrite=args.overwrite))
     return 0
   config = config_lib.load_config(args.config, overrides)
-  if config.data.synthetic_world:
-    synthetic.ensure_world(config)
-  _, tokenizer = checkpoint_io.build_model(config.model)
-  print(preview.inspect_dataset(config.data, tokenizer, num_examples=args.num))
+  with synthetic.world_for_inspection(config) as config:  # writes nothing into the run
+    _, tokenizer = checkpoint_io.build_model(config.model)
+    print(preview.inspect_dataset(config.data, tokenizer, num_examples=args.num))
   return 0
 
 def _add_plot_arguments(parser: argparse.ArgumentParser) -> None:

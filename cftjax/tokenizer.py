@@ -346,6 +346,20 @@ class Tokenizer:
     self._chat_template = _select_chat_template(
       self._config.get("chat_template"), f"{source_dir}/{TOKENIZER_CONFIG}")
 
+  @property
+  def source_dir(self) -> str:
+    """The directory this tokenizer was read from."""
+    return self._source_dir
+
+  def describe(self) -> str:
+    """One line: where it was read from, vocab size, bos / eos / pad ids, and the chat template's source."""
+    if self._chat_template is None:
+      template = "none"
+    else:
+      template = CHAT_TEMPLATE_FILE if self._template_in_file else TOKENIZER_CONFIG
+    return (f"{self._source_dir}: {self.vocab_size} ids, bos {self.bos_id}, eos {self.eos_ids}, "
+            f"pad {self.pad_id}, chat template from {template}")
+
   @classmethod
   def from_dir(cls, directory: str | pathlib.Path) -> Tokenizer:
     """Loads tokenizer.json (preferred) or tokenizer.model, plus the JSON configs beside it."""

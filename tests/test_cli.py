@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -10,7 +11,9 @@ from cftjax import cli
 from cftjax.data import synthetic
 from cftjax.models import ModelConfig, init_params
 from cftjax.models.checkpoint_io import save_model_checkpoint
+from cftjax.models.convert import hf_to_checkpoint
 from cftjax.tokenizer import Tokenizer
+from tests.hf_reference import save_transformers_qwen2_dir
 
 
 def test_data_build_writes_a_versioned_tfds_dataset(tmp_path, capsys):
@@ -29,6 +32,50 @@ def test_data_inspect_shows_the_loss_mask(tmp_path, capsys):
                    "--config.data.world.num_heldout=5"]) == 0
   out = capsys.readouterr().out
   assert "[[" in out and "Conclusion" in out
+
+
+def _tree(path):
+  return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_data_inspect_writes_nothing_and_shows_the_checkpoints_tokenizer(tmp_path, capsys):
+  save_transformers_qwen2_dir(tmp_path / "hf")
+  hf_to_checkpoint(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text(json.dumps({"question": "What is 1 + 2?", "solution": "3", "critique": "Right; 1; 2.\n"
+                              "Conclusion: right"}) + "\n")
+  before = _tree(tmp_path)
+  assert cli.main(["data", "inspect", "--config", "configs/demo_cft.py", "--num", "1",
+                   f"--config.train.run_dir={tmp_path / 'run'}", f"--config.model.init_from={tmp_path / 'ckpt'}",
+                   f"--config.data.train_path={rows}", "--config.data.world.num_train=20",
+                   "--config.data.world.num_heldout=4"]) == 0
+  assert _tree(tmp_path) == before  # no world, no run dir, nothing else
+  out = capsys.readouterr().out
+  assert f"== tokenizer {tmp_path / 'ckpt' / 'tokenizer'}" in out
+  assert "chat template from chat_template.jinja" in out
+  assert "<|im_start|>system" in out and "Right; 1; 2." in out  # Qwen's default system turn; ';' is no <unk>
+  assert "rows' own system turns are kept" in out
+
+
+def test_generate_raw_system_and_json(tmp_path, capsys):
+  save_transformers_qwen2_dir(tmp_path / "hf")
+  hf_to_checkpoint(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+  ckpt = str(tmp_path / "ckpt")
+  base = ["generate", "--ckpt", ckpt, "--prompt", "What is 1 + 2?", "--max-new-tokens", "4", "--json"]
+  assert cli.main(base) == 0
+  assert cli.main(base + ["--system", "Answer in one word."]) == 0
+  assert cli.main(base + ["--raw"]) == 0
+  chat, system, raw = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  tokenizer = Tokenizer.from_dir(tmp_path / "ckpt" / "tokenizer")
+  user = [{"role": "user", "content": "What is 1 + 2?"}]
+  assert chat["prompt_tokens"] == len(tokenizer.apply_chat_template(user, add_generation_prompt=True))
+  assert system["prompt_tokens"] == len(tokenizer.apply_chat_template(
+      [{"role": "system", "content": "Answer in one word."}] + user, add_generation_prompt=True))
+  assert raw["prompt_tokens"] == len(tokenizer.encode("What is 1 + 2?"))
+  for result in (chat, system, raw):
+    assert result["num_tokens"] == len(result["completion_ids"]) <= 4
+    assert result["completion"] == tokenizer.decode(result["completion_ids"], skip_special_tokens=True)
+    assert result["stop_reason"] in ("stop", "length")
 
 
 def test_generate_prints_one_completion_per_prompt(tmp_path, capsys):

@@ -151,6 +151,11 @@ class PromptTemplate:
     return text.format(**values)
 
 
+def template_fields(text: str) -> list[str]:
+  """The record fields a template turn's format string uses."""
+  return _placeholders(text, "template", "turn")
+
+
 def _placeholders(text: str, name: str, key: str) -> list[str]:
   try:
     parsed = list(string.Formatter().parse(text))
