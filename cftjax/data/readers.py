@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from cftjax.data.critique import CritiqueRecord, parse_verdict
 
@@ -404,9 +405,11 @@ def iter_rows(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
     yield from _iter_json(path)
   elif path.endswith(".parquet"):
     yield from _iter_parquet(path)
+  elif path.endswith(".arrow"):
+    yield from _iter_arrow(path)
   else:
-    raise DataError(f"{path}: unsupported file type; use .jsonl, .json (a list of objects) or "
-                    ".parquet", "unsupported_file")
+    raise DataError(f"{path}: unsupported file type; use .jsonl, .json (a list of objects), "
+                    ".parquet or .arrow", "unsupported_file")
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
@@ -466,6 +469,21 @@ def _iter_parquet(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]
       index += 1
 
 
+def _iter_arrow(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
+  """An Arrow IPC file as HF `datasets` writes it (the streaming format; the file format is read too)."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  try:
+    with pa.memory_map(path) as source:
+      try:
+        table = pa.ipc.open_stream(source).read_all()
+      except pa.ArrowInvalid:
+        table = pa.ipc.open_file(source).read_all()
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f"{path}: not a readable Arrow file: {e}", "bad_file") from None
+  for index, row in enumerate(table.to_pylist()):
+    yield f"{path} row {index}", row
+
+
 def _object_or_error(row: Any, where: str) -> dict[str, Any] | DataError:
   if isinstance(row, dict):
     return row
@@ -473,9 +491,23 @@ def _object_or_error(row: Any, where: str) -> dict[str, Any] | DataError:
                    "not_an_object")
 
 
-def load_records(path: str, fmt: str = "auto", on_bad_row: str = "error",
+def pick_split(path: str, split: str, available: list[str]) -> str:
+  """`split` if the dataset has it; "" picks a dataset's only split. Anything else is an error
+  listing the splits (never another split than asked)."""
+  if split in available:
+    return split
+  if not split and len(available) == 1:
+    return available[0]
+  if not split:
+    raise ValueError(f"{path}: has splits {sorted(available)}; name one (a source's 'split', "
+                     "data.eval_split for data.eval_path)")
+  raise ValueError(f"{path}: no split {split!r}; available: {sorted(available)}")
+
+
+def load_records(path: str | Sequence[str], fmt: str = "auto", on_bad_row: str = "error",
                  source: str | None = None) -> LoadedRecords:
-  """All records of a file. fmt "auto" detects the format from the first readable row.
+  """All records of a file (or of several files, read in order, e.g. a dataset's shards). fmt
+  "auto" detects the format from the first readable row.
 
   on_bad_row="error" raises DataError at the first bad row; "skip" skips bad rows and logs (and
   returns in `.skipped`) their count per reason. A file with no usable row is an error.
@@ -484,8 +516,10 @@ def load_records(path: str, fmt: str = "auto", on_bad_row: str = "error",
     raise ValueError(f"on_bad_row={on_bad_row!r}; choose one of {ON_BAD_ROW}")
   if fmt != "auto" and fmt not in KNOWN_FORMATS:
     raise ValueError(f"unknown format {fmt!r}; known formats: {['auto', *KNOWN_FORMATS]}")
+  paths = [path] if isinstance(path, str) else list(path)
+  path = paths[0] if len(paths) == 1 else f"{os.path.commonpath(paths)} ({len(paths)} files)"
   records, skipped, first_errors = [], collections.Counter(), []
-  for where, row in iter_rows(path):
+  for where, row in itertools.chain.from_iterable(iter_rows(p) for p in paths):
     try:
       if isinstance(row, DataError):
         raise row
