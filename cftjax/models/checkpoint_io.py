@@ -163,6 +163,12 @@ def load_init_params(path: str, shardings: Any) -> Any:
 # Training run directories.
 
 
+def is_run_dir(path: str) -> bool:
+  """Whether `path` is a `cftjax train` run directory (not a converted model checkpoint)."""
+  return (os.path.exists(os.path.join(path, RUN_CONFIG_FILE))
+          and not os.path.exists(os.path.join(path, CONFIG_FILE)))
+
+
 def read_run_config(run_dir: str) -> config_dict.ConfigDict:
   """The config a `cftjax train` run directory was written with (RUN_DIR/config.json)."""
   path = os.path.join(run_dir, RUN_CONFIG_FILE)
