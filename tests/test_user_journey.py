@@ -37,7 +37,7 @@ def _rows(count: int, offset: int) -> list[dict]:
     verdict = "wrong" if wrong else "right"
     rows.append({"question": f"What is {a} + {b}?", "solution": f"{a} + {b} = {total}",
                  "critique": f"{a} + {b} is {a + b}; the solution says {total}. Conclusion: {verdict}",
-                 "id": f"row-{i}", "level": i % 3})  # an extra field: kept as metadata
+                 "label": not wrong, "id": f"row-{i}", "level": i % 3})  # level: kept as metadata
   return rows
 
 
@@ -88,12 +88,13 @@ def _train_steps(run_dir: str) -> list[int]:
   return [row["step"] for row in metric_rows(run_dir) if row.get("split") == "train"]
 
 
-def _start_training(config: str, tmp_path: pathlib.Path) -> subprocess.Popen:
+def _start_training(config: str, tmp_path: pathlib.Path, *overrides: str) -> subprocess.Popen:
+  """`cftjax train` in its own process (one CPU device), as a user runs it."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  return subprocess.Popen([sys.executable, "-m", "cftjax.cli", "--log_level=WARNING", "train", "--config", config],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen([sys.executable, "-m", "cftjax.cli", "--log_level=WARNING", "train", "--config", config,
+                           *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _hf_greedy(export: str, prompt: str) -> str:
@@ -147,7 +148,10 @@ def test_convert_inspect_train_interrupt_resume_eval_export_generate(tmp_path, c
 
   # 4. resume: the run continues from the saved step to the end.
   final_steps = interrupted["steps"] + 2
-  assert cli.main(["--log_level=WARNING", "train", "--config", config, f"--config.train.steps={final_steps}"]) == 0
+  process = _start_training(config, tmp_path, f"--config.train.steps={final_steps}")
+  out, err = process.communicate(timeout=300)
+  assert process.returncode == 0, err[-5000:]
+  assert f"steps {interrupted['steps']} -> {final_steps}" in out
   resumed = [step for step in _train_steps(run_dir) if step > interrupted["steps"]]
   assert resumed == list(range(interrupted["steps"] + 1, final_steps + 1))
 
