@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 
@@ -88,3 +90,21 @@ def test_generate_prints_one_completion_per_prompt(tmp_path, capsys):
                    "--prompt", "What is 10 + 20?", "--max-new-tokens", "5"]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) >= 2
+
+
+def test_commands_print_no_noise(tmp_path, capsys):
+  # TFDS prints a "Downloading and preparing dataset Unknown size" banner for every local build.
+  paths = synthetic.write_world(str(tmp_path / "world"), num_train=8, num_heldout=2)
+  assert cli.main(["data", "build", "--input", paths["train"], "--out", str(tmp_path / "tfds")]) == 0
+  captured = capsys.readouterr()
+  assert "Downloading and preparing" not in captured.out + captured.err
+  assert "downloaded and prepared" not in captured.out + captured.err
+  # JAX probing its TPU plugin on a host without TPUs, and a tiny model's size as "0.00B params".
+  save_transformers_qwen2_dir(tmp_path / "hf")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, "-m", "cftjax.cli", "convert", "--hf-dir", str(tmp_path / "hf"),
+                         "--out", str(tmp_path / "ckpt")], env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "Unable to initialize backend" not in done.stderr
+  assert "0.00B" not in done.stderr and "K params" in done.stderr
