@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -96,6 +97,11 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--ckpt", required=True, help=CKPT_HELP)
   parser.add_argument("--prompt", required=True, action="append",
                       help="a user message (repeat for a batch); rendered with the chat template")
+  parser.add_argument("--system", default=None, help="a system message put before every prompt")
+  parser.add_argument("--raw", action="store_true",
+                      help="encode each prompt as plain text, without the chat template (base models)")
+  parser.add_argument("--json", action="store_true",
+                      help="print one JSON object per prompt: prompt, completion, num_tokens, stop_reason")
   parser.add_argument("--max-new-tokens", type=int, default=256)
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   parser.add_argument("--top-p", type=float, default=1.0)
@@ -104,18 +110,36 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seed", type=int, default=0)
 
 
+def _generation_prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+  """Token ids of each --prompt: the chat template over [system?, user], or with --raw the plain
+  text (with the tokenizer's bos when it adds one)."""
+  if args.raw:
+    if args.system is not None:
+      raise ValueError("--system needs the chat template; drop --raw (or put the system text in --prompt)")
+    return [tokenizer.encode(p, add_special_tokens=True) for p in args.prompt]
+  system = [{"role": "system", "content": args.system}] if args.system is not None else []
+  return [tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], add_generation_prompt=True)
+          for p in args.prompt]
+
+
 def _run_generate(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
   del overrides
   cfg, params, tokenizer = checkpoint_io.load_model(args.ckpt)
-  prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-             for p in args.prompt]
+  prompts = _generation_prompts(args, tokenizer)
   _check_context_length(cfg.max_position_embeddings, max(map(len, prompts)), args.max_new_tokens)
   result = sampling.generate(params, cfg, prompts, rng=jax.random.key(args.seed),
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.eos_ids,
                              stop_strings=args.stop, tokenizer=tokenizer, pad_id=sampling.pad_id(tokenizer))
-  for tokens, length in zip(result.tokens, result.lengths):
-    print(tokenizer.decode(tokens[:length].tolist(), skip_special_tokens=True), flush=True)
+  for prompt, ids, tokens, length in zip(args.prompt, prompts, result.tokens, result.lengths):
+    text = tokenizer.decode(tokens[:length].tolist(), skip_special_tokens=True)
+    if args.json:
+      stopped = length < args.max_new_tokens or (length and int(tokens[length - 1]) in tokenizer.eos_ids)
+      print(json.dumps({"prompt": prompt, "prompt_tokens": len(ids), "completion": text,
+                        "completion_ids": tokens[:length].tolist(), "num_tokens": int(length),
+                        "stop_reason": "stop" if stopped else "length"}, ensure_ascii=False), flush=True)
+    else:
+      print(text, flush=True)
   return 0
 
 
@@ -173,10 +197,9 @@ def _run_data(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
                                      overwrite=args.overwrite))
     return 0
   config = config_lib.load_config(args.config, overrides)
-  if config.data.synthetic_world:
-    synthetic.ensure_world(config)
-  _, tokenizer = checkpoint_io.build_model(config.model)
-  print(preview.inspect_dataset(config.data, tokenizer, num_examples=args.num))
+  with synthetic.world_for_inspection(config) as config:  # writes nothing into the run
+    _, tokenizer = checkpoint_io.build_model(config.model)
+    print(preview.inspect_dataset(config.data, tokenizer, num_examples=args.num))
   return 0
 
 def _add_plot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   if logging.getLogger().level > logging.DEBUG:
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
+    # JAX logs at INFO each platform plugin it probes and cannot start ("Unable to initialize backend 'tpu'")
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   if command.name in ("train", "eval", "generate", "serve"):
     host_memory.log_huge_pages_hint()
   try:

@@ -70,8 +70,12 @@ def base_config() -> config_dict.ConfigDict:
   c.data.train_path = ""  # training rows (JSONL / Parquet / ArrayRecord / TFDS dir); "," separates several
   c.data.sources = ()  # advanced: a tuple of source-spec dicts (path, weight, format, ...); overrides train_path
   c.data.eval_path = ""  # held-out rows for eval loss and verdict accuracy ("" = no eval)
+  c.data.eval_split = ""  # split of a TFDS / HF datasets eval_path, e.g. "heldout" ("" = its only split)
+  # template of the held-out rows (None = the training sources' template, which must then be one)
+  c.data.eval_template = config_dict.FieldReference(None, field_type=object)
   c.data.format = "auto"  # row format of train_path / eval_path (auto-detected per row shape)
-  c.data.template = "cft"  # prompt template: cft | crl | ... (cftjax.data.critique)
+  # prompt template: a built-in name (cft, crl, math_cot, code) or a {system, user, assistant} dict
+  c.data.template = config_dict.FieldReference("cft", field_type=object)
   c.data.max_seq_len = 2048  # tokens per row; longer examples follow length_policy
   c.data.length_policy = "drop"  # drop | truncate | error for over-long examples (drops are counted)
   c.data.on_bad_row = "error"  # error | skip unreadable rows (skips are counted)

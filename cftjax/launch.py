@@ -92,8 +92,7 @@ def train(config: Any) -> dict[str, Any]:
   check_before_start(config)
   parallel.maybe_initialize_distributed()  # before anything touches JAX's devices
   objective = config.train.objective
-  if config.data.synthetic_world:
-    synthetic.ensure_world(config)
+  synthetic.ensure_world(config)
   if objective == "grpo":
     warm = warm_start(config)
     if warm is not None and warm["preempted"]:

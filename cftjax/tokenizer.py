@@ -12,6 +12,7 @@ import json
 import logging
 import pathlib
 import re
+import shutil
 from typing import Any, Mapping, Sequence
 
 import jinja2
@@ -29,6 +30,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+NAMED_TEMPLATE_DIR = "additional_chat_templates"  # transformers 5: named chat templates, one .jinja each
 # The named special tokens; transformers hands the ones that are set to chat templates as variables.
 NAMED_SPECIAL_TOKENS = (
   "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -320,12 +322,13 @@ class Tokenizer:
 
   def __init__(self, backend: _HFBackend | _SentencePieceBackend, source_dir: str,
                config: Mapping[str, Any], special_tokens_map: Mapping[str, Any] | None = None,
-               generation_config: Mapping[str, Any] | None = None):
+               generation_config: Mapping[str, Any] | None = None, template_in_file: bool = False):
     self._backend = backend
     self._source_dir = source_dir
     self._config = dict(config)
     self._special_tokens_map = dict(special_tokens_map) if special_tokens_map is not None else None
     self._generation_config = dict(generation_config or {})
+    self._template_in_file = template_in_file  # save() writes it back to chat_template.jinja
     self._named = self._named_special_tokens()
     added = self._added_tokens()
     backend.register(added)
@@ -343,6 +346,20 @@ class Tokenizer:
     self._chat_template = _select_chat_template(
       self._config.get("chat_template"), f"{source_dir}/{TOKENIZER_CONFIG}")
 
+  @property
+  def source_dir(self) -> str:
+    """The directory this tokenizer was read from."""
+    return self._source_dir
+
+  def describe(self) -> str:
+    """One line: where it was read from, vocab size, bos / eos / pad ids, and the chat template's source."""
+    if self._chat_template is None:
+      template = "none"
+    else:
+      template = CHAT_TEMPLATE_FILE if self._template_in_file else TOKENIZER_CONFIG
+    return (f"{self._source_dir}: {self.vocab_size} ids, bos {self.bos_id}, eos {self.eos_ids}, "
+            f"pad {self.pad_id}, chat template from {template}")
+
   @classmethod
   def from_dir(cls, directory: str | pathlib.Path) -> Tokenizer:
     """Loads tokenizer.json (preferred) or tokenizer.model, plus the JSON configs beside it."""
@@ -357,10 +374,11 @@ class Tokenizer:
         f"{SENTENCEPIECE_MODEL} (SentencePiece), with {TOKENIZER_CONFIG} beside it; point tokenizer_dir "
         "at the checkpoint directory")
     config = _read_json(path / TOKENIZER_CONFIG) or {}
-    if (path / CHAT_TEMPLATE_FILE).is_file():  # transformers 5 saves it here; it wins over the config
+    template_file = (path / CHAT_TEMPLATE_FILE).is_file()
+    if template_file:  # transformers 5 saves it here; it wins over the config
       config["chat_template"] = (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     return cls(backend, str(path), config, _read_json(path / SPECIAL_TOKENS_MAP),
-               _read_json(path / GENERATION_CONFIG))
+               _read_json(path / GENERATION_CONFIG), template_in_file=template_file)
 
   # ---- special tokens ----
 
@@ -541,18 +559,33 @@ class Tokenizer:
   # ---- files ----
 
   def save(self, directory: str | pathlib.Path) -> None:
-    """Writes the tokenizer file, tokenizer_config.json (chat template included), special_tokens_map.json
-    if there was one, and the stop ids into generation_config.json (keeping its other keys)."""
+    """Writes the tokenizer file, tokenizer_config.json, the chat template (in chat_template.jinja when
+    it was read from one, else inside tokenizer_config.json), special_tokens_map.json if there was one,
+    and generation_config.json: the source's (sampling defaults kept) with bos/pad/eos ids set."""
     path = pathlib.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     self._backend.save(path)
-    _write_json(path / TOKENIZER_CONFIG, self._config)
+    config = dict(self._config)
+    if self._template_in_file:
+      (path / CHAT_TEMPLATE_FILE).write_text(config.pop("chat_template"), encoding="utf-8")
+    named_templates = pathlib.Path(self._source_dir) / NAMED_TEMPLATE_DIR
+    if named_templates.is_dir() and named_templates.resolve() != (path / NAMED_TEMPLATE_DIR).resolve():
+      shutil.copytree(named_templates, path / NAMED_TEMPLATE_DIR, dirs_exist_ok=True)
+    _write_json(path / TOKENIZER_CONFIG, config)
     if self._special_tokens_map is not None:
       _write_json(path / SPECIAL_TOKENS_MAP, self._special_tokens_map)
-    generation_config = _read_json(path / GENERATION_CONFIG) or {}
+    _write_json(path / GENERATION_CONFIG, self.generation_config())
+
+  def generation_config(self) -> dict[str, Any]:
+    """The source's generation_config.json (sampling defaults included) with this tokenizer's
+    bos_token_id, pad_token_id and eos_token_id (every stop id) filled in."""
+    config = dict(self._generation_config)
+    for key, value in (("bos_token_id", self.bos_id), ("pad_token_id", self.pad_id)):
+      if value is not None:
+        config[key] = value
     if self.eos_ids:
-      generation_config["eos_token_id"] = self.eos_ids if len(self.eos_ids) > 1 else self.eos_ids[0]
-    _write_json(path / GENERATION_CONFIG, generation_config)
+      config["eos_token_id"] = self.eos_ids if len(self.eos_ids) > 1 else self.eos_ids[0]
+    return config
 
 
 def _write_json(path: pathlib.Path, value: Mapping[str, Any]) -> None:

@@ -48,3 +48,24 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
   with torch.no_grad():
     out = model(torch.as_tensor(tokens, dtype=torch.long))
   return out.logits.float().numpy()
+
+
+SAMPLING_DEFAULTS = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+
+
+def save_transformers_qwen2_dir(path, seed: int = 0):
+  """A tiny Qwen2-style instruct checkpoint as transformers 5 saves it: safetensors, config.json,
+  generation_config.json (eos/pad and sampling defaults), tokenizer.json, tokenizer_config.json and
+  the chat template only in chat_template.jinja. Returns the model."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from tests.tokenizer_fixtures import write_qwen_dir  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(path)
+  source = write_qwen_dir(path.parent / f"{path.name}_tokenizer_source")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
+  tokenizer.save_pretrained(str(path))
+  model = make_hf_model("qwen2_tied", seed=seed, vocab_size=640)  # room for the tokenizer's 531 ids
+  eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+  model.generation_config = transformers.GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                                          **SAMPLING_DEFAULTS)
+  save_hf_model(model, path)
+  return model

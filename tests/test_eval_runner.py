@@ -9,6 +9,7 @@ import collections
 import json
 import math
 import os
+import pathlib
 import re
 
 import flax.linen as nn
@@ -23,6 +24,7 @@ from cftjax.models import ModelConfig, abstract_params
 from cftjax.models.checkpoint_io import save_model_checkpoint
 from cftjax.tokenizer import Tokenizer
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Shared by every test so the generate programs compile once (greedy) and once (sampled).
 BATCH, NEW_TOKENS, BUCKETS = 4, 8, (512,)
 
@@ -319,3 +321,17 @@ def test_load_for_eval_from_a_run_directory(world, model, tmp_path):
   loaded_cfg, loaded, tokenizer = runner.load_for_eval(run_dir, suite_config(str(tmp_path)))
   assert loaded_cfg.vocab_size == cfg.vocab_size == tokenizer.vocab_size
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_eval_writes_nothing_into_the_checkpoint(world, model, tmp_path, monkeypatch, capsys):
+  ckpt = model[0]
+  before = sorted(str(p.relative_to(ckpt)) for p in pathlib.Path(ckpt).rglob("*"))
+  monkeypatch.chdir(tmp_path)
+  overrides = [("benchmarks.heldout.path", world["heldout"]), ("benchmarks.heldout.max_new_tokens", "2"),
+               ("limit", "2"), ("batch_size", str(BATCH)), ("prompt_buckets", str(BUCKETS)),
+               ("progress_bar", "false")]
+  args = argparse.Namespace(config=os.path.join(REPO_ROOT, "configs/eval_demo.py"), ckpt=ckpt)
+  assert runner.run_command(args, overrides) == 0
+  assert sorted(str(p.relative_to(ckpt)) for p in pathlib.Path(ckpt).rglob("*")) == before
+  out_dir = tmp_path / "eval_results" / os.path.basename(ckpt) / "demo"
+  assert (out_dir / "summary.json").exists() and str(out_dir.relative_to(tmp_path)) in capsys.readouterr().out

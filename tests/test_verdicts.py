@@ -164,3 +164,26 @@ def test_very_long_text_is_fast():
   assert parse_verdict(noise + verdict_suffix("cft", True)) is True
   assert parse_processbench_step(noise + r"\boxed{7}") == 7
   assert time.perf_counter() - start < 5.0
+
+
+def test_many_unclosed_think_tags_are_linear():
+  # 32k unclosed tags (a degenerate sample of a thinking model): the regex this replaced rescanned
+  # to the end from every tag (about 30 s here); one pass takes milliseconds.
+  text = "<think> step" * 32_000 + "Conclusion: right"
+  start = time.perf_counter()
+  assert remove_think(text) == ""
+  assert remove_think("answer " + text + "</think>tail") == "answer tail"
+  assert time.perf_counter() - start < 1.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["<think>", "</think>", "a", " b", "<th", "ink>", "\n"]), max_size=14))
+def test_remove_think_matches_its_definition(pieces):
+  import re  # pylint: disable=import-outside-toplevel
+  text = "".join(pieces)
+  expected = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)  # the definition, for short text
+  if "</think>" in expected:
+    expected = expected[expected.rfind("</think>") + len("</think>"):]
+  if "<think>" in expected:
+    expected = expected[:expected.find("<think>")]
+  assert remove_think(text) == expected

@@ -32,6 +32,12 @@ class CritiqueRecord:
     steps: ProcessBench solution steps; None elsewhere.
     source: the dataset / mixture component this row came from.
     id: a stable identifier (file:line when the row has none).
+    system: the row's own system turn (one-shot CFT / verl messages); used when the template has none.
+    instruction: the row's own task instruction (WebInstruct's `instruction`); templates place it
+      with the {instruction} placeholder (the built-in `cft` template does, with its standard
+      instruction for rows without one).
+    task: the row's own RL task (`cft`, `crl`, `math`, `code`; verl rows set it), None when unknown.
+    metadata: the row's other fields, kept as read (e.g. `level`, `unique_id`); None when none.
   """
 
   question: str
@@ -44,6 +50,10 @@ class CritiqueRecord:
   steps: tuple[str, ...] | None = None
   source: str = ""
   id: str = ""
+  system: str | None = None
+  instruction: str | None = None
+  task: str | None = None
+  metadata: dict[str, Any] | None = None
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-serialisable dict in cftjax's own JSONL schema."""
@@ -63,13 +73,11 @@ class CritiqueRecord:
 # ------------------------------------------------------------------------------------------------
 # Prompt templates.
 
-PLACEHOLDERS = ("question", "solution", "critique", "reference_answer")
+PLACEHOLDERS = ("question", "solution", "critique", "reference_answer", "instruction")
 SPEC_KEYS = ("system", "user", "assistant")
 
-CFT_USER = (
-    "Please critique whether the following solution to the question is correct.\n\n"
-    "Question:\n{question}\n\nSolution:\n{solution}\n\n"
-)
+CFT_INSTRUCTION = "Please critique whether the following solution to the question is correct."
+CFT_USER = "{instruction}\n\nQuestion:\n{question}\n\nSolution:\n{solution}\n\n"
 CRL_USER = (
     "You will be given a question (problem specification) and a submitted solution. Your task is to "
     "determine whether the solution is correct and fully satisfies the specification.\n\n"
@@ -83,14 +91,23 @@ CODE_USER = (
 )
 
 
+class MissingFieldError(ValueError):
+  """A record lacks a field its template uses (e.g. a CFT target without a critique)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptTemplate:
-  """Format strings for the system, user and assistant turns (placeholders: PLACEHOLDERS)."""
+  """Format strings for the system, user and assistant turns (placeholders: PLACEHOLDERS).
+
+  A template without a system turn keeps the row's own (`record.system`); one with a system turn
+  replaces it. `{instruction}` is the row's instruction, else `default_instruction`.
+  """
 
   name: str
   user: str
   system: str | None = None
   assistant: str | None = None
+  default_instruction: str | None = None
 
   def __post_init__(self):
     for key in SPEC_KEYS:
@@ -108,24 +125,35 @@ class PromptTemplate:
 
   def messages(self, record: CritiqueRecord, with_target: bool) -> list[dict[str, str]]:
     """Chat messages for `record`; the assistant turn is included only when `with_target`."""
-    turns = [("system", self.system), ("user", self.user)]
+    messages = []
+    if self.system is not None:
+      messages.append({"role": "system", "content": self._fill(self.system, record, "system")})
+    elif record.system:
+      messages.append({"role": "system", "content": record.system})
+    messages.append({"role": "user", "content": self._fill(self.user, record, "user")})
     if with_target:
       if self.assistant is None:
         raise ValueError(f"template {self.name!r} has no assistant turn; it can only build prompts "
                          "(with_target=False)")
-      turns.append(("assistant", self.assistant))
-    return [{"role": role, "content": self._fill(text, record, role)}
-            for role, text in turns if text is not None]
+      messages.append({"role": "assistant", "content": self._fill(self.assistant, record, "assistant")})
+    return messages
 
   def _fill(self, text: str, record: CritiqueRecord, role: str) -> str:
     values = {}
     for field in _placeholders(text, self.name, role):
       value = getattr(record, field)
+      if value is None and field == "instruction":
+        value = self.default_instruction
       if value is None:
-        raise ValueError(f"record {record.id!r}: field {field!r} is None but template "
+        raise MissingFieldError(f"record {record.id!r}: field {field!r} is None but template "
                          f"{self.name!r} uses {{{field}}} in its {role} turn")
       values[field] = value
     return text.format(**values)
+
+
+def template_fields(text: str) -> list[str]:
+  """The record fields a template turn's format string uses."""
+  return _placeholders(text, "template", "turn")
 
 
 def _placeholders(text: str, name: str, key: str) -> list[str]:
@@ -138,7 +166,8 @@ def _placeholders(text: str, name: str, key: str) -> list[str]:
 
 
 BUILTIN_TEMPLATES = {
-    "cft": PromptTemplate("cft", user=CFT_USER, assistant="Critique:\n{critique}"),
+    "cft": PromptTemplate("cft", user=CFT_USER, assistant="Critique:\n{critique}",
+                          default_instruction=CFT_INSTRUCTION),
     "crl": PromptTemplate("crl", user=CRL_USER, assistant="{critique}"),
     "math_cot": PromptTemplate("math_cot", system=MATH_COT_SYSTEM, user="{question}",
                                assistant="{solution}"),
@@ -161,14 +190,14 @@ def get_template(name_or_spec: str | Mapping[str, Any] | PromptTemplate) -> Prom
     raise ValueError(f"template must be a name or a dict, got {type(name_or_spec).__name__}")
   spec = dict(name_or_spec)
   name = spec.pop("name", "custom")
-  unknown_keys = sorted(set(spec) - set(SPEC_KEYS))
+  unknown_keys = sorted(set(spec) - set(SPEC_KEYS) - {"default_instruction"})
   if unknown_keys:
     raise ValueError(f"template {name!r}: unknown key(s) {unknown_keys}; allowed: "
-                     f"{list(SPEC_KEYS)}")
+                     f"{[*SPEC_KEYS, 'default_instruction']}")
   if not spec.get("user"):
     raise ValueError(f"template {name!r}: 'user' is required (e.g. '{{question}}')")
   return PromptTemplate(name, user=spec["user"], system=spec.get("system"),
-                        assistant=spec.get("assistant"))
+                        assistant=spec.get("assistant"), default_instruction=spec.get("default_instruction"))
 
 
 def render_cft(record: CritiqueRecord, template: PromptTemplate | str, tokenizer
@@ -191,7 +220,6 @@ def render_prompt(record: CritiqueRecord, template: PromptTemplate | str, tokeni
 
 STYLES = ("auto", "cft", "crl", "critique_rl")
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
 _CFT_MARKER = "Conclusion"
@@ -212,7 +240,7 @@ def remove_think(text: str) -> str:
   (the thinking began in the prompt), everything up to it; then, if a `<think>` is never closed
   (generation stopped while thinking), everything from it on.
   """
-  text = _THINK_BLOCK.sub("", text)
+  text = _drop_think_blocks(text)
   close = text.rfind(_THINK_CLOSE)
   if close >= 0:
     text = text[close + len(_THINK_CLOSE):]
@@ -220,6 +248,20 @@ def remove_think(text: str) -> str:
   if open_ >= 0:
     text = text[:open_]
   return text
+
+
+def _drop_think_blocks(text: str) -> str:
+  """`text` without its `<think>...</think>` blocks (each from an opening tag to the first closing
+  tag after it), in one left-to-right pass: linear in len(text), however many tags are unclosed."""
+  kept, position = [], 0
+  while True:
+    start = text.find(_THINK_OPEN, position)
+    end = text.find(_THINK_CLOSE, start + len(_THINK_OPEN)) if start >= 0 else -1
+    if end < 0:  # no further complete block
+      kept.append(text[position:])
+      return "".join(kept)
+    kept.append(text[position:start])
+    position = end + len(_THINK_CLOSE)
 
 
 def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:

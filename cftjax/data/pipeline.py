@@ -18,8 +18,8 @@ import grain
 import numpy as np
 
 from cftjax.config import ConfigError
+from cftjax.data import critique, readers
 from cftjax.data import sources as sources_lib
-from cftjax.data import critique
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,25 @@ def source_templates(data: Any, specs: Sequence[Mapping[str, Any]]) -> list[Any]
                         "data.template or the source spec's 'template'")
     resolved.append(critique.get_template(name_or_spec))
   return resolved
+
+
+def eval_source(data: Any) -> dict[str, Any]:
+  """The source spec of the held-out rows (data.eval_path, data.eval_split), rendered with
+  data.eval_template or else the training sources' one template, so train and eval prompts match
+  (data.template when no training rows are configured)."""
+  template = data.get("eval_template")
+  if template is None and not (data.sources or data.train_path):
+    template = data.template
+  if template is None:
+    specs = source_specs(train_sources(data))
+    templates = source_templates(data, specs)
+    if any(t != templates[0] for t in templates[1:]):
+      names = ", ".join(f"{spec['name']}: {t.name}" for spec, t in zip(specs, templates))
+      raise ConfigError(f"the training sources use different templates ({names}); set "
+                        "data.eval_template to the one for the held-out rows of data.eval_path")
+    template = templates[0]
+  return {"path": data.eval_path, "format": data.format, "split": data.get("eval_split", ""),
+          "template": template, "name": "eval"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,15 +192,25 @@ def open_mixture(data: Any, specs: Sequence[dict[str, Any]], num_epochs: int | N
 # ----------------------------------------------------------------------------------------------
 # Rendering (runs in worker processes when num_workers > 0; must be picklable).
 
+def _render_error(error: critique.MissingFieldError, record, on_bad_row: str) -> dict[str, Any]:
+  """A record the template cannot render (e.g. no critique for a CFT target): a counted bad row
+  under on_bad_row="skip", else a DataError naming the row."""
+  message = f"{record.source or 'source'} row {record.id or '?'}: cannot render: {error}"
+  if on_bad_row != "skip":
+    raise readers.DataError(f"{message} (set data.on_bad_row=skip to skip such rows)", "render_error")
+  return _bad_row_item(sources_lib.BadRow(record.id, "render_error", message))
+
+
 class CFTExampleMaker:
   """(component, record) -> shifted CFT example with its length-policy status."""
 
   def __init__(self, templates: Sequence[Any], tokenizer: Any, max_seq_len: int,
-               length_policy: str):
+               length_policy: str, on_bad_row: str = "error"):
     self.templates = list(templates)
     self.tokenizer = tokenizer
     self.max_seq_len = int(max_seq_len)
     self.length_policy = length_policy
+    self.on_bad_row = on_bad_row
 
   def render(self, component: int, record) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [n] and their trained-token mask [n] (float32)."""
@@ -192,7 +221,10 @@ class CFTExampleMaker:
     component, record = tagged
     if isinstance(record, sources_lib.BadRow):
       return _bad_row_item(record)
-    ids, mask = self.render(component, record)
+    try:
+      ids, mask = self.render(component, record)
+    except critique.MissingFieldError as e:
+      return _render_error(e, record, self.on_bad_row)
     length = len(ids) - 1  # predicted positions: inputs = ids[:-1], targets = ids[1:]
     status = OK
     if length > self.max_seq_len:
@@ -210,7 +242,8 @@ class RLPromptMaker:
   """(component, record) -> RL prompt dict {"prompt_ids", "record", "source", "task"} + status."""
 
   def __init__(self, templates: Sequence[Any], infos: Sequence[sources_lib.SourceInfo],
-               tokenizer: Any, max_prompt_len: int):
+               tokenizer: Any, max_prompt_len: int, on_bad_row: str = "error"):
+    self.on_bad_row = on_bad_row
     self.templates = list(templates)
     self.names = [info.name for info in infos]
     self.tasks = [info.task for info in infos]
@@ -221,10 +254,13 @@ class RLPromptMaker:
     component, record = tagged
     if isinstance(record, sources_lib.BadRow):
       return _bad_row_item(record)
-    ids = np.asarray(critique.render_prompt(record, self.templates[component],
-                                                 self.tokenizer), np.int32)
+    try:
+      ids = np.asarray(critique.render_prompt(record, self.templates[component], self.tokenizer), np.int32)
+    except critique.MissingFieldError as e:
+      return _render_error(e, record, self.on_bad_row)
+    task = self.tasks[component]
     prompt = {"prompt_ids": ids, "record": record, "source": self.names[component],
-              "task": self.tasks[component]}
+              "task": (record.task or "cft") if task == "auto" else task}
     status = TOO_LONG if len(ids) > self.max_prompt_len else OK
     return _item(prompt if status == OK else None, status, len(ids), record)
 
@@ -419,7 +455,7 @@ def make_cft_iterator(data: Any, tokenizer: Any, *, sources: Sequence[Mapping[st
   mixture, _, templates, batch_rows = _open_stream(data, sources, batch_size, num_epochs, num_workers,
                                                    process_index, process_count)
   seq_len = int(data.max_seq_len)
-  maker = CFTExampleMaker(templates, tokenizer, seq_len, data.length_policy)
+  maker = CFTExampleMaker(templates, tokenizer, seq_len, data.length_policy, data.on_bad_row)
   counts: dict[str, int] = {}
   examples = LengthPolicyIterDataset(_rendered_stream(mixture, maker, int(num_workers)), seq_len,
                                      "data.max_seq_len", data.length_policy, counts)
@@ -451,7 +487,7 @@ def make_rl_iterator(data: Any, tokenizer: Any, *, sources: Sequence[Mapping[str
     raise ConfigError(f"rl.max_prompt_len={max_prompt_len!r} must be a positive number of tokens")
   mixture, infos, templates, batch_rows = _open_stream(data, sources, batch_size, num_epochs,
                                                        num_workers, process_index, process_count)
-  maker = RLPromptMaker(templates, infos, tokenizer, max_prompt_len)
+  maker = RLPromptMaker(templates, infos, tokenizer, max_prompt_len, data.on_bad_row)
   counts: dict[str, int] = {}
   prompts = LengthPolicyIterDataset(_rendered_stream(mixture, maker, int(num_workers)),
                                     int(max_prompt_len), "rl.max_prompt_len", "drop", counts)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from cftjax.data import pipeline
+from cftjax.data import critique, pipeline
 from cftjax.data import sources as sources_lib
 
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
@@ -24,9 +24,11 @@ def inspect_dataset(data: Any, tokenizer: Any, num_examples: int = 3, max_rows: 
   pipeline.check_data(data)
   specs = pipeline.source_specs(pipeline.train_sources(data))
   maker = pipeline.CFTExampleMaker(pipeline.source_templates(data, specs), tokenizer,
-                                   data.max_seq_len, data.length_policy)
+                                   data.max_seq_len, data.length_policy, data.on_bad_row)
   mixture, _ = pipeline.open_mixture(data, specs, num_epochs=1, process_index=0, process_count=1)
-  lines = [f"== {num_examples} examples (max_seq_len={data.max_seq_len}, "
+  lines = [f"== tokenizer {tokenizer.describe()}" if hasattr(tokenizer, "describe") else "== tokenizer"]
+  lines += [f"== source {spec['name']!r}: {template_note(template)}" for spec, template in zip(specs, maker.templates)]
+  lines += [f"== {num_examples} examples (max_seq_len={data.max_seq_len}, "
            f"length_policy={data.length_policy}; "
            f"trained tokens in {TRAINED_OPEN}...{TRAINED_CLOSE})"]
   shown = 0
@@ -42,6 +44,18 @@ def inspect_dataset(data: Any, tokenizer: Any, num_examples: int = 3, max_rows: 
     dataset, info = pipeline.open_config_source(data, spec)
     lines += _length_report(maker, component, dataset, info, max_rows, num_bins)
   return "\n".join(lines)
+
+
+def template_note(template) -> str:
+  """What a template does with a row's own system turn and instruction."""
+  system = ("rows' own system turns are kept (the template has none)" if template.system is None
+            else "the template's system turn replaces the rows' own")
+  placeholders = {field for key in ("system", "user", "assistant") if getattr(template, key)
+                  for field in critique.template_fields(getattr(template, key))}
+  instruction = ("rows' own instructions are used ({instruction}" +
+                 (", else the template's standard one)" if template.default_instruction else ")")
+                 if "instruction" in placeholders else "rows' own instructions are not used")
+  return f"template {template.name!r}: {system}; {instruction}"
 
 
 def _describe_example(maker: pipeline.CFTExampleMaker, tagged, tokenizer) -> list[str]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import logging
+import math
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from cftjax.data.critique import CritiqueRecord, parse_verdict
 
@@ -26,11 +28,26 @@ FORMAT_KEYS = {
 }
 KNOWN_FORMATS = tuple(FORMAT_KEYS)
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(CritiqueRecord))
+TASKS = ("cft", "crl", "math", "code")
+# The fields each format reads; a row's other fields are kept in the record's metadata.
+FORMAT_FIELDS = {
+    "cftjax": (*_RECORD_FIELDS, "answer", "final_answer"),
+    "webinstruct": ("instruction", "input", "output", "id"),
+    "oneshot_cft": ("messages", "id"),
+    "verl": ("prompt", "reward_model", "extra_info", "data_source", "ability"),
+    "processbench": ("problem", "steps", "label", "final_answer_correct", "id"),
+}
+# "Question:\n...\n\nSolution:\n..." (CFT data), else inline "Question: ... Solution: ..." (Critique-Coder).
 _QUESTION_SOLUTION = re.compile(
     r"Question:[ \t]*\n(?P<question>.*?)\n[ \t]*\n?[ \t]*Solution:[ \t]*\n(?P<solution>.*)", re.DOTALL)
+_QUESTION_SOLUTION_INLINE = re.compile(r"Question:\s*(?P<question>.*?)\s+Solution:\s*(?P<solution>.*)",
+                                       re.DOTALL)
 _CRL_INSTRUCTION = re.compile(
     r"\s*Conclude with \\conclusion\{T\} for correct, \\conclusion\{F\} for wrong\.?\s*\Z")
 _CRITIQUE_PREFIX = re.compile(r"\A\s*Critique:[ \t]*\n?")
+# Fields holding a row's gold final answer (math RL and math eval alike), in lookup order.
+ANSWER_FIELDS = ("reference_answer", "answer", "final_answer")
+_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 _TRUE_WORDS = ("true", "t", "1", "yes", "correct", "right")
 _FALSE_WORDS = ("false", "f", "0", "no", "incorrect", "wrong")
 
@@ -85,9 +102,9 @@ def _nonempty(text: str, where: str, field: str, what: str = "text") -> str:
 
 
 def _split_question_solution(text: str, where: str, field: str) -> tuple[str, str]:
-  match = _QUESTION_SOLUTION.search(text)
+  match = _QUESTION_SOLUTION.search(text) or _QUESTION_SOLUTION_INLINE.search(text)
   if match is None:
-    raise DataError(f"{where}: field {field!r} has no 'Question:\\n...\\nSolution:\\n...' sections "
+    raise DataError(f"{where}: field {field!r} has no 'Question: ... Solution: ...' sections "
                     f"(starts {text[:80]!r})", "bad_value")
   question, solution = match["question"].strip(), match["solution"].strip()
   return _nonempty(question, where, field, "question"), solution
@@ -97,6 +114,35 @@ def _critique_body(text: str, where: str, field: str) -> str:
   """The critique after its "Critique:" header, kept byte-exact to the end (verdict, [END])."""
   body = _CRITIQUE_PREFIX.sub("", text, count=1)
   return _nonempty(body, where, field, "critique")
+
+
+def _number_text(value: float | int) -> str:
+  """27.0 -> "27"; other numbers as written."""
+  if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+    return str(int(value))
+  return str(value)
+
+
+def gold_answer(row: dict[str, Any], where: str) -> str | None:
+  """The gold final answer in the first of ANSWER_FIELDS the row has, None when it has none.
+
+  A string (GSM8K's "... #### 42" keeps the part after ####), a number, or a list of answers
+  (OlympiadBench's "$...$" strings, joined with ", ").
+  """
+  for field in ANSWER_FIELDS:
+    value = row.get(field)
+    if value is None or value == "" or value == []:
+      continue
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return _number_text(value)
+    if isinstance(value, (list, tuple)):
+      return ", ".join(str(v).strip().strip("$").strip() for v in value)
+    if isinstance(value, str):
+      gsm8k = _GSM8K_ANSWER.search(value)
+      return gsm8k.group(1).replace(",", "") if gsm8k else value.strip()
+    raise DataError(f"{where}: field {field!r} must be a string, number or list, got "
+                    f"{type(value).__name__}", "wrong_type")
+  return None
 
 
 def _verdict(critique: str) -> bool | None:
@@ -112,11 +158,11 @@ def _row_id(row: dict[str, Any], where: str) -> str:
 
 
 def _parse_webinstruct(row: dict[str, Any], where: str) -> dict[str, Any]:
-  _get(row, "instruction", where, str)
+  instruction = _get(row, "instruction", where, str).strip()
   question, solution = _split_question_solution(_get(row, "input", where, str), where, "input")
   critique = _critique_body(_get(row, "output", where, str), where, "output")
   return dict(question=question, solution=solution, critique=critique, label=_verdict(critique),
-              id=_row_id(row, where))
+              instruction=instruction or None, id=_row_id(row, where))
 
 
 def _parse_oneshot_cft(row: dict[str, Any], where: str) -> dict[str, Any]:
@@ -129,7 +175,13 @@ def _parse_oneshot_cft(row: dict[str, Any], where: str) -> dict[str, Any]:
                                                 "messages[-2].content")
   critique = _critique_body(messages[-1]["content"], where, "messages[-1].content")
   return dict(question=question, solution=solution, critique=critique, label=_verdict(critique),
-              id=_row_id(row, where))
+              system=_system_turn(messages[:-2]), id=_row_id(row, where))
+
+
+def _system_turn(messages: list[dict[str, str]]) -> str | None:
+  """The system messages among `messages` (the turns before the question), joined; None if none."""
+  texts = [m["content"] for m in messages if m["role"] == "system" and m["content"].strip()]
+  return "\n\n".join(texts) or None
 
 
 def _messages(row: dict[str, Any], name: str, where: str) -> list[dict[str, str]]:
@@ -143,25 +195,32 @@ def _messages(row: dict[str, Any], name: str, where: str) -> list[dict[str, str]
   return list(messages)
 
 
+_VERL_ABILITY_TASKS = {"math": "math", "code": "code", "coding": "code", "critique": "crl", "crl": "crl"}
+
+
 def _parse_verl(row: dict[str, Any], where: str) -> dict[str, Any]:
-  """A verl RL row: CRL when extra_info has `correctness`, code when it has tests, else math.
+  """A verl RL row, routed per row: CRL when extra_info has `correctness`, code when it has tests
+  (or `ability` is "code"), else math; the record's `task` says which.
 
   Code tests come from extra_info.inputs_outputs / .test_cases, or from reward_model.ground_truth
-  when the row's `ability` is "code".
+  when the row's `ability` is "code". System messages of `prompt` are kept as the record's system.
   """
-  users = [m["content"] for m in _messages(row, "prompt", where) if m["role"] == "user"]
+  messages = _messages(row, "prompt", where)
+  users = [m["content"] for m in messages if m["role"] == "user"]
   if not users:
     raise DataError(f"{where}: field 'prompt' has no user message", "bad_value")
   reward_model = _get(row, "reward_model", where, dict)
   extra = _get(row, "extra_info", where, dict, required=False) or {}
   data_source = _get(row, "data_source", where, str, required=False) or ""
+  ability = (_get(row, "ability", where, str, required=False) or "").strip().lower()
   question = _get(extra, "question", where, str, required=False, path="extra_info.")
-  fields = dict(question=question or users[-1], source=data_source,
+  fields = dict(question=question or users[-1], source=data_source, system=_system_turn(messages),
                 id=_verl_id(extra, data_source, where))
   tests = _verl_tests(extra, where)
-  if tests is None and row.get("ability") == "code":
+  if tests is None and _VERL_ABILITY_TASKS.get(ability) == "code":
     tests = _parse_tests(reward_model, "ground_truth", where, "reward_model.")
   if extra.get("correctness") is not None:
+    fields["task"] = "crl"
     fields["label"] = _parse_bool(extra["correctness"], where, "extra_info.correctness")
     fields["solution"] = _get(extra, "solution", where, str, required=False, path="extra_info.")
     if fields["solution"] is None:
@@ -171,8 +230,10 @@ def _parse_verl(row: dict[str, Any], where: str) -> dict[str, Any]:
       fields["solution"] = _CRL_INSTRUCTION.sub("", solution)
     fields["tests"] = tests
   elif tests is not None:
+    fields["task"] = "code"
     fields["tests"] = tests
   else:
+    fields["task"] = "math"
     answer = reward_model.get("ground_truth")
     if answer is None or isinstance(answer, (dict, list)):
       raise DataError(f"{where}: field 'reward_model.ground_truth' must hold the reference answer "
@@ -246,24 +307,30 @@ def _parse_processbench(row: dict[str, Any], where: str) -> dict[str, Any]:
               error_step=error_step, label=error_step == -1, id=_row_id(row, where))
 
 
+_CFTJAX_FIELDS = (("question", str), ("solution", str), ("critique", str), ("label", bool),
+                  ("error_step", int), ("steps", (list, tuple)), ("source", str), ("id", (str, int)),
+                  ("system", str), ("instruction", str), ("task", str))
+
+
 def _parse_cftjax(row: dict[str, Any], where: str) -> dict[str, Any]:
-  unknown = sorted(set(row) - set(_RECORD_FIELDS))
-  if unknown:
-    raise DataError(f"{where}: unknown field(s) {unknown} for format 'cftjax'; known: "
-                    f"{sorted(_RECORD_FIELDS)}", "bad_value")
+  """cftjax's own rows: CritiqueRecord fields; the gold answer under any of ANSWER_FIELDS; other
+  fields become the record's metadata (`parse_row`)."""
   fields = {}
-  for name, types in (("question", str), ("solution", str), ("critique", str), ("label", bool),
-                      ("reference_answer", str), ("error_step", int), ("steps", (list, tuple)),
-                      ("source", str), ("id", (str, int))):
+  for name, types in _CFTJAX_FIELDS:
     value = _get(row, name, where, types, required=name == "question")
     if value is not None:
       fields[name] = value
+  answer = gold_answer(row, where)
+  if answer is not None:
+    fields["reference_answer"] = answer
   if "steps" in fields:
     fields["steps"] = tuple(fields["steps"])
   if "id" in fields:
     fields["id"] = str(fields["id"])
   if row.get("tests") is not None:
     fields["tests"] = row["tests"]
+  if fields.get("task") is not None and fields["task"] not in TASKS:
+    raise DataError(f"{where}: field 'task' = {fields['task']!r} must be one of {list(TASKS)}", "bad_value")
   _nonempty(fields["question"], where, "question", "question")
   if "critique" in fields:
     _nonempty(fields["critique"], where, "critique", "critique")
@@ -285,7 +352,7 @@ def parse_row(row: dict[str, Any], fmt: str, where: str, source: str | None = ""
 
   CFT rows get their label from the critique's verdict (None when it has none). `source`
   overrides the record's source; otherwise the row's own (verl data_source, cftjax source) or the
-  format name is used.
+  format name is used. Fields the format does not read (FORMAT_FIELDS) are kept in `metadata`.
   """
   if fmt not in _PARSERS:
     raise DataError(f"{where}: unknown format {fmt!r}; known formats: {list(KNOWN_FORMATS)}",
@@ -295,7 +362,10 @@ def parse_row(row: dict[str, Any], fmt: str, where: str, source: str | None = ""
                     "not_an_object")
   fields = _PARSERS[fmt](row, where)
   fields["source"] = source or fields.get("source") or fmt
-  return CritiqueRecord(**fields)
+  metadata = {key: value for key, value in row.items() if key not in FORMAT_FIELDS[fmt] and value is not None}
+  if fmt == "verl" and row.get("data_source"):
+    metadata["data_source"] = row["data_source"]
+  return CritiqueRecord(**fields, metadata=metadata or None)
 
 
 def detect_format(row: dict[str, Any], where: str = "row") -> str:
@@ -335,9 +405,11 @@ def iter_rows(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
     yield from _iter_json(path)
   elif path.endswith(".parquet"):
     yield from _iter_parquet(path)
+  elif path.endswith(".arrow"):
+    yield from _iter_arrow(path)
   else:
-    raise DataError(f"{path}: unsupported file type; use .jsonl, .json (a list of objects) or "
-                    ".parquet", "unsupported_file")
+    raise DataError(f"{path}: unsupported file type; use .jsonl, .json (a list of objects), "
+                    ".parquet or .arrow", "unsupported_file")
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
@@ -397,6 +469,21 @@ def _iter_parquet(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]
       index += 1
 
 
+def _iter_arrow(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
+  """An Arrow IPC file as HF `datasets` writes it (the streaming format; the file format is read too)."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  try:
+    with pa.memory_map(path) as source:
+      try:
+        table = pa.ipc.open_stream(source).read_all()
+      except pa.ArrowInvalid:
+        table = pa.ipc.open_file(source).read_all()
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f"{path}: not a readable Arrow file: {e}", "bad_file") from None
+  for index, row in enumerate(table.to_pylist()):
+    yield f"{path} row {index}", row
+
+
 def _object_or_error(row: Any, where: str) -> dict[str, Any] | DataError:
   if isinstance(row, dict):
     return row
@@ -404,9 +491,23 @@ def _object_or_error(row: Any, where: str) -> dict[str, Any] | DataError:
                    "not_an_object")
 
 
-def load_records(path: str, fmt: str = "auto", on_bad_row: str = "error",
+def pick_split(path: str, split: str, available: list[str]) -> str:
+  """`split` if the dataset has it; "" picks a dataset's only split. Anything else is an error
+  listing the splits (never another split than asked)."""
+  if split in available:
+    return split
+  if not split and len(available) == 1:
+    return available[0]
+  if not split:
+    raise ValueError(f"{path}: has splits {sorted(available)}; name one (a source's 'split', "
+                     "data.eval_split for data.eval_path)")
+  raise ValueError(f"{path}: no split {split!r}; available: {sorted(available)}")
+
+
+def load_records(path: str | Sequence[str], fmt: str = "auto", on_bad_row: str = "error",
                  source: str | None = None) -> LoadedRecords:
-  """All records of a file. fmt "auto" detects the format from the first readable row.
+  """All records of a file (or of several files, read in order, e.g. a dataset's shards). fmt
+  "auto" detects the format from the first readable row.
 
   on_bad_row="error" raises DataError at the first bad row; "skip" skips bad rows and logs (and
   returns in `.skipped`) their count per reason. A file with no usable row is an error.
@@ -415,8 +516,10 @@ def load_records(path: str, fmt: str = "auto", on_bad_row: str = "error",
     raise ValueError(f"on_bad_row={on_bad_row!r}; choose one of {ON_BAD_ROW}")
   if fmt != "auto" and fmt not in KNOWN_FORMATS:
     raise ValueError(f"unknown format {fmt!r}; known formats: {['auto', *KNOWN_FORMATS]}")
+  paths = [path] if isinstance(path, str) else list(path)
+  path = paths[0] if len(paths) == 1 else f"{os.path.commonpath(paths)} ({len(paths)} files)"
   records, skipped, first_errors = [], collections.Counter(), []
-  for where, row in iter_rows(path):
+  for where, row in itertools.chain.from_iterable(iter_rows(p) for p in paths):
     try:
       if isinstance(row, DataError):
         raise row
@@ -430,6 +533,10 @@ def load_records(path: str, fmt: str = "auto", on_bad_row: str = "error",
       skipped[e.reason] += 1
       if len(first_errors) < 3:
         first_errors.append(str(e))
+  extra_fields = sorted({key for record in records for key in (record.metadata or {})})
+  if extra_fields:
+    log.info("%s: fields %s are not read by format %r; kept as each record's metadata", path,
+             extra_fields, fmt)
   if skipped:
     log.warning("%s: skipped %d bad row(s) %s; first: %s", path, sum(skipped.values()),
                 dict(skipped), " | ".join(first_errors))

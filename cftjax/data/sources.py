@@ -1,4 +1,5 @@
-"""Random-access CritiqueRecord sources (JSONL, Parquet, ArrayRecord, TFDS) behind `open_source`.
+"""Random-access CritiqueRecord sources (JSONL, Parquet, ArrayRecord, TFDS, HF `datasets` directories)
+behind `open_source`.
 
 A source spec names a file (or TFDS dataset directory) and how to read it; see docs/data.md.
 """
@@ -10,6 +11,7 @@ import glob
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -20,11 +22,11 @@ from cftjax.data.critique import CritiqueRecord
 
 logger = logging.getLogger(__name__)
 
-SOURCE_KINDS = ("auto", "jsonl", "parquet", "array_record", "tfds")
-TASKS = ("cft", "crl", "math", "code")
+SOURCE_KINDS = ("auto", "jsonl", "parquet", "array_record", "tfds", "hf_datasets")
+TASKS = ("auto", *readers.TASKS)  # auto: each row's own task (verl rows have one), else "cft"
 SOURCE_DEFAULTS: dict[str, Any] = {
     "path": None, "format": "auto", "kind": "auto", "split": "train", "weight": 1.0, "name": None,
-    "task": "cft", "template": None,
+    "task": "auto", "template": None,
 }
 _ROW_JSON_FEATURE = "row_json"  # TFDS feature holding the original row (see tfds_builder.py)
 
@@ -82,13 +84,17 @@ def _is_version(text: str) -> bool:
 
 
 def detect_kind(path: str) -> str:
-  """Source kind from the path: TFDS dataset dir, ArrayRecord file/dir/glob, Parquet or JSONL."""
+  """Source kind from the path: HF `datasets` dir, TFDS dataset dir, ArrayRecord file/dir/glob,
+  Parquet or JSONL."""
   if os.path.isdir(path):
     if _is_tfds_dir(path) or _tfds_version_dirs(path):
       return "tfds"
+    if is_hf_dataset_dir(path):
+      return "hf_datasets"
     if _array_record_files(path):
       return "array_record"
-    raise ValueError(f"{path}: directory holds neither a TFDS dataset (dataset_info.json) nor "
+    raise ValueError(f"{path}: directory holds no HF `datasets` data (save_to_disk output or "
+                     ".parquet/.arrow/.jsonl files), no TFDS dataset (dataset_info.json) and no "
                      "*.array_record files; set the source's 'kind' explicitly")
   name = path.lower()
   if "array_record" in name or "arrayrecord" in name:
@@ -102,7 +108,9 @@ def detect_kind(path: str) -> str:
 
 
 def _is_tfds_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "dataset_info.json"))
+  """TFDS writes dataset_info.json; HF `save_to_disk` does too, next to its state.json."""
+  return (os.path.isfile(os.path.join(path, "dataset_info.json"))
+          and not os.path.isfile(os.path.join(path, HF_STATE_FILE)))
 
 
 def _tfds_version_dirs(path: str) -> list[str]:
@@ -120,6 +128,74 @@ def _array_record_files(path: str) -> list[str]:
   if glob.has_magic(path):
     return sorted(glob.glob(path))
   return [path] if os.path.exists(path) else []
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face `datasets` directories, read without the `datasets` library: `save_to_disk` output
+# (Arrow files listed in state.json; one folder per split under dataset_dict.json) and hub snapshots
+# (.parquet / .arrow / .jsonl files named or foldered by split, e.g. data/train-00000-of-00001.parquet).
+
+HF_DATASET_DICT_FILE = "dataset_dict.json"  # save_to_disk of a DatasetDict: {"splits": [...]}
+HF_STATE_FILE = "state.json"  # save_to_disk of one Dataset: {"_data_files": [{"filename": ...}], ...}
+HF_DATA_EXTENSIONS = (".parquet", ".arrow", ".jsonl")
+_SPLIT_OF_NAME = re.compile(r"^([A-Za-z][A-Za-z0-9_]*?)(?:[-.]|$)")
+
+
+def is_hf_dataset_dir(path: str) -> bool:
+  """A `save_to_disk` directory, or a directory tree holding data files."""
+  if os.path.isfile(os.path.join(path, HF_DATASET_DICT_FILE)) or os.path.isfile(os.path.join(path, HF_STATE_FILE)):
+    return True
+  return bool(_hf_data_files(path))
+
+
+def _hf_data_files(root: str) -> list[str]:
+  files = []
+  for directory, subdirs, names in os.walk(root):
+    subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))  # skip .cache, .git
+    files += [os.path.join(directory, n) for n in sorted(names) if n.endswith(HF_DATA_EXTENSIONS)]
+  return files
+
+
+def _saved_split_files(split_dir: str) -> list[str]:
+  """The Arrow files of one `save_to_disk` Dataset, in the order state.json lists them."""
+  with open(os.path.join(split_dir, HF_STATE_FILE), encoding="utf-8") as f:
+    state = json.load(f)
+  return [os.path.join(split_dir, entry["filename"]) for entry in state["_data_files"]]
+
+
+def hf_split_of(path: str, root: str) -> str:
+  """The split a hub-snapshot data file belongs to: its file name's leading word (train-0000.parquet,
+  test.jsonl), else the nearest folder named like a split (train/0000.parquet)."""
+  parts = os.path.relpath(path, root).split(os.sep)
+  for name in reversed(parts):
+    match = _SPLIT_OF_NAME.match(name)
+    if match and match.group(1) not in ("data", "default"):
+      return match.group(1)
+  return "train"
+
+
+def hf_splits(path: str) -> dict[str, list[str]]:
+  """{split: its data files} of a HF datasets directory."""
+  dict_file = os.path.join(path, HF_DATASET_DICT_FILE)
+  if os.path.isfile(dict_file):
+    with open(dict_file, encoding="utf-8") as f:
+      names = json.load(f)["splits"]
+    return {name: _saved_split_files(os.path.join(path, name)) for name in names}
+  if os.path.isfile(os.path.join(path, HF_STATE_FILE)):
+    return {"train": _saved_split_files(path)}
+  found: dict[str, list[str]] = {}
+  for file in _hf_data_files(path):
+    found.setdefault(hf_split_of(file, path), []).append(file)
+  return found
+
+
+def hf_split_files(path: str, split: str) -> list[str]:
+  """The data files of `split` ("" = the directory's only split); an unknown split is an error
+  listing the available ones."""
+  available = hf_splits(path)
+  if not available:
+    raise FileNotFoundError(f"{path}: no data files ({', '.join(HF_DATA_EXTENSIONS)}) found")
+  return available[readers.pick_split(path, split, list(available))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +272,9 @@ def open_source(spec: Mapping[str, Any], on_bad_row: str = "error"
     raise ValueError(f"on_bad_row={on_bad_row!r} must be 'error', 'skip' or 'mark'")
   spec = normalize_source_spec(spec)
   kind, path = spec["kind"], spec["path"]
-  if kind in ("jsonl", "parquet"):
-    records = readers.load_records(path, fmt=spec["format"], source=spec["name"],
+  if kind in ("jsonl", "parquet", "hf_datasets"):
+    files = hf_split_files(path, spec["split"]) if kind == "hf_datasets" else path
+    records = readers.load_records(files, fmt=spec["format"], source=spec["name"],
                                    on_bad_row="error" if on_bad_row == "error" else "skip")
     dataset = grain.MapDataset.source(records)
     skipped = dict(getattr(records, "skipped", {}))
@@ -235,8 +312,7 @@ def _open_tfds_split(path: str, split: str):
                               "build one with cftjax.data.tfds_builder.build_dataset")
     path = os.path.join(path, versions[-1])
   builder = tfds.builder_from_directory(path)
-  if split not in builder.info.splits:
-    raise ValueError(f"{path}: no split {split!r}; available: {sorted(builder.info.splits)}")
+  split = readers.pick_split(path, split, list(builder.info.splits))
   if _ROW_JSON_FEATURE not in builder.info.features:
     raise ValueError(f"{path}: feature {_ROW_JSON_FEATURE!r} missing; cftjax reads TFDS datasets "
                      "built by cftjax.data.tfds_builder.build_dataset")

@@ -3,12 +3,14 @@ critiques, RL rows and a small SentencePiece tokenizer, all deterministic by see
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import random
-from typing import Any, Sequence
+import tempfile
+from typing import Any, Iterator, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -280,20 +282,60 @@ def _write_text(path: str, text: str) -> None:
     f.write(text)
 
 
+def world_needed(config: Any) -> bool:
+  """Whether the run reads anything from the synthetic world: data.synthetic_world is set and
+  data.train_path / data.sources, data.eval_path or the tokenizer (model.tokenizer_dir, else
+  model.init_from's) is not given."""
+  data, model = config.data, config.model
+  return bool(data.synthetic_world) and not (
+      (data.train_path or data.sources) and data.eval_path and (model.tokenizer_dir or model.init_from))
+
+
 def ensure_world(config: Any) -> None:
   """Writes the world of a run config (data.world, seeded by data.seed) into data.world_dir (default
-  RUN_DIR/world) unless one is there, and points unset data.train_path, data.eval_path and
-  model.tokenizer_dir at it. Process 0 writes; every host must see the directory.
+  RUN_DIR/world) unless one is there, and points unset data.train_path, data.eval_path and, for a
+  model without model.init_from, model.tokenizer_dir at it. Process 0 writes; every host must see
+  the directory. Nothing is written when the run needs nothing from the world (`world_needed`).
 
   A world already in data.world_dir is used as written: data.world keys that differ from it are
   logged and set to the written values, so the run's config.json describes the data it trained on.
   """
+  if not world_needed(config):
+    return
   world_dir = config.data.world_dir or os.path.join(config.train.run_dir, DEFAULT_WORLD_DIR)
-  world = config.data.world
   if jax.process_index() == 0 and written_world_params(world_dir) is None:
-    write_world(world_dir, seed=config.data.seed, **world)
+    write_world(world_dir, seed=config.data.seed, **config.data.world)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("synthetic world written")
+  use_world(config, world_dir)
+
+
+@contextlib.contextmanager
+def world_for_inspection(config: Any) -> Iterator[Any]:
+  """`config` pointed at its synthetic world without writing into the run: the world already in
+  data.world_dir (default RUN_DIR/world) if there is one, else the same world (same data.world
+  settings and seed, so the same rows and tokenizer) written to a temporary directory that is
+  deleted on exit."""
+  if not world_needed(config):
+    yield config
+    return
+  world_dir = config.data.world_dir or os.path.join(config.train.run_dir, DEFAULT_WORLD_DIR)
+  if written_world_params(world_dir) is not None:
+    use_world(config, world_dir)
+    yield config
+    return
+  with tempfile.TemporaryDirectory(prefix="cftjax_world_") as scratch:
+    log.info("no synthetic world in %s yet (`cftjax train` writes it there); showing the same world "
+             "written to a temporary directory", world_dir)
+    write_world(scratch, seed=config.data.seed, **config.data.world)
+    use_world(config, scratch)
+    yield config
+
+
+def use_world(config: Any, world_dir: str) -> None:
+  """Points config's unset data paths (and, without model.init_from, model.tokenizer_dir) at the
+  world written in `world_dir`, taking the written data.world settings."""
+  world = config.data.world
   written = written_world_params(world_dir)
   if written is None:
     raise FileNotFoundError(f"no synthetic world in data.world_dir={world_dir!r} on process "
@@ -313,4 +355,5 @@ def ensure_world(config: Any) -> None:
   config.data.world_dir = world_dir
   config.data.train_path = config.data.train_path or os.path.join(world_dir, "train.jsonl")
   config.data.eval_path = config.data.eval_path or os.path.join(world_dir, "heldout.jsonl")
-  config.model.tokenizer_dir = config.model.tokenizer_dir or os.path.join(world_dir, "tokenizer")
+  if not config.model.init_from:  # a converted checkpoint brings its own tokenizer
+    config.model.tokenizer_dir = config.model.tokenizer_dir or os.path.join(world_dir, "tokenizer")

@@ -164,4 +164,12 @@ def _builder_class(dataset_name: str, dataset_version: str,
     def _generate_examples(self, rows):
       return _examples(rows, fmt, dataset_name, on_bad_row)
 
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded" to stdout
+    # for every build; nothing is downloaded here, and build_dataset logs what it wrote.
+    def _log_download_bytes(self) -> None:
+      pass
+
+    def _log_download_done(self) -> None:
+      pass
+
   return CritiqueRowsBuilder

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from cftjax import config as config_lib
-from cftjax.data import sources
+from cftjax.data import pipeline, sources
 from cftjax.data.critique import CritiqueRecord
 from cftjax.eval import runner
 from cftjax.models import ModelConfig
@@ -16,10 +16,10 @@ from cftjax.models import ModelConfig
 log = logging.getLogger(__name__)
 
 
-def labelled_records(eval_path: str, data_format: str, limit: int, on_bad_row: str = "error"
-                     ) -> list[CritiqueRecord]:
-  """The first `limit` rows of `eval_path` that carry a correctness label (unlabelled rows counted)."""
-  dataset, info = sources.open_source({"path": eval_path, "format": data_format}, on_bad_row=on_bad_row)
+def labelled_records(spec: dict[str, Any], limit: int, on_bad_row: str = "error") -> list[CritiqueRecord]:
+  """The first `limit` rows of the source `spec` that carry a correctness label (unlabelled rows
+  counted)."""
+  dataset, info = sources.open_source(spec, on_bad_row=on_bad_row)
   records, unlabelled = [], 0
   for index in range(len(dataset)):
     if len(records) == limit:
@@ -34,7 +34,7 @@ def labelled_records(eval_path: str, data_format: str, limit: int, on_bad_row: s
   if unlabelled:
     log.warning("%s: skipped %d rows without a label for verdict accuracy", info.path, unlabelled)
   if not records:
-    raise ValueError(f"data.eval_path={eval_path!r} has no rows with a correctness label; verdict "
+    raise ValueError(f"data.eval_path={spec['path']!r} has no rows with a correctness label; verdict "
                      "accuracy needs labels (or set eval.verdict_examples=0)")
   return records
 
@@ -52,9 +52,9 @@ class VerdictEvaluator:
   def __init__(self, config: Any, model_cfg: ModelConfig, tokenizer: Any):
     self._config, self._model_cfg, self._tokenizer = config, model_cfg, tokenizer
     self._records: list[CritiqueRecord] = []
+    self._source = pipeline.eval_source(config.data)
     if config.eval.verdict_examples > 0:
-      self._records = labelled_records(config.data.eval_path, config.data.format,
-                                       config.eval.verdict_examples, config.data.on_bad_row)
+      self._records = labelled_records(self._source, config.eval.verdict_examples, config.data.on_bad_row)
     self._suite = None
     if config.eval.suite:
       suite_cfg = config_lib.load_config(config.eval.suite, [])
@@ -71,7 +71,7 @@ class VerdictEvaluator:
       return {}, []
     ev = self._config.eval
     summary, texts = runner.score_critiques(
-        params, self._model_cfg, self._tokenizer, self._records, template=self._config.data.template,
+        params, self._model_cfg, self._tokenizer, self._records, template=self._source["template"],
         verdict_style=ev.verdict_style, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens)
     return {"verdict_accuracy": summary["accuracy"],
             "verdict_balanced_accuracy": summary["balanced_accuracy"],

@@ -424,16 +424,26 @@ def load_for_eval(ckpt_dir: str, config: Any) -> tuple[ModelConfig, Any, Any]:
                                   tokenizer_dir=config.get("tokenizer_dir") or None)
 
 
+def default_output_dir(ckpt_dir: str, suite_name: str) -> str:
+  """Where `cftjax eval` writes without config.output_dir, never inside a model checkpoint: a
+  training run's RUN_DIR/eval/<suite> (<suite>@latest, <suite>@step=N for those selectors), else
+  ./eval_results/<checkpoint dir name>/<suite>."""
+  ref = checkpoint_io.parse_checkpoint_ref(ckpt_dir)
+  if checkpoint_io.is_run_dir(ref.path):
+    selector = str(ref)[len(ref.path) + 1:]
+    return os.path.join(ref.path, "eval", f"{suite_name}@{selector}" if selector else suite_name)
+  return os.path.join("eval_results", os.path.basename(os.path.normpath(ref.path)), suite_name)
+
+
 def run_eval(config: Any, ckpt_dir: str) -> dict[str, Any]:
   """Runs the config's suite on the model checkpoint in `ckpt_dir` (`cftjax convert` / export).
 
   Writes OUT/<benchmark>.jsonl (per-example records; a re-run skips the examples already there),
   OUT/summary.json, and returns the summary {ckpt, output_dir, benchmarks: {name: metrics},
-  math_average}. OUT is config.output_dir, or CKPT/eval/<config.name>.
+  math_average}. OUT is `default_output_dir` unless config.output_dir is set.
   """
   benchmarks = suite_benchmarks(config)
-  out_dir = config.get("output_dir") or os.path.join(checkpoint_io.parse_checkpoint_ref(ckpt_dir).path,
-                                                     "eval", config.get("name", "suite"))
+  out_dir = config.get("output_dir") or default_output_dir(ckpt_dir, config.get("name", "suite"))
   model_cfg, params, tokenizer = load_for_eval(ckpt_dir, config)
   prepared = [prepare(b, tokenizer) for b in benchmarks]
   identity = {"ckpt": os.path.abspath(ckpt_dir)}

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,8 +37,6 @@ PROCESSBENCH_TEMPLATE = critique.PromptTemplate("processbench", user=PROCESSBENC
 
 # Fields holding a math row's question / final answer, in the order they are looked up.
 _QUESTION_FIELDS = ("problem", "question")
-_ANSWER_FIELDS = ("answer", "final_answer", "reference_answer")
-_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,37 +126,17 @@ class Example:
 # ----------------------------------------------------------------------------- math rows
 
 
-def _number_text(value: float | int) -> str:
-  """27.0 -> "27"; other numbers as written."""
-  if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-    return str(int(value))
-  return str(value)
-
-
 def math_answer(row: Mapping[str, Any], where: str) -> str:
-  """The gold final answer of a math row in any of the published shapes.
-
-  answer / final_answer / reference_answer (a string, a number, or OlympiadBench's list of
-  "$...$" strings); GSM8K's "... #### 42" keeps the part after ####; with no answer field,
-  the last \\boxed{} of `solution` (MATH, Minerva).
-  """
-  for field in _ANSWER_FIELDS:
-    value = row.get(field)
-    if value is None or value == "" or value == []:
-      continue
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return _number_text(value)
-    if isinstance(value, (list, tuple)):
-      return ", ".join(str(v).strip().strip("$").strip() for v in value)
-    if isinstance(value, str):
-      gsm8k = _GSM8K_ANSWER.search(value)
-      return gsm8k.group(1).replace(",", "") if gsm8k else value.strip()
-    raise ValueError(f"{where}: field {field!r} must be a string, number or list, got "
-                     f"{type(value).__name__}")
+  """The gold final answer of a math row in any of the published shapes: the first of
+  readers.ANSWER_FIELDS (`readers.gold_answer`, the same fields math RL reads), else the last
+  \\boxed{} of `solution` (MATH, Minerva)."""
+  answer = readers.gold_answer(dict(row), where)
+  if answer is not None:
+    return answer
   solution = row.get("solution")
   boxed = extract_boxed(solution) if isinstance(solution, str) else None
   if boxed is None:
-    raise ValueError(f"{where}: no gold answer: expected a field {list(_ANSWER_FIELDS)} or a "
+    raise ValueError(f"{where}: no gold answer: expected a field {list(readers.ANSWER_FIELDS)} or a "
                      "'solution' with a \\boxed{} answer")
   return boxed.strip()
 

@@ -25,13 +25,14 @@ from cftjax import parallel
 from cftjax.config import RUN_CONFIG_FILE, ConfigError
 from cftjax.models.config import ModelConfig
 from cftjax.models.decoder import abstract_params
-from cftjax.tokenizer import Tokenizer
+from cftjax.tokenizer import NAMED_TEMPLATE_DIR, Tokenizer
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "vocab.json", "merges.txt")
+                   "chat_template.jinja", "chat_template.json", "added_tokens.json", "generation_config.json",
+                   "vocab.json", "vocab.txt", "merges.txt")
 RUN_CHECKPOINT_DIR = "checkpoints"  # RUN_DIR/checkpoints/<step>/{state,data,config}
 RUN_BEST_DIR = "best"  # RUN_DIR/best/<step>/params
 
@@ -43,12 +44,16 @@ class CheckpointError(ValueError):
 
 
 def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
-  """Copies whichever tokenizer files `src_dir` has; returns their names."""
-  found = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(src_dir, f))]
+  """Copies whichever tokenizer, chat-template and generation-config files `src_dir` has
+  (TOKENIZER_FILES and the NAMED_TEMPLATE_DIR folder); returns their names."""
+  found = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, f))]
   if found:
     os.makedirs(dst_dir, exist_ok=True)
   for name in found:
     shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+  if os.path.isdir(os.path.join(src_dir, NAMED_TEMPLATE_DIR)):
+    shutil.copytree(os.path.join(src_dir, NAMED_TEMPLATE_DIR), os.path.join(dst_dir, NAMED_TEMPLATE_DIR))
+    found.append(NAMED_TEMPLATE_DIR)
   return found
 
 
@@ -190,6 +195,12 @@ def parse_checkpoint_ref(spec: str) -> CheckpointRef:
     if number.isdigit():
       return CheckpointRef(path, "step", int(number))
   raise ValueError(f"{spec!r}: unknown checkpoint selector {selector!r}; use {SELECTOR_HELP}")
+
+
+def is_run_dir(path: str) -> bool:
+  """Whether `path` is a `cftjax train` run directory (not a converted model checkpoint)."""
+  return (os.path.exists(os.path.join(path, RUN_CONFIG_FILE))
+          and not os.path.exists(os.path.join(path, CONFIG_FILE)))
 
 
 def read_run_config(run_dir: str) -> config_dict.ConfigDict:

@@ -30,14 +30,20 @@ def hf_to_checkpoint(hf_dir: str, out_dir: str, dtype: str = "float32") -> None:
   check_out_dir(out_dir, to_hf=False)
   cfg, params = load_hf(hf_dir, dtype=dtype, progress=True)
   checkpoint_io.save_model_checkpoint(out_dir, cfg, params, tokenizer_dir=hf_dir)
-  log.info("converted %s (%s, %.2fB params) -> %s", hf_dir, cfg.model_type, cfg.num_params / 1e9, out_dir)
+  log.info("converted %s (%s, %s params) -> %s", hf_dir, cfg.model_type, format_count(cfg.num_params), out_dir)
+
+
+def format_count(n: int) -> str:
+  """A parameter count for people: 1.54B, 494M, 37.6K, 512."""
+  for factor, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+    if n >= factor:
+      return f"{n / factor:.3g}{unit}"
+  return str(n)
 
 
 def export_hf(cfg, params, tokenizer, out_dir: str, max_shard_size: str = "5GB", dtype: str | None = None) -> None:
-  """Writes params (+ tokenizer files) as an HF dir that transformers and vLLM load; `out_dir`
-  must not hold an HF model yet."""
+  """Writes params, tokenizer files and generation_config.json as an HF dir that transformers and vLLM
+  load (`save_hf`); `out_dir` must not hold an HF model yet."""
   check_out_dir(out_dir, to_hf=True)
-  save_hf(cfg, params, out_dir, max_shard_size=max_shard_size, dtype=dtype)
-  if tokenizer is not None:
-    tokenizer.save(out_dir)
+  save_hf(cfg, params, out_dir, max_shard_size=max_shard_size, dtype=dtype, tokenizer=tokenizer)
   log.info("exported %s model -> %s", cfg.model_type, os.path.abspath(out_dir))

@@ -279,8 +279,10 @@ def _with_qwen2_biases(cfg: ModelConfig, params: dict[str, Any]) -> tuple[ModelC
 
 
 def save_hf(cfg: ModelConfig, params: dict[str, Any], out_dir: str, max_shard_size: int | str = "5GB",
-            dtype: Any = None) -> list[str]:
-  """Writes config.json and (sharded) safetensors that `transformers` loads; returns the files written.
+            dtype: Any = None, tokenizer: Any = None) -> list[str]:
+  """Writes config.json and (sharded) safetensors that `transformers` loads, and with `tokenizer` (a
+  `cftjax.tokenizer.Tokenizer`) its files and a generation_config.json (`Tokenizer.save`); returns
+  the model files written.
 
   dtype defaults to `cfg.param_dtype`. Each shard is written as soon as it is full, so host memory
   stays near one shard.
@@ -312,5 +314,7 @@ def save_hf(cfg: ModelConfig, params: dict[str, Any], out_dir: str, max_shard_si
   with open(os.path.join(out_dir, HF_CONFIG_FILE), "w") as f:
     json.dump(hf_config, f, indent=2)
   written.append(HF_CONFIG_FILE)
+  if tokenizer is not None:
+    tokenizer.save(out_dir)
   log.info("wrote %d tensors (%.1f MB) in %d file(s) to %s", len(shard_of), total / 1e6, len(files), out_dir)
   return written

@@ -82,7 +82,7 @@ class HeldOutLoss:
   def evaluate(self, params: Any) -> dict[str, float]:
     data = self._config.data
     iterator = pipeline.make_cft_iterator(
-        data, self._tokenizer, sources=[{"path": data.eval_path, "format": data.format}],
+        data, self._tokenizer, sources=[pipeline.eval_source(data)],
         batch_size=self._config.eval.batch_size, num_epochs=1, process_index=jax.process_index(),
         process_count=jax.process_count())
     totals = None
