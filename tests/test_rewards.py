@@ -123,7 +123,7 @@ def test_code_reward():
       python_block("while True:\n  pass"),
       python_block("def f(x):\n  return x * x"),
   ]
-  results = score_batch("code", completions, records, wall_s=0.5, num_workers=4)
+  results = score_batch("code", completions, records, wall_s=2.0, num_workers=4)
   assert [r.score for r in results] == [1.0, 0.5, 0.0, 0.0, 1.0]
   assert results[1].reason == "1/2 tests passed; first failure: wrong answer"
   assert results[2].reason == "no code block"
