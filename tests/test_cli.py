@@ -1,4 +1,4 @@
-"""The `cftjax` subcommands not covered elsewhere: data build / inspect and generate, through `cli.main`."""
+"""The `cftjax` subcommands not covered elsewhere: data build / inspect, generate and doctor, through `cli.main`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from cftjax import cli
 from cftjax.data import synthetic
 from cftjax.models import ModelConfig, init_params
 from cftjax.models.checkpoint_io import save_model_checkpoint
+from cftjax.rewards import sandbox
 from cftjax.tokenizer import Tokenizer
 
 
@@ -41,3 +42,18 @@ def test_generate_prints_one_completion_per_prompt(tmp_path, capsys):
                    "--prompt", "What is 10 + 20?", "--max-new-tokens", "5"]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) >= 2
+
+
+def test_doctor_prints_the_active_isolation(capsys, monkeypatch, tmp_path):
+  assert cli.main(["doctor"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith('code sandbox (rl.code.isolation = "bwrap"): bwrap (bubblewrap ')
+  assert "user, mount, pid, net, ipc, uts and cgroup namespaces, seccomp" in out
+  monkeypatch.setenv("PATH", str(tmp_path))   # no bwrap
+  monkeypatch.setattr(sandbox, "_probe_result", None)
+  sandbox._bwrap_version.cache_clear()
+  try:
+    assert cli.main(["doctor"]) == 1
+  finally:
+    sandbox._bwrap_version.cache_clear()
+  assert 'set rl.code.isolation = "none"' in capsys.readouterr().err
