@@ -446,3 +446,22 @@ def test_trainer_survives_signals_from_a_run():
   finally:
     signal.signal(signal.SIGUSR1, previous)
   assert seen == [] and result.reason in ("ok", "killed by SIGUSR1")
+
+
+def test_a_run_dies_with_its_trainer():
+  trainer = subprocess.Popen([sys.executable, "-c", (
+      "import threading, time\nfrom cftjax.rewards.sandbox import Limits, run_python\n"
+      "threading.Thread(target=run_python, args=('import os, time\\nos.fork()\\ntime.sleep(60)',),"
+      " kwargs={'limits': Limits(wall_s=60)}).start()\ntime.sleep(60)\n")],
+      env={**os.environ, "PYTHONPATH": str(REPO)})
+  start_ticks = _boot_ticks_now()
+  deadline = time.monotonic() + 30
+  while not _sandboxed_processes(start_ticks) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert _sandboxed_processes(start_ticks), "the run did not start"
+  trainer.kill()
+  trainer.wait()
+  deadline = time.monotonic() + 5
+  while _sandboxed_processes(start_ticks) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert _sandboxed_processes(start_ticks) == []

@@ -319,11 +319,15 @@ def run_python(code: str, stdin: str = "", limits: Limits = Limits(), isolation:
       files = {f"/sandbox/{name}": _data_fd(data) for name, data in sources.items()}
       seccomp_fd = _data_fd(_seccomp_program())
       fds += [*files.values(), seccomp_fd]
-      config.update(reaper=True, work_dir="/work", solution_path="/sandbox/solution.py",
+      # The run's pid 1 ends it when this pipe's write end (this process's only) closes.
+      lifeline_read, lifeline_write = os.pipe()
+      fds += [lifeline_read, lifeline_write]
+      os.set_inheritable(lifeline_read, True)
+      config.update(lifeline_fd=lifeline_read, work_dir="/work", solution_path="/sandbox/solution.py",
                     job_path="/sandbox/job.json")
       command = _bwrap_command(files, seccomp_fd, info_fd, limits.disk_mb,
                                ["/sandbox/child.py", json.dumps(config)])
-      cwd, env, pass_fds = "/", {}, (*files.values(), seccomp_fd, info_fd)
+      cwd, env, pass_fds = "/", {}, (*files.values(), seccomp_fd, info_fd, lifeline_read)
     else:
       root = tempfile.mkdtemp(prefix="cftjax_sandbox_")
       for name, data in sources.items():
@@ -331,7 +335,7 @@ def run_python(code: str, stdin: str = "", limits: Limits = Limits(), isolation:
           f.write(data)
       work = os.path.join(root, "work")
       os.mkdir(work)
-      config.update(reaper=False, work_dir=work, solution_path=os.path.join(root, "solution.py"),
+      config.update(lifeline_fd=None, work_dir=work, solution_path=os.path.join(root, "solution.py"),
                     job_path=os.path.join(root, "job.json"))
       command = [_interpreter(), "-I", "-S", "-B", os.path.join(root, "child.py"), json.dumps(config)]
       cwd, env, pass_fds = work, {"HOME": work, "TMPDIR": work}, ()

@@ -1,8 +1,8 @@
 """The program the code sandbox starts (`python -I -S -B sandbox_child.py CONFIG_JSON`): standard
 library only, never imported by the trainer (cftjax.rewards.sandbox sends this file's text in).
 
-It sets the resource limits from CONFIG_JSON (as pid 1 of the sandbox it forks and only reaps),
-then, by config["mode"]:
+It sets the resource limits from CONFIG_JSON (as pid 1 of the sandbox it forks, then only reaps
+and watches the trainer's lifeline), then, by config["mode"]:
 - "program": runs the candidate's solution.py as __main__ (stdin/stdout tests);
 - "values": runs solution.py, then for each test its setup statements and the expressions listed in
   job.json, and writes one JSON line per test to the original stdout: {"test": i, "values": [...]}
@@ -14,6 +14,8 @@ then, by config["mode"]:
 import json
 import os
 import resource
+import select
+import signal
 import sys
 import types
 
@@ -90,23 +92,40 @@ def run_values(namespace, job, out):
       return
 
 
-def reap_until(child):
+def reap_until(child, lifeline):
   """As pid 1 of the sandbox's pid namespace: reaps every process until `child` ends, then
-  returns its exit code (128 + N for death by signal N, as a shell reports it)."""
+  returns its exit code (128 + N for death by signal N, as a shell reports it). The trainer holds
+  the write end of the `lifeline` pipe: end of file means it died, and so does the whole run."""
+  wake_read, wake_write = os.pipe()
+  os.set_blocking(wake_write, False)
+  signal.set_wakeup_fd(wake_write)
+  signal.signal(signal.SIGCHLD, lambda *_: None)
   while True:
-    pid, status = os.wait()
-    if pid == child:
-      code = os.waitstatus_to_exitcode(status)
-      return 128 - code if code < 0 else code
+    while True:
+      try:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+      except ChildProcessError:
+        return 1
+      if pid == 0:
+        break
+      if pid == child:
+        code = os.waitstatus_to_exitcode(status)
+        return 128 - code if code < 0 else code
+    ready, _, _ = select.select([lifeline, wake_read], [], [])
+    if lifeline in ready and not os.read(lifeline, 1):
+      return 128 + signal.SIGKILL
+    if wake_read in ready:
+      os.read(wake_read, 512)
 
 
 def main():
   config = json.loads(sys.argv[1])
   set_limits(config)
-  if config["reaper"]:   # the candidate must not be pid 1, which ignores most signals
+  if config["lifeline_fd"] is not None:   # pid 1: the candidate must not be, it ignores signals
     child = os.fork()
     if child:
-      os._exit(reap_until(child))
+      os._exit(reap_until(child, config["lifeline_fd"]))
+    os.close(config["lifeline_fd"])
   os.chdir(config["work_dir"])
   out = None
   if config["mode"] == "values":
