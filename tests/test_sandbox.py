@@ -275,12 +275,14 @@ def test_the_sandbox_sees_only_the_runtime(host):
              "print(sorted(os.listdir('/')))\nprint(sorted(os.listdir('/proc'))[:3], "
              "[l.split(':')[0].strip() for l in open('/proc/net/dev')][2:])\n"
              "print(sys.path[-1], os.path.exists(sys.path[-1].rsplit('/', 1)[0] + "
-             "'/site-packages/numpy'))\n")
+             "'/site-packages/numpy'))\n"
+             "print([os.access(f'/proc/1/{n}', os.R_OK) for n in ('mem', 'fd', 'environ')])\n")
   result = run_python(program)
   assert result.reason == "ok", result
-  ids, top, proc_net, paths = result.stdout.splitlines()
+  ids, top, proc_net, paths, reaper = result.stdout.splitlines()
+  assert reaper == "[False, False, False]"   # pid 1 (the reaper) is out of the program's reach
   uid, pid, env = ids.split(" ", 2)
-  assert (uid, pid) == ("65534", "2")    # nobody, pid 2 of its own pid namespace (bwrap is 1)
+  assert (uid, pid) == ("65534", "2")    # nobody, pid 2 of its own pid namespace
   assert env == "['HOME', 'PATH', 'PWD', 'TMPDIR']" and host.secret not in result.stdout
   assert set(eval(top)) <= {"dev", "etc", "lib", "lib64", "proc", "root", "sandbox", "usr", "work"}
   assert proc_net.endswith("['lo']")     # its own network namespace: loopback only

@@ -174,7 +174,8 @@ def _bwrap_command(files: dict[str, int], seccomp_fd: int, info_fd: int, disk_mb
       outer += ["--ro-bind", path, f"{_STAGE}/{i}"]
     outer += ["--", "setpriv", f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups", "--"]
   inner = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-           "--new-session", "--as-pid-1", "--uid", str(_NOBODY), "--gid", str(_NOBODY), "--hostname", "sandbox",
+           "--new-session", "--as-pid-1", "--uid", str(_NOBODY), "--gid", str(_NOBODY),
+           "--hostname", "sandbox",
            "--clearenv", "--setenv", "HOME", "/work", "--setenv", "TMPDIR", "/work",
            "--setenv", "PATH", "/nonexistent", "--info-fd", str(info_fd)]
   for i, path in enumerate(runtime):

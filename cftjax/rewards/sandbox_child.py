@@ -20,6 +20,7 @@ import sys
 import types
 
 _MAX_DEPTH = 64
+_PR_SET_DUMPABLE = 4
 
 
 def set_limits(config):
@@ -122,9 +123,13 @@ def main():
   config = json.loads(sys.argv[1])
   set_limits(config)
   if config["lifeline_fd"] is not None:   # pid 1: the candidate must not be, it ignores signals
+    import ctypes  # pylint: disable=import-outside-toplevel
+    prctl = ctypes.CDLL(None).prctl
+    prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)   # pid 1's /proc entries (mem, fd) become unreachable
     child = os.fork()
     if child:
       os._exit(reap_until(child, config["lifeline_fd"]))
+    prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
     os.close(config["lifeline_fd"])
   os.chdir(config["work_dir"])
   out = None
