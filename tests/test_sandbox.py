@@ -386,6 +386,15 @@ def test_split_assert_keeps_comparisons_in_the_trainer():
   assert test.setup == "xs = [3, 1]"
   assert test.expressions == ("__cftjax_materialize__(f(xs))", "g(1)")
   assert test.checks[0][0] == "_strict_equal(sorted(_value_0), [1, 3]) and (not _strict_equal(_value_1, 2.0))"
+  # Arithmetic and calls whose cost the program could choose, or with lambdas, run inside.
+  for source, inside, check in [
+      ("assert 2 ** f(3) == 8", "2 ** f(3)", "_strict_equal(_value_0, 8)"),
+      ("assert math.factorial(f(3)) == 6", "math.factorial(f(3))", "_strict_equal(_value_0, 6)"),
+      ("assert all(f(x) for x in xs)", "all((f(x) for x in xs))", "_value_0"),
+      ("assert not math.isclose(f(1), -2.5)", "__cftjax_materialize__(f(1))",
+       "not math.isclose(_value_0, -2.5)")]:
+    test = split_assert(source)
+    assert (test.expressions, test.checks[0][0]) == ((inside,), check)
   with pytest.raises(ValueError, match="test 0 holds no assert"):
     split_assert("x = 1")
   with pytest.raises(ValueError, match="test 0 is not valid Python"):

@@ -29,11 +29,13 @@ from typing import Any, Callable
 
 from cftjax.rewards.sandbox import Limits, run_python
 
-# Names the trainer itself evaluates in an assert's expression (pure functions of plain data).
+# What the trainer itself evaluates in an assert's expression: cheap functions of plain data (none
+# whose cost grows with a number the program returns, like range or math.factorial).
 _TRUSTED_BUILTINS = {name: getattr(builtins, name) for name in (
-    "abs", "all", "any", "bool", "bytes", "complex", "dict", "divmod", "enumerate", "float",
-    "frozenset", "int", "len", "list", "max", "min", "range", "reversed", "round", "set", "sorted",
-    "str", "sum", "tuple", "zip")}
+    "abs", "all", "any", "bool", "dict", "float", "frozenset", "int", "len", "list", "max", "min",
+    "round", "set", "sorted", "str", "sum", "tuple")}
+_TRUSTED_MATH = frozenset(("isclose", "isfinite", "isinf", "isnan", "floor", "ceil", "sqrt", "fabs",
+                           "trunc", "inf", "nan", "pi", "e", "tau"))
 _TRUSTED_MODULES = {"math": math}
 _LEAF = "_value_"
 _MATERIALIZE = "__cftjax_materialize__"   # defined by sandbox_child
@@ -69,11 +71,11 @@ def _output_lines(text: str) -> list[str]:
 
 
 def _is_trusted(node: ast.AST) -> bool:
-  """A name or attribute the trainer evaluates itself (trusted builtins, math.<x>)."""
+  """A name or attribute the trainer evaluates itself (trusted builtins, math.<trusted>)."""
   if isinstance(node, ast.Name):
     return node.id in _TRUSTED_BUILTINS or node.id in _TRUSTED_MODULES
   return (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-          and node.value.id in _TRUSTED_MODULES)
+          and node.value.id in _TRUSTED_MODULES and node.attr in _TRUSTED_MATH)
 
 
 def _touches_program(node: ast.AST) -> bool:
@@ -99,12 +101,14 @@ class _StrictEquality(ast.NodeTransformer):
 
 class _Splitter(ast.NodeTransformer):
   """Replaces each maximal part of an expression that touches the program's names with _value_<i>,
-  keeping in the trainer the structure around it (comparisons, operators, displays, literals and
-  calls of trusted builtins). A part passed to a trusted call is materialized inside (iterators
-  become lists), as that call would consume it."""
+  keeping in the trainer the structure around it: comparisons, and/or/not, displays, subscripts,
+  literals and calls of trusted functions without lambda or comprehension arguments. Arithmetic on
+  the program's values runs inside (its cost would be the program's to choose). A part passed to a
+  trusted call is materialized inside (iterators become lists), as that call would consume it."""
 
-  _KEEP = (ast.Compare, ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.Tuple, ast.List, ast.Set,
-           ast.Dict, ast.IfExp, ast.Subscript, ast.Slice, ast.Starred)
+  _KEEP = (ast.Compare, ast.BoolOp, ast.UnaryOp, ast.Tuple, ast.List, ast.Set, ast.Dict, ast.IfExp,
+           ast.Subscript, ast.Slice, ast.Starred)
+  _INSIDE_ONLY = (ast.Lambda, ast.GeneratorExp, ast.ListComp, ast.SetComp, ast.DictComp)
 
   def __init__(self, expressions: list[str]):
     self.expressions = expressions
@@ -116,13 +120,15 @@ class _Splitter(ast.NodeTransformer):
     if isinstance(node, ast.keyword):
       node.value = self.visit(node.value)
       return node
-    if isinstance(node, ast.Call) and _is_trusted(node.func):
+    if isinstance(node, ast.Call) and _is_trusted(node.func) and not any(
+        isinstance(a, self._INSIDE_ONLY) for a in [*node.args, *(k.value for k in node.keywords)]):
       materialize, self._materialize = self._materialize, True
       node.args = [self.visit(a) for a in node.args]
       node.keywords = [self.visit(k) for k in node.keywords]
       self._materialize = materialize
       return node
-    if isinstance(node, self._KEEP):
+    if isinstance(node, self._KEEP) and not (isinstance(node, ast.UnaryOp)
+                                             and not isinstance(node.op, ast.Not)):
       materialize, self._materialize = self._materialize, False
       node = self.generic_visit(node)
       self._materialize = materialize
@@ -257,6 +263,8 @@ def _judge(test: AssertTest, record: dict[str, Any] | None, failure: str) -> str
     return "malformed result"
   try:
     values = {f"{_LEAF}{i}": decode(v) for i, v in enumerate(encoded)}
+  except RecursionError:
+    return "wrong answer: malformed value (nested too deeply)"
   except _Malformed as e:
     return f"wrong answer: {e}"
   namespace = {"__builtins__": _TRUSTED_BUILTINS, **_TRUSTED_MODULES, "_strict_equal": strict_equal,
@@ -277,7 +285,7 @@ def _records(stdout: str) -> dict[int, dict[str, Any]]:
   for line in stdout.splitlines():
     try:
       record = json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
       continue
     if isinstance(record, dict) and isinstance(record.get("test"), int):
       records.setdefault(record["test"], record)
