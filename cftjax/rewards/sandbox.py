@@ -152,6 +152,12 @@ def _seccomp_program() -> bytes:
     return f.read()
 
 
+@functools.lru_cache(maxsize=None)
+def _child_source() -> bytes:
+  with open(_CHILD_SOURCE, "rb") as f:
+    return f.read()
+
+
 def _data_fd(data: bytes) -> int:
   """A readable file descriptor holding data (an anonymous memory file), positioned at 0."""
   fd = os.memfd_create("cftjax-sandbox", os.MFD_CLOEXEC)
@@ -302,8 +308,7 @@ def run_python(code: str, stdin: str = "", limits: Limits = Limits(), isolation:
   """
   if isolation not in ISOLATIONS:
     raise ValueError(f"rl.code.isolation = {isolation!r}; expected one of {ISOLATIONS}")
-  with open(_CHILD_SOURCE, "rb") as f:
-    child_source = f.read()
+  child_source = _child_source()
   config = {"mode": "program" if job is None else "values", "cpu_s": max(1, math.ceil(limits.cpu_s)),
             "memory_bytes": limits.memory_mb << 20, "file_bytes": limits.output_mb << 20,
             "open_files": limits.open_files, "max_processes": limits.max_processes}
