@@ -27,6 +27,7 @@ from cftjax.data import preview, synthetic, tfds_builder
 from cftjax.eval import runner
 from cftjax.models import checkpoint_io, convert
 from cftjax.serve import server
+from cftjax.rewards import sandbox
 from cftjax.train import plots
 from cftjax.train import run as run_lib
 
@@ -213,6 +214,12 @@ def _run_plot(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
   return 0
 
 
+def _run_doctor(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+  del args, overrides
+  print(f"code sandbox (rl.code.isolation = \"bwrap\"): {sandbox.check_isolation('bwrap')}")
+  return 0
+
+
 SUBCOMMANDS = (
     Subcommand("train", "CFT or GRPO training (config.train.objective) from a config file",
                _add_train_arguments, _run_train, takes_config_overrides=True),
@@ -226,6 +233,8 @@ SUBCOMMANDS = (
     Subcommand("data", "build a TFDS ArrayRecord dataset or inspect a config's training data",
                _add_data_arguments, _run_data, takes_config_overrides=True),
     Subcommand("plot", "PNG curves of a run's metrics", _add_plot_arguments, _run_plot),
+    Subcommand("doctor", "check this machine: which code-sandbox isolation is active",
+               lambda parser: None, _run_doctor),
 )
 
 

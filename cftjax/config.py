@@ -139,6 +139,20 @@ def base_config() -> config_dict.ConfigDict:
   c.rl.rewards = config_dict.ConfigDict({
       "by_task": {"crl": "verdict", "math": "math", "code": "code"},
       "scale_by_source": {}, "options": {"verdict": {"style": "auto"}}})
+  # The code reward (cftjax.rewards.registry.code_reward): model-written programs run in an OS
+  # sandbox (docs/security.md; `cftjax doctor` shows what this machine gives).
+  c.rl.code = config_dict.ConfigDict()
+  # bwrap: bubblewrap namespaces + seccomp (refuses to start where unavailable); "none" runs the
+  # programs as the trainer's user with rlimits only, accepting that risk explicitly.
+  c.rl.code.isolation = "bwrap"
+  c.rl.code.wall_s = 5.0  # per test run (cut to what is left of budget_s)
+  c.rl.code.cpu_s = 5.0  # CPU seconds per test run
+  c.rl.code.memory_mb = 512  # address space per process
+  c.rl.code.disk_mb = 64  # the writable tmpfs
+  c.rl.code.budget_s = 30.0  # wall time for all tests of one completion
+  c.rl.code.all_or_nothing = False  # False: the test pass rate; True: 1 only if all pass (stops early)
+  c.rl.code.num_workers = 4  # completions scored at once
+  c.rl.code.parallel_tests = 2  # stdin/stdout tests of one completion run at once
   c.rl.overlong_buffer = 0  # DAPO soft overlong penalty over the last N tokens (0 = off)
   c.rl.overlong_penalty = 1.0  # its size at max_new_tokens
   c.rl.mask_truncated = False  # no loss on completions cut off at max_new_tokens

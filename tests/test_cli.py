@@ -1,4 +1,4 @@
-"""The `cftjax` subcommands not covered elsewhere: data build / inspect and generate, through `cli.main`."""
+"""The `cftjax` subcommands not covered elsewhere: data build / inspect, generate and doctor, through `cli.main`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from cftjax.data import synthetic
 from cftjax.models import ModelConfig, init_params
 from cftjax.models.checkpoint_io import save_model_checkpoint
 from cftjax.models.convert import hf_to_checkpoint
+from cftjax.rewards import sandbox
 from cftjax.tokenizer import Tokenizer
 from tests.hf_reference import save_transformers_qwen2_dir
 
@@ -108,3 +109,18 @@ def test_commands_print_no_noise(tmp_path, capsys):
   assert done.returncode == 0, done.stderr[-3000:]
   assert "Unable to initialize backend" not in done.stderr
   assert "0.00B" not in done.stderr and "K params" in done.stderr
+
+
+def test_doctor_prints_the_active_isolation(capsys, monkeypatch, tmp_path):
+  assert cli.main(["doctor"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith('code sandbox (rl.code.isolation = "bwrap"): bwrap (bubblewrap ')
+  assert "user, mount, pid, net, ipc, uts and cgroup namespaces, seccomp" in out
+  monkeypatch.setenv("PATH", str(tmp_path))   # no bwrap
+  monkeypatch.setattr(sandbox, "_probe_result", None)
+  sandbox._bwrap_version.cache_clear()
+  try:
+    assert cli.main(["doctor"]) == 1
+  finally:
+    sandbox._bwrap_version.cache_clear()
+  assert 'set rl.code.isolation = "none"' in capsys.readouterr().err

@@ -135,3 +135,12 @@ def test_grade_math_single_call():
   assert grade_math(r"\frac{3}{4}", r"Thus \boxed{0.75}.", timeout_s=20.0) == (True, "correct")
   assert grade_math("3", r"\boxed{4}", timeout_s=20.0) == (False, "wrong answer")
   assert grade_math(12, r"\boxed{12}", timeout_s=20.0) == (True, "correct")   # non-str gold (JSON int)
+
+
+def test_workers_have_a_memory_limit():
+  with MathGrader(num_workers=1, timeout_s=30.0, memory_mb=400) as small:
+    assert small.grade("2", r"\boxed{2}") == (True, "correct")
+    (worker,) = small._workers
+    with open(f"/proc/{worker._process.pid}/limits") as f:
+      limit = next(line for line in f if line.startswith("Max address space"))
+    assert limit.split()[3:5] == [str(400 << 20)] * 2

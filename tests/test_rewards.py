@@ -7,6 +7,7 @@ import logging
 import ml_collections
 import pytest
 
+from cftjax.config import base_config
 from cftjax.data.critique import CritiqueRecord
 from cftjax.rewards.grading import MathGrader
 from cftjax.rewards.registry import (RewardComputer, RewardResult, extract_code, get_reward,
@@ -123,7 +124,7 @@ def test_code_reward():
       python_block("while True:\n  pass"),
       python_block("def f(x):\n  return x * x"),
   ]
-  results = score_batch("code", completions, records, wall_s=0.5, num_workers=4)
+  results = score_batch("code", completions, records, wall_s=2.0, num_workers=4)
   assert [r.score for r in results] == [1.0, 0.5, 0.0, 0.0, 1.0]
   assert results[1].reason == "1/2 tests passed; first failure: wrong answer"
   assert results[2].reason == "no code block"
@@ -164,3 +165,15 @@ def test_reward_computer_routes_scales_and_counts_errors(caplog):
 def test_reward_computer_config_errors(config, message):
   with pytest.raises(ValueError, match=message):
     RewardComputer(config)
+
+
+def test_reward_computer_takes_the_code_options_from_rl_code():
+  rl = base_config().rl
+  rl.code.all_or_nothing = True
+  record = code_record({"inputs": ["1 2", "5 5"], "outputs": ["3", "10"]})
+  with RewardComputer(rl.rewards, code=rl.code) as computer:
+    results = computer([python_block("a, b = map(int, input().split())\nprint(a + b if a < 5 else 0)")],
+                       [record], ["code"])
+  assert (results[0].score, results[0].reason) == (0.0, "1/2 tests passed; first failure: wrong answer")
+  with pytest.raises(ValueError, match="remove rl.rewards.options.code"):
+    RewardComputer({"by_task": {"code": "code"}, "options": {"code": {"wall_s": 1.0}}}, code=rl.code)

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import multiprocessing
 import queue
+import resource
 import sys
 import threading
 import types
@@ -60,9 +61,11 @@ class GraderError(RuntimeError):
   """The math grader's worker processes cannot run (e.g. math-verify does not import)."""
 
 
-def _worker_main(conn: Connection) -> None:
+def _worker_main(conn: Connection, memory_bytes: int) -> None:
   """Worker loop: receive (gold, pred_text), send (correct, reason); None or EOF stops it. Sends
-  _READY once math-verify imports, else the import error's text, and exits."""
+  _READY once math-verify imports, else the import error's text, and exits. Its address space is
+  limited to memory_bytes (a grade needing more fails with MemoryError)."""
+  resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
   logging.getLogger("math_verify").setLevel(logging.ERROR)   # "timeout disabled" warnings
   try:
     import math_verify  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
@@ -112,14 +115,16 @@ def _main_module_hidden() -> Iterator[None]:
 class _Worker:
   """One worker process, started on first use and restarted after it is killed."""
 
-  def __init__(self, context: multiprocessing.context.BaseContext):
+  def __init__(self, context: multiprocessing.context.BaseContext, memory_mb: int):
     self._context = context
+    self._memory_bytes = memory_mb << 20
     self._process: multiprocessing.process.BaseProcess | None = None
     self._conn: Connection | None = None
 
   def _start(self) -> None:
     parent_conn, child_conn = self._context.Pipe()
-    process = self._context.Process(target=_worker_main, args=(child_conn,), daemon=True,
+    process = self._context.Process(target=_worker_main, args=(child_conn, self._memory_bytes),
+                                    daemon=True,
                                     name="cftjax-math-grader")
     with _main_module_hidden():
       process.start()
@@ -175,9 +180,13 @@ class _Worker:
 
 
 class MathGrader:
-  """A reusable pool of math-verify worker processes; use as a context manager or call close()."""
+  """A reusable pool of math-verify worker processes; use as a context manager or call close().
 
-  def __init__(self, num_workers: int = 2, timeout_s: float = 5.0):
+  timeout_s: per grade (the worker is killed and replaced after it); memory_mb: each worker's
+  address-space limit (RLIMIT_AS).
+  """
+
+  def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 1024):
     if num_workers < 1:
       raise ValueError(f"MathGrader: num_workers must be >= 1, got {num_workers}")
     if timeout_s <= 0:
@@ -185,7 +194,7 @@ class MathGrader:
     self.num_workers = num_workers
     self.timeout_s = timeout_s
     context = _process_context()
-    self._workers = [_Worker(context) for _ in range(num_workers)]
+    self._workers = [_Worker(context, memory_mb) for _ in range(num_workers)]
     self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
     for worker in self._workers:
       self._idle.put(worker)

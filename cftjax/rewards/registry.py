@@ -12,7 +12,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from cftjax.data.critique import CritiqueRecord, parse_verdict, remove_think
 from cftjax.rewards.grading import MathGrader, shared_grader
-from cftjax.rewards.sandbox import run_tests
+from cftjax.rewards.code_tests import run_tests
+from cftjax.rewards.sandbox import Limits, check_isolation
 
 logger = logging.getLogger(__name__)
 
@@ -159,23 +160,31 @@ def extract_code(text: str) -> str | None:
 
 @register_reward("code", batched=True)
 def code_reward(completions: Sequence[str], records: Sequence[CritiqueRecord],
-                wall_s: float = 5.0, cpu_s: float = 5.0, memory_mb: int = 512,
-                num_workers: int = 4) -> list[RewardResult]:
-  """Pass rate of the completion's last python code block on record.tests (sandboxed)."""
+                isolation: str = "bwrap", wall_s: float = 5.0, cpu_s: float = 5.0,
+                memory_mb: int = 512, disk_mb: int = 64, budget_s: float = 30.0,
+                all_or_nothing: bool = False, num_workers: int = 4,
+                parallel_tests: int = 2) -> list[RewardResult]:
+  """Pass rate of the completion's last python code block on record.tests, run in the code
+  sandbox (cftjax.rewards.code_tests; the options are rl.code's keys, config.py). all_or_nothing
+  scores 1 only when every test passes and stops at the first failure. num_workers completions
+  are scored at once, each running up to parallel_tests stdin/stdout tests at once."""
   for record in records:
     if record.tests is None:
       raise ValueError(f"record {record.id!r} (source {record.source!r}) has no tests; the code "
                        "reward needs them")
+  limits = Limits(wall_s=wall_s, cpu_s=cpu_s, memory_mb=memory_mb, disk_mb=disk_mb)
 
   def score(completion: str, record: CritiqueRecord) -> RewardResult:
     code = extract_code(completion)
     if code is None:
       return RewardResult(0.0, "no code block")
-    pass_rate, reasons = run_tests(code, record.tests, wall_s=wall_s, cpu_s=cpu_s,
-                                   memory_mb=memory_mb, num_workers=1)
+    pass_rate, reasons = run_tests(code, record.tests, limits=limits, isolation=isolation,
+                                   budget_s=budget_s, stop_at_first_failure=all_or_nothing,
+                                   parallel=parallel_tests)
     failures = [r for r in reasons if r != "passed"]
     reason = f"{len(reasons) - len(failures)}/{len(reasons)} tests passed"
-    return RewardResult(pass_rate, reason + (f"; first failure: {failures[0]}" if failures else ""))
+    score = float(not failures) if all_or_nothing else pass_rate
+    return RewardResult(score, reason + (f"; first failure: {failures[0]}" if failures else ""))
 
   with concurrent.futures.ThreadPoolExecutor(num_workers, "cftjax-code-reward") as pool:
     return list(pool.map(score, completions, records))
@@ -195,10 +204,13 @@ class RewardComputer:
     scale_by_source: {record.source: factor}, e.g. {"crl": 0.8}; unlisted sources keep 1.
     options: {reward name: keyword options}, e.g. {"verdict": {"style": "crl"}}.
     math_grader: MathGrader arguments, e.g. {"num_workers": 4, "timeout_s": 5.0}.
+  code: the code reward's options (the rl.code section: isolation, limits, workers); then
+    options.code must be unset. When a task routes to "code", the isolation is checked here: an
+    unavailable one raises IsolationUnavailable naming rl.code.isolation.
   `error_count` counts rewards that raised (scored 0). Close it (or use `with`) to stop workers.
   """
 
-  def __init__(self, config: Mapping[str, Any] | Any):
+  def __init__(self, config: Mapping[str, Any] | Any, code: Mapping[str, Any] | Any = None):
     config = dict(config.to_dict() if hasattr(config, "to_dict") else config)
     unknown = sorted(set(config) - set(_CONFIG_KEYS))
     if unknown:
@@ -215,6 +227,13 @@ class RewardComputer:
         source: float(scale) for source, scale in dict(config.get("scale_by_source") or {}).items()}
     self.options: dict[str, dict[str, Any]] = {
         name: dict(opts) for name, opts in dict(config.get("options") or {}).items()}
+    if code is not None:
+      if "code" in self.options:
+        raise ValueError("RewardComputer: the code reward's options come from rl.code; remove "
+                         "rl.rewards.options.code")
+      self.options["code"] = dict(code.to_dict() if hasattr(code, "to_dict") else code)
+    if "code" in self.by_task.values():
+      check_isolation(self.options.get("code", {}).get("isolation", "bwrap"))
     self._grader_args = dict(config.get("math_grader") or {})
     self._grader: MathGrader | None = None
     self.error_count = 0

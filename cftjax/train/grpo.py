@@ -337,7 +337,7 @@ class GRPORun(run_lib.RunLoop):
     if uses_reference(rl) or rl.recompute_old_logp:
       self.score_log_probs = make_log_prob_fn(
           self.model_cfg, temperature=rl.temperature, **step_kwargs)
-    self.rewards = RewardComputer(rl.rewards)
+    self.rewards = RewardComputer(rl.rewards, code=rl.code)
     self.nonfinite = run_lib.NonFiniteGuard(config.train.max_consecutive_nonfinite)
     self.no_variance_updates = 0  # updates skipped: no group with reward variance to train on
     self.evaluator = run_lib.make_evaluator(config, self.model_cfg, self.tokenizer, extra_evaluator)
