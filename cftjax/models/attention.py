@@ -25,7 +25,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
 
+from cftjax import parallel
 from cftjax.config import ConfigError
 
 Array = jax.Array
@@ -106,6 +110,50 @@ def cudnn_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -> 
   """cuDNN flash attention told each row's length: rows hold one sequence then padding."""
   lengths = None if segment_ids is None else sequence_lengths(segment_ids)
   return padded_causal_attention(q, k, v, lengths, implementation="cudnn")
+
+
+SPLASH_BLOCK = 512  # splash attention's query and key block (rows are padded to a multiple of it)
+
+
+def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
+                     interpret: bool = False) -> Array:
+  """Splash attention (Pallas TPU, `jax.experimental.pallas.ops.tpu.splash_attention`): a causal
+  flash kernel that skips the blocks above the diagonal and takes the segment ids of packed rows
+  (queries attend to keys of their own segment only). Queries are scaled by 1/sqrt(head_dim) in their
+  dtype first. Rows are padded to a multiple of the block (segment 0, then cut off).
+
+  Inside `parallel.use_mesh` it runs under `jax.shard_map`, each device on its rows and heads (the
+  logical "batch", "heads" and "kv_heads" placements). interpret=True runs the kernel in Pallas'
+  interpreter (any platform; for tests).
+  """
+  batch, seq, _, head_dim = q.shape
+  if segment_ids is None:
+    segment_ids = jnp.ones((batch, seq), jnp.int32)
+  block = min(SPLASH_BLOCK, -(-seq // 128) * 128)
+  pad = -seq % block
+  q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)))
+  q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+
+  def attend(q, k, v, segments):  # this device's [rows, seq, heads here, head_dim]
+    kernel = splash.make_splash_mha(
+        splash_mask.MultiHeadMask([splash_mask.CausalMask((seq + pad, seq + pad))] * q.shape[2]),
+        block_sizes=splash.BlockSizes(*(block,) * 8), head_shards=1, q_seq_shards=1, interpret=interpret)
+    one_row = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s))
+    out = jax.vmap(one_row)(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), segments)
+    return out.swapaxes(1, 2)
+
+  if parallel.entered() is None:
+    out = attend(q, k, v, segment_ids)
+  else:
+    rows, _, heads, _ = parallel.split_axes(q.shape, ("batch", "seq", "heads", "head_dim"), "queries")
+    kv_heads = parallel.split_axes(k.shape, ("batch", "seq", "kv_heads", "head_dim"), "keys")[2]
+    if heads != kv_heads:  # query and KV heads must split alike to keep their grouping
+      heads = kv_heads = ()
+    q_spec, kv_spec = P(rows or None, None, heads or None, None), P(rows or None, None, kv_heads or None, None)
+    out = jax.shard_map(attend, mesh=parallel.current()[0], in_specs=(q_spec, kv_spec, kv_spec, P(rows or None, None)),
+                        out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+  return out[:, :seq]
 
 
 MIN_QUERY_BLOCK = 64  # causal attention splits queries into blocks of at least this many rows
@@ -404,8 +452,10 @@ BACKENDS = {
     # cuDNN flash attention (bf16/f16) told each row's length; rows hold one sequence + padding.
     "cudnn": Backend(attend=cudnn_attention, decode=XLA_DECODE, platforms=("gpu",),
                      dtypes=("bfloat16", "float16"), packed_rows=False),
+    # Splash attention (Pallas TPU flash kernel with segment ids); standard weights when decoding.
+    "splash": Backend(attend=splash_attention, decode=XLA_DECODE, platforms=("tpu",)),
 }
-AUTO = {"cpu": "cpu", "gpu": "blocked", "tpu": "blocked"}  # platform -> backend; others get "xla"
+AUTO = {"cpu": "cpu", "gpu": "blocked", "tpu": "splash"}  # platform -> backend; others get "xla"
 CHOICES = ("auto", *BACKENDS)
 _PLATFORM_NAMES = {"cpu": "CPUs", "gpu": "GPUs", "tpu": "TPUs"}
 
