@@ -67,6 +67,10 @@ def cache_mask(positions: Array, num_slots: int) -> Array:
   return attention_mask(positions, slots, None, None)
 
 
+# Logical axes of one layer's cache [batch, kv_heads, slots, head_dim]: sharded over KV heads.
+CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
+
+
 def write_cache(layer_cache: Array, new: Array, start: Array, *, slots_last: bool = False) -> Array:
   """Writes new [batch, seq, kv_heads, head_dim] into one layer's cache [batch, kv_heads, slots, head_dim]
   (with slots_last: [batch, kv_heads, head_dim, slots]) at slots start[b] .. start[b] + seq - 1 of each
@@ -81,11 +85,35 @@ def cache_attention(q: Array, k: Array, v: Array, cache: LayerCache,
   """Writes k, v at slots = positions [batch, seq] (contiguous per row) of one layer's cache {"k", "v"}:
   [batch, kv_heads, slots, head_dim], then attends q to the slots <= each query's position through
   `jax.nn.dot_product_attention`. Returns (out [batch, seq, heads, head_dim], the updated cache)."""
-  start = positions[:, 0]
-  cache = {"k": write_cache(cache["k"], k, start), "v": write_cache(cache["v"], v, start)}
+  cache = write_layer_cache(cache, k, v, positions[:, 0])
   keys, values = (cache[name].swapaxes(1, 2).astype(q.dtype) for name in ("k", "v"))
   mask = cache_mask(positions, keys.shape[1])
   return jax.nn.dot_product_attention(q, keys, values, mask=mask), cache
+
+
+def write_layer_cache(cache: LayerCache, k: Array, v: Array, start: Array) -> LayerCache:
+  """k, v [batch, seq, kv_heads, head_dim] written at slots start[b] .. of one layer's cache {"k", "v"}
+  [batch, kv_heads, slots, head_dim], which keeps its placement (`CACHE_AXES`)."""
+  write = lambda name, new: nn.with_logical_constraint(write_cache(cache[name], new, start), CACHE_AXES)
+  return {"k": write("k", k), "v": write("v", v)}
+
+
+def einsum_decode_attention(q: Array, k: Array, v: Array, cache: LayerCache,
+                            positions: Array) -> tuple[Array, LayerCache]:
+  """One token per row over a cache {"k", "v"} [batch, kv_heads, slots, head_dim]: writes k, v at slot
+  = position, then attends as two batched matmuls on the cache's own layout (float32 scores and
+  softmax over the slots <= position), each KV head's query heads folded into one product."""
+  batch, _, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  start = positions[:, 0]
+  cache = write_layer_cache(cache, k, v, start)
+  q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+  scores = jnp.einsum("bkgh,bksh->bkgs", q, cache["k"].astype(q.dtype), preferred_element_type=jnp.float32)
+  visible = jnp.arange(scores.shape[-1], dtype=jnp.int32)[None, :] <= start[:, None]  # [batch, slots]
+  scores = jnp.where(visible[:, None, None, :], scores / math.sqrt(head_dim), -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgs,bksh->bkgh", probs, cache["v"].astype(q.dtype))
+  return out.reshape(batch, 1, heads, head_dim), cache
 
 
 # Training attention (no cache).
@@ -417,7 +445,7 @@ def fused_decode_attention(q: Array, k: Array, v: Array, cache: LayerCache,
   return out.reshape(batch, 1, heads, head_dim), cache
 
 
-XLA_DECODE = Decode(layout=STANDARD, layer_cache=lambda cache: cache, attend=cache_attention)
+XLA_DECODE = Decode(layout=STANDARD, layer_cache=lambda cache: cache, attend=einsum_decode_attention)
 # XLA CPU: [out, in] weights, keys turned to [head_dim, slots] for `_scores` (docs/benchmarks.md).
 CPU_DECODE = Decode(layout=OUT_IN, layer_cache=lambda cache: {"k": cache["k"].swapaxes(-1, -2),
                                                               "v": cache["v"]},

@@ -290,7 +290,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
   contiguous matrix, with no transposed copy of the cache per step.
   """
   shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype), ("layers", *attention.CACHE_AXES))
+  return {"k": zeros(), "v": zeros()}
 
 
 # Decoding one token per row, on the decode layout of the configured attention backend.
