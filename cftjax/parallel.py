@@ -44,8 +44,10 @@ LOGICAL_RULES: LogicalRules = (
 )
 
 
-def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+def mesh_axes(axes: MeshAxes) -> tuple[str, ...]:
+  """One entry of a PartitionSpec (an axis name, a tuple of them or None) as a tuple of axis names."""
   return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
 
 
 def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -66,7 +68,7 @@ def logical_rules(overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] = ())
       raise ValueError(f"mesh.rules.{name}: unknown logical axis; the rules cover {sorted(rules)}")
     if axes is not None and not isinstance(axes, str):
       axes = tuple(axes)
-    for axis in _as_tuple(axes):
+    for axis in mesh_axes(axes):
       if axis not in MESH_AXES:
         raise ValueError(f"mesh.rules.{name}: unknown mesh axis {axis!r}; use one of {MESH_AXES} or None")
     rules[name] = axes
@@ -117,7 +119,7 @@ def path_name(path: tuple[Any, ...]) -> str:
 
 
 def _axis_size(mesh: Mesh, axes: MeshAxes) -> int:
-  return math.prod(mesh.shape[a] for a in _as_tuple(axes))
+  return math.prod(mesh.shape[a] for a in mesh_axes(axes))
 
 
 def _log_replication_once(name: str, dim: int, size: int, axis: str, axis_size: int) -> None:
@@ -141,7 +143,7 @@ def divisible_spec(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, name: 
   dims = []
   for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
     kept = []
-    for axis in _as_tuple(axes):
+    for axis in mesh_axes(axes):
       if size % (_axis_size(mesh, tuple(kept)) * mesh.shape[axis]):
         _log_replication_once(name, dim, size, axis, mesh.shape[axis])
       else:
@@ -169,6 +171,11 @@ def use_mesh(mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> Iterator[Mesh]:
     _CURRENT.reset(token)
 
 
+def entered() -> tuple[Mesh, LogicalRules] | None:
+  """The (mesh, rules) of the innermost `use_mesh`, or None outside every `use_mesh`."""
+  return _CURRENT.get()
+
+
 def current() -> tuple[Mesh, LogicalRules]:
   """The (mesh, rules) of the innermost `use_mesh`."""
   entered = _CURRENT.get()
@@ -183,6 +190,22 @@ def platform() -> str:
   backend."""
   entered = _CURRENT.get()
   return jax.default_backend() if entered is None else entered[0].devices.flat[0].platform
+
+
+def varying_like(x: jax.Array, *others: jax.Array) -> jax.Array:
+  """x marked as varying (inside `jax.shard_map`) over every mesh axis any of `others` varies over:
+  e.g. the initial carry of a loop that sums terms computed from `others`. Outside shard_map: x."""
+  axes = set()
+  for other in others:
+    axes |= jax.typeof(other).manual_axis_type.varying
+  return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
+
+
+def sum_to_match(x: jax.Array, like: jax.Array) -> jax.Array:
+  """x summed (inside `jax.shard_map`) over the mesh axes it varies over and `like` does not: the
+  cotangent of `like` from per-device partial terms. Outside shard_map: x."""
+  axes = jax.typeof(x).manual_axis_type.varying - jax.typeof(like).manual_axis_type.varying
+  return jax.lax.psum(x, tuple(sorted(axes))) if axes else x
 
 
 def bind(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -206,6 +229,13 @@ def logical_sharding(shape: Sequence[int], names: Sequence[str | None], name: st
   mesh, rules = current()
   spec = nn.logical_to_mesh_axes(tuple(names), rules)
   return NamedSharding(mesh, divisible_spec(shape, spec, mesh, name))
+
+
+def split_axes(shape: Sequence[int], names: Sequence[str | None], name: str = "array") -> tuple[tuple[str, ...], ...]:
+  """The mesh axes that split each dim of an array whose dims carry logical `names` (as placed by
+  `logical_sharding`): one tuple of axis names per dim."""
+  spec = tuple(logical_sharding(shape, names, name).spec)
+  return tuple(mesh_axes(axes) for axes in spec + (None,) * (len(shape) - len(spec)))
 
 
 def param_shardings(boxed_tree: Any) -> Any:

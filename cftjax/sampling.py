@@ -121,8 +121,12 @@ def _cfg_key(cfg: ModelConfig) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, greedy: bool, top_k: int,
-                       use_top_p: bool, stop_ids: tuple[int, ...], pad_id: int) -> Callable:
-  """The jitted prefill + decode loop for one set of static settings (reused across calls)."""
+                       use_top_p: bool, stop_ids: tuple[int, ...], pad_id: int,
+                       mesh: jax.sharding.Mesh | None = None,
+                       rules: parallel.LogicalRules = parallel.LOGICAL_RULES) -> Callable:
+  """The jitted prefill + decode loop for one set of static settings (reused across calls); with a
+  mesh (the params'), traced under it and its logical rules, so activations, the KV cache and the
+  embedding lookup are placed by the rules (`parallel.activation_sharding`)."""
   cfg = ModelConfig(**json.loads(cfg_key))
   model = Decoder(cfg)
   decode = attention.backend(cfg.attention).decode
@@ -177,7 +181,11 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
     state = jax.lax.while_loop(keep_going, next_token, state)
     return state["tokens"], state["logprobs"], state["lengths"], ~state["done"]
 
-  return jax.jit(run)
+  def run_on_mesh(*args):
+    with parallel.use_mesh(mesh, rules), parallel.activation_sharding():
+      return run(*args)
+
+  return jax.jit(run if mesh is None else run_on_mesh)
 
 
 def _validate(cfg: ModelConfig, tokens: np.ndarray, pad_id: int, max_new_tokens: int, temperature: float,
@@ -244,16 +252,16 @@ def generate(params: dict[str, Any], cfg: ModelConfig, prompts: Sequence[Sequenc
             tokenizer)
   greedy = temperature == 0
   cfg = cfg.replace(attention=attention.resolve(cfg.attention, _params_platform(params)))
+  mesh, rules = _params_mesh(params)
   run = _compiled_generate(_cfg_key(cfg), max_new_tokens, cache_dtype, greedy,
                            0 if greedy else min(top_k, cfg.vocab_size), not greedy and top_p < 1.0,
-                           tuple(int(i) for i in stop_ids), pad_id)
-  mesh = _multi_process_mesh(params)
+                           tuple(int(i) for i in stop_ids), pad_id, mesh, rules)
   rows = len(lengths)
-  if mesh is not None:
+  if jax.process_count() > 1:
     prompt_tokens, lengths = _global_prompts(prompt_tokens, lengths, mesh, prompt_buckets, pad_id)
   outputs = run(params, prompt_tokens, lengths, rng, jnp.float32(temperature if temperature > 0 else 1.0),
                 jnp.float32(top_p))
-  if mesh is not None:
+  if jax.process_count() > 1:
     with parallel.use_mesh(mesh):
       row_spec = parallel.batch_sharding(ndim=1).spec
     outputs = multihost_utils.global_array_to_host_local_array(outputs, mesh, row_spec)
@@ -271,15 +279,17 @@ def _params_platform(params: dict[str, Any]) -> str:
   return next(iter(sharding.device_set)).platform if sharding is not None else jax.default_backend()
 
 
-def _multi_process_mesh(params: dict[str, Any]) -> jax.sharding.Mesh | None:
-  """The mesh of params spanning several processes (generation is then one global program), else None."""
-  if jax.process_count() == 1:
-    return None
+def _params_mesh(params: dict[str, Any]) -> tuple[jax.sharding.Mesh | None, parallel.LogicalRules]:
+  """(the mesh params are placed on, or None for host / single-device arrays; the logical rules: the
+  current `use_mesh`'s when it is that mesh, else the defaults). Several processes need a mesh."""
   sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
   if not isinstance(sharding, NamedSharding):
-    raise ValueError(f"{jax.process_count()} JAX processes: generate needs params placed on a device mesh "
-                     "(NamedSharding, e.g. a TrainState's params), not host or single-device arrays")
-  return sharding.mesh
+    if jax.process_count() > 1:
+      raise ValueError(f"{jax.process_count()} JAX processes: generate needs params placed on a device "
+                       "mesh (NamedSharding, e.g. a TrainState's params), not host or single-device arrays")
+    return None, parallel.LOGICAL_RULES
+  entered = parallel.entered()
+  return sharding.mesh, entered[1] if entered and entered[0] == sharding.mesh else parallel.LOGICAL_RULES
 
 
 def _global_prompts(tokens: np.ndarray, lengths: np.ndarray, mesh: jax.sharding.Mesh,

@@ -17,6 +17,6 @@ def get_config():
                        train_path="data/one_shot_cft/llama-3.2-3b.jsonl",
                        num_epochs=50, weight_decay=0.05, warmup_ratio=0.1)
   c.train.micro_batches = 4
-  c.train.chunk_size = 1024  # [1024, 128256] float32 logits per chunk
+  c.train.chunk_size = 1024  # [1024, 128256] float32 logits per device per chunk
   c.checkpoint.best_metric = "verdict_accuracy"
   return c

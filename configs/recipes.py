@@ -36,7 +36,7 @@ def paper_cft_recipe(*, init_from: str, train_path: str, num_epochs: int, weight
   c.optim.grad_clip_norm = 1.0
   c.train.steps = 0  # = num_epochs passes over the rows, counted before training
   c.train.micro_batches = 8
-  c.train.chunk_size = 1024  # [1024, ~152k] float32 logits per cross-entropy chunk
+  c.train.chunk_size = 1024  # [1024, ~152k] float32 logits per device per cross-entropy chunk
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.checkpoint.every_steps = 20
   c.checkpoint.max_to_keep = 2
@@ -97,7 +97,7 @@ def paper_crl_recipe(*, init_from: str, rl_path: str, rl_task: str, rl_template:
   c.optim.grad_clip_norm = 1.0
   c.train.steps = steps
   c.train.micro_batches = 64  # 1024 rows -> 16 rows per micro-batch
-  c.train.chunk_size = 1024  # [1024, ~152k] float32 logits per log-prob chunk
+  c.train.chunk_size = 1024  # [1024, ~152k] float32 logits per device per log-prob chunk
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.checkpoint.every_steps = 10
   c.checkpoint.best_metric = "verdict_accuracy"

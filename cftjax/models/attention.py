@@ -25,7 +25,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
 
+from cftjax import parallel
 from cftjax.config import ConfigError
 
 Array = jax.Array
@@ -63,6 +67,10 @@ def cache_mask(positions: Array, num_slots: int) -> Array:
   return attention_mask(positions, slots, None, None)
 
 
+# Logical axes of one layer's cache [batch, kv_heads, slots, head_dim]: sharded over KV heads.
+CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
+
+
 def write_cache(layer_cache: Array, new: Array, start: Array, *, slots_last: bool = False) -> Array:
   """Writes new [batch, seq, kv_heads, head_dim] into one layer's cache [batch, kv_heads, slots, head_dim]
   (with slots_last: [batch, kv_heads, head_dim, slots]) at slots start[b] .. start[b] + seq - 1 of each
@@ -77,11 +85,35 @@ def cache_attention(q: Array, k: Array, v: Array, cache: LayerCache,
   """Writes k, v at slots = positions [batch, seq] (contiguous per row) of one layer's cache {"k", "v"}:
   [batch, kv_heads, slots, head_dim], then attends q to the slots <= each query's position through
   `jax.nn.dot_product_attention`. Returns (out [batch, seq, heads, head_dim], the updated cache)."""
-  start = positions[:, 0]
-  cache = {"k": write_cache(cache["k"], k, start), "v": write_cache(cache["v"], v, start)}
+  cache = write_layer_cache(cache, k, v, positions[:, 0])
   keys, values = (cache[name].swapaxes(1, 2).astype(q.dtype) for name in ("k", "v"))
   mask = cache_mask(positions, keys.shape[1])
   return jax.nn.dot_product_attention(q, keys, values, mask=mask), cache
+
+
+def write_layer_cache(cache: LayerCache, k: Array, v: Array, start: Array) -> LayerCache:
+  """k, v [batch, seq, kv_heads, head_dim] written at slots start[b] .. of one layer's cache {"k", "v"}
+  [batch, kv_heads, slots, head_dim], which keeps its placement (`CACHE_AXES`)."""
+  write = lambda name, new: nn.with_logical_constraint(write_cache(cache[name], new, start), CACHE_AXES)
+  return {"k": write("k", k), "v": write("v", v)}
+
+
+def einsum_decode_attention(q: Array, k: Array, v: Array, cache: LayerCache,
+                            positions: Array) -> tuple[Array, LayerCache]:
+  """One token per row over a cache {"k", "v"} [batch, kv_heads, slots, head_dim]: writes k, v at slot
+  = position, then attends as two batched matmuls on the cache's own layout (float32 scores and
+  softmax over the slots <= position), each KV head's query heads folded into one product."""
+  batch, _, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  start = positions[:, 0]
+  cache = write_layer_cache(cache, k, v, start)
+  q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+  scores = jnp.einsum("bkgh,bksh->bkgs", q, cache["k"].astype(q.dtype), preferred_element_type=jnp.float32)
+  visible = jnp.arange(scores.shape[-1], dtype=jnp.int32)[None, :] <= start[:, None]  # [batch, slots]
+  scores = jnp.where(visible[:, None, None, :], scores / math.sqrt(head_dim), -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgs,bksh->bkgh", probs, cache["v"].astype(q.dtype))
+  return out.reshape(batch, 1, heads, head_dim), cache
 
 
 # Training attention (no cache).
@@ -106,6 +138,50 @@ def cudnn_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -> 
   """cuDNN flash attention told each row's length: rows hold one sequence then padding."""
   lengths = None if segment_ids is None else sequence_lengths(segment_ids)
   return padded_causal_attention(q, k, v, lengths, implementation="cudnn")
+
+
+SPLASH_BLOCK = 512  # splash attention's query and key block (rows are padded to a multiple of it)
+
+
+def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
+                     interpret: bool = False) -> Array:
+  """Splash attention (Pallas TPU, `jax.experimental.pallas.ops.tpu.splash_attention`): a causal
+  flash kernel that skips the blocks above the diagonal and takes the segment ids of packed rows
+  (queries attend to keys of their own segment only). Queries are scaled by 1/sqrt(head_dim) in their
+  dtype first. Rows are padded to a multiple of the block (segment 0, then cut off).
+
+  Inside `parallel.use_mesh` it runs under `jax.shard_map`, each device on its rows and heads (the
+  logical "batch", "heads" and "kv_heads" placements). interpret=True runs the kernel in Pallas'
+  interpreter (any platform; for tests).
+  """
+  batch, seq, _, head_dim = q.shape
+  if segment_ids is None:
+    segment_ids = jnp.ones((batch, seq), jnp.int32)
+  block = min(SPLASH_BLOCK, -(-seq // 128) * 128)
+  pad = -seq % block
+  q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)))
+  q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+
+  def attend(q, k, v, segments):  # this device's [rows, seq, heads here, head_dim]
+    kernel = splash.make_splash_mha(
+        splash_mask.MultiHeadMask([splash_mask.CausalMask((seq + pad, seq + pad))] * q.shape[2]),
+        block_sizes=splash.BlockSizes(*(block,) * 8), head_shards=1, q_seq_shards=1, interpret=interpret)
+    one_row = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s))
+    out = jax.vmap(one_row)(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), segments)
+    return out.swapaxes(1, 2)
+
+  if parallel.entered() is None:
+    out = attend(q, k, v, segment_ids)
+  else:
+    rows, _, heads, _ = parallel.split_axes(q.shape, ("batch", "seq", "heads", "head_dim"), "queries")
+    kv_heads = parallel.split_axes(k.shape, ("batch", "seq", "kv_heads", "head_dim"), "keys")[2]
+    if heads != kv_heads:  # query and KV heads must split alike to keep their grouping
+      heads = kv_heads = ()
+    q_spec, kv_spec = P(rows or None, None, heads or None, None), P(rows or None, None, kv_heads or None, None)
+    out = jax.shard_map(attend, mesh=parallel.current()[0], in_specs=(q_spec, kv_spec, kv_spec, P(rows or None, None)),
+                        out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+  return out[:, :seq]
 
 
 MIN_QUERY_BLOCK = 64  # causal attention splits queries into blocks of at least this many rows
@@ -369,7 +445,7 @@ def fused_decode_attention(q: Array, k: Array, v: Array, cache: LayerCache,
   return out.reshape(batch, 1, heads, head_dim), cache
 
 
-XLA_DECODE = Decode(layout=STANDARD, layer_cache=lambda cache: cache, attend=cache_attention)
+XLA_DECODE = Decode(layout=STANDARD, layer_cache=lambda cache: cache, attend=einsum_decode_attention)
 # XLA CPU: [out, in] weights, keys turned to [head_dim, slots] for `_scores` (docs/benchmarks.md).
 CPU_DECODE = Decode(layout=OUT_IN, layer_cache=lambda cache: {"k": cache["k"].swapaxes(-1, -2),
                                                               "v": cache["v"]},
@@ -404,8 +480,10 @@ BACKENDS = {
     # cuDNN flash attention (bf16/f16) told each row's length; rows hold one sequence + padding.
     "cudnn": Backend(attend=cudnn_attention, decode=XLA_DECODE, platforms=("gpu",),
                      dtypes=("bfloat16", "float16"), packed_rows=False),
+    # Splash attention (Pallas TPU flash kernel with segment ids); standard weights when decoding.
+    "splash": Backend(attend=splash_attention, decode=XLA_DECODE, platforms=("tpu",)),
 }
-AUTO = {"cpu": "cpu", "gpu": "blocked", "tpu": "blocked"}  # platform -> backend; others get "xla"
+AUTO = {"cpu": "cpu", "gpu": "blocked", "tpu": "splash"}  # platform -> backend; others get "xla"
 CHOICES = ("auto", *BACKENDS)
 _PLATFORM_NAMES = {"cpu": "CPUs", "gpu": "GPUs", "tpu": "TPUs"}
 

@@ -17,7 +17,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from cftjax import parallel
 from cftjax.models import attention
 from cftjax.models.config import ModelConfig
 
@@ -67,10 +69,57 @@ def rms_norm(x: Array, scale: Array, eps: float) -> Array:
 
 
 def embed(cfg: ModelConfig, embedding: Array, tokens: Array) -> Array:
-  """tokens [batch, seq] -> embeddings [batch, seq, hidden] in the compute dtype."""
-  # Gathering from a table sharded on "embed" forces XLA to replicate it; unshard that dim first.
-  x = jnp.take(nn.with_logical_constraint(embedding, ("vocab", None)), tokens, axis=0)
-  return nn.with_logical_constraint(x.astype(jnp.dtype(cfg.dtype)), ("batch", "seq", "act_embed"))
+  """tokens [batch, seq] -> embeddings [batch, seq, hidden] in the compute dtype.
+
+  Rows are looked up in a float32 view of the table, so the gradient sums repeated tokens in float32
+  (cast to the table's dtype once). Inside `parallel.use_mesh`, where the rows are split over every
+  mesh axis that splits the table's "embed" dim (FSDP), the table stays sharded (`sharded_lookup`).
+  """
+  dtype = jnp.dtype(cfg.dtype)
+  if parallel.entered() is not None:
+    row_axes = parallel.split_axes(tokens.shape, ("batch", "seq"), "tokens")[0]
+    if set(parallel.split_axes(embedding.shape, ("vocab", "embed"), "embedding")[1]) <= set(row_axes):
+      return nn.with_logical_constraint(sharded_lookup(embedding, tokens, dtype), ("batch", "seq", "act_embed"))
+  x = jnp.take(embedding.astype(jnp.float32), tokens, axis=0).astype(dtype)
+  return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+
+
+def sharded_lookup(embedding: Array, tokens: Array, dtype) -> Array:
+  """The rows of a table [vocab, hidden] sharded by its logical axes ("vocab", "embed") for tokens
+  [batch, seq] whose rows are split over (at least) the "embed" axes, under `jax.shard_map`, without
+  gathering the table.
+
+  Each device gathers the token ids of the devices that share its "embed" slice index space (a few
+  KiB), looks them up in its own slice (ids outside its vocab slice give zeros, summed over the
+  "vocab" axes), then one all-to-all over the "embed" axes returns every row's full hidden vector to
+  the device that owns the row. The backward pass is the reverse all-to-all and a float32
+  scatter-add into the local slice only. A "vocab" axis that also splits the rows is gathered.
+  """
+  row_axes = parallel.split_axes(tokens.shape, ("batch", "seq"), "tokens")[0]
+  vocab_axes, embed_axes = parallel.split_axes(embedding.shape, ("vocab", "embed"), "embedding")
+  gather_vocab = tuple(a for a in vocab_axes if a in row_axes)
+  split_vocab = tuple(a for a in vocab_axes if a not in row_axes)
+
+  def local(table, ids):  # table [vocab / vocab axes, hidden / embed axes], ids [rows here, seq]
+    if gather_vocab:
+      table = jax.lax.all_gather(table, gather_vocab, axis=0, tiled=True)
+    if embed_axes:
+      ids = jax.lax.all_gather(ids, embed_axes, axis=0, tiled=True)
+    size = table.shape[0]
+    if split_vocab:
+      ids = ids - jax.lax.axis_index(split_vocab) * size
+    here = (ids >= 0) & (ids < size)
+    x = jnp.take(table.astype(jnp.float32), jnp.clip(ids, 0, size - 1), axis=0)
+    x = jnp.where(here[..., None], x, 0.0).astype(dtype)
+    if split_vocab:
+      x = jax.lax.psum(x, split_vocab)
+    if embed_axes:
+      x = jax.lax.all_to_all(x, embed_axes, split_axis=0, concat_axis=2, tiled=True)
+    return x
+
+  return jax.shard_map(local, mesh=parallel.current()[0],
+                       in_specs=(P(vocab_axes or None, embed_axes or None), P(row_axes or None, None)),
+                       out_specs=P(row_axes or None, None, None))(embedding, tokens)
 
 
 def block(cfg: ModelConfig, layout: attention.Layout, layer: dict[str, Any], x: Array, cos: Array,
@@ -241,7 +290,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
   contiguous matrix, with no transposed copy of the cache per step.
   """
   shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype), ("layers", *attention.CACHE_AXES))
+  return {"k": zeros(), "v": zeros()}
 
 
 # Decoding one token per row, on the decode layout of the configured attention backend.

@@ -5,11 +5,14 @@ the model's forward pass into those sums (`ce_sums`, `completion_log_probs`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from cftjax import parallel
 from cftjax.models import Decoder, ModelConfig, attention, lm_head_kernel
@@ -29,33 +32,87 @@ KL_KINDS = ("k1", "k3")
 # Per-token statistics of logits (shared by the chunked and unchunked paths).
 
 
-def _log_softmax_at(logits: Array, targets: Array) -> tuple[Array, Array]:
-  """logits: [..., V] float32, targets: [...] -> (log p(target) [...], logsumexp [...])."""
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return target_logit - log_z, log_z
+@dataclasses.dataclass(frozen=True)
+class VocabShard:
+  """Which part of the vocabulary a device's logits [..., V_local] cover: the vocab is split in equal
+  slices over the mesh axes `axes` (inside `jax.shard_map`; empty: the logits cover the whole vocab).
+  Reductions over the vocab combine the slices with collectives over `axes`."""
+
+  axes: tuple[str, ...] = ()
+
+  def start(self, size: int) -> Array:
+    return jax.lax.axis_index(self.axes) * size if self.axes else jnp.int32(0)
+
+  def max(self, x: Array) -> Array:
+    """The max over the slices, a constant under differentiation."""
+    return _constant_collective(jax.lax.pmax, self.axes, x) if self.axes else jax.lax.stop_gradient(x)
+
+  def min(self, x: Array) -> Array:
+    """The min over the slices, a constant under differentiation."""
+    return _constant_collective(jax.lax.pmin, self.axes, x) if self.axes else jax.lax.stop_gradient(x)
+
+  def sum(self, x: Array) -> Array:
+    return jax.lax.psum(x, self.axes) if self.axes else x
 
 
-def _entropy(logits: Array, log_z: Array) -> Array:
-  """Entropy of softmax(logits) [...] given its logsumexp; logits: [..., V] float32."""
+WHOLE_VOCAB = VocabShard()
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _constant_collective(collective, axes, x):
+  """collective(x, axes) with a zero derivative (JAX has no differentiation rule for pmax / pmin)."""
+  return collective(x, axes)
+
+
+@_constant_collective.defjvp
+def _constant_collective_jvp(collective, axes, primals, tangents):
+  del tangents
+  out = _constant_collective(collective, axes, *primals)
+  return out, jnp.zeros_like(out)
+
+
+def _log_softmax_at(logits: Array, targets: Array, vocab: VocabShard) -> tuple[Array, Array]:
+  """logits: [..., V_local] float32, targets: [...] (full-vocab ids) -> (log p(target) [...],
+  logsumexp [...]), both over the whole vocab."""
+  size = logits.shape[-1]
+  peak = vocab.max(jnp.max(logits, axis=-1))
+  log_z = peak + jnp.log(vocab.sum(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1)))
+  local = targets.astype(jnp.int32) - vocab.start(size)
+  here = (local >= 0) & (local < size)
+  picked = jnp.take_along_axis(logits, jnp.clip(local, 0, size - 1)[..., None], axis=-1)[..., 0]
+  return vocab.sum(jnp.where(here, picked, 0.0)) - log_z, log_z
+
+
+def _entropy(logits: Array, log_z: Array, vocab: VocabShard) -> Array:
+  """Entropy of softmax(logits) [...] given its logsumexp; logits: [..., V_local] float32."""
   probs = jnp.exp(logits - log_z[..., None])
-  return log_z - jnp.sum(probs * logits, axis=-1)
+  return log_z - vocab.sum(jnp.sum(probs * logits, axis=-1))
 
 
-def _token_stats(logits: Array, targets: Array) -> dict[str, Array]:
-  """logits: [..., V] float32, targets: [...] -> per-token log_prob, log_z, entropy, correct."""
-  log_prob, log_z = _log_softmax_at(logits, targets)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return {"log_prob": log_prob, "log_z": log_z, "entropy": _entropy(logits, log_z),
-          "correct": correct}
+def _argmax_is(logits: Array, targets: Array, vocab: VocabShard) -> Array:
+  """1.0 where the (first) argmax over the whole vocab is the target, else 0.0."""
+  size = logits.shape[-1]
+  local_max = jnp.max(logits, axis=-1)
+  first = jnp.argmax(logits, axis=-1).astype(jnp.int32) + vocab.start(size)
+  winner = vocab.min(jnp.where(local_max == vocab.max(local_max), first, jnp.iinfo(jnp.int32).max))
+  return (winner == targets).astype(jnp.float32)
+
+
+def _token_stats(logits: Array, targets: Array, vocab: VocabShard = WHOLE_VOCAB) -> dict[str, Array]:
+  """logits: [..., V_local] float32, targets: [...] -> per-token log_prob, log_z, entropy, correct."""
+  log_prob, log_z = _log_softmax_at(logits, targets, vocab)
+  return {"log_prob": log_prob, "log_z": log_z, "entropy": _entropy(logits, log_z, vocab),
+          "correct": jax.lax.stop_gradient(_argmax_is(logits, targets, vocab))}
 
 
 # ----------------------------------------------------------------------------------------------
-# Chunking over tokens: logits exist for one chunk at a time, in forward and (by remat) backward.
+# Chunking over tokens: logits exist for one chunk at a time, in forward and (recomputed) backward.
+
+StatsFn = Callable[[Array, Array, VocabShard], dict[str, Array]]
 
 
 def _map_token_chunks(
-    stats_fn: Callable[[Array, Array], dict[str, Array]],
+    stats_fn: StatsFn,
     hidden: Array,
     lm_head: Array,
     targets: Array,
@@ -63,36 +120,100 @@ def _map_token_chunks(
     logits_dtype=jnp.float32,
     temperature: float = 1.0,
 ) -> dict[str, Array]:
-  """Applies stats_fn(logits [B, s, V] f32, targets [B, s]) to chunks of about chunk_size tokens.
+  """Applies stats_fn(logits [b, s, V] f32, targets [b, s], vocab) to chunks of about chunk_size
+  tokens per device.
 
   hidden: [B, T, D], lm_head: [D, V], targets: [B, T] -> dict of [B, T] float32 arrays.
-  A chunk holds every row and s = max(1, chunk_size // B) positions, so the batch axis keeps its
-  data-parallel sharding; T is padded to a multiple of s. Chunks are mapped sequentially and, when
-  there are several, the chunk body is rematerialised, so the backward pass also holds one [B, s, V]
-  block at a time (a single chunk is not: its logits are saved instead of recomputed).
+  Inside `parallel.use_mesh`, where the rows are split over (at least) the mesh axes of the head's
+  "embed" dim (FSDP), this runs under `jax.shard_map`: each device takes its own rows, gathers the
+  LM head's "embed" dim once (its gradient goes back as one reduce-scatter) and keeps the head's
+  vocab slice, combining vocab reductions with collectives (vocab-parallel cross-entropy). A chunk holds every local row and s = max(1, chunk_size // rows)
+  positions (T is padded to a multiple of s).
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  batch, seq, dim = hidden.shape
+  batch, _, dim = hidden.shape
   if lm_head.shape[0] != dim:
     raise ValueError(
         f"lm_head is {lm_head.shape}, expected [{dim}, vocab] to match hidden {hidden.shape}")
+  scaled_stats = lambda logits, t, vocab: stats_fn(logits / temperature, t, vocab)
+  targets = targets.astype(jnp.int32)
+  entered = parallel.entered() is not None
+  if entered:
+    row_axes = parallel.split_axes(targets.shape, ("batch", "seq"), "targets")[0]
+    embed_axes, vocab_axes = parallel.split_axes(lm_head.shape, ("embed", "vocab"), "lm_head")
+  if not entered or not set(embed_axes) <= set(row_axes):
+    return _local_token_chunks(scaled_stats, hidden, lm_head, targets, chunk_size, logits_dtype,
+                               WHOLE_VOCAB)
+  # A vocab split over an axis that also splits the rows would mix different rows' logits: gather it.
+  gather_vocab = tuple(a for a in vocab_axes if a in row_axes)
+  vocab = VocabShard(tuple(a for a in vocab_axes if a not in row_axes))
+
+  def local(hidden, head, targets):  # this device's rows [b, T, D], head [D / embed, V / vocab]
+    if embed_axes:
+      head = jax.lax.all_gather(head, embed_axes, axis=0, tiled=True)
+    if gather_vocab:
+      head = jax.lax.all_gather(head, gather_vocab, axis=1, tiled=True)
+    return _local_token_chunks(scaled_stats, hidden, head, targets, chunk_size, logits_dtype, vocab)
+
+  rows = row_axes or None
+  return jax.shard_map(local, mesh=parallel.current()[0],
+                       in_specs=(P(rows, None, None), P(embed_axes or None, vocab_axes or None), P(rows, None)),
+                       out_specs=P(rows, None))(hidden, lm_head, targets)
+
+
+def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, chunk_size: int,
+                        logits_dtype, vocab: VocabShard) -> dict[str, Array]:
+  """`_map_token_chunks` on one device's rows: hidden [b, T, D], head [D, V_local], targets [b, T].
+
+  Several chunks run as a `lax.map` under a custom VJP: the backward pass recomputes each chunk's
+  logits, takes stats_fn's VJP for the logits' cotangent and sums the head gradient in float32 over
+  the chunks (cast to the head's dtype once); a single chunk keeps its logits for plain autodiff.
+  """
+  batch, seq, _ = hidden.shape
   seq_chunk = max(1, min(seq, chunk_size // batch))
   num_chunks = math.ceil(seq / seq_chunk)
   pad = num_chunks * seq_chunk - seq
 
-  def to_chunks(x: Array) -> Array:  # [B, T, ...] -> [num_chunks, B, seq_chunk, ...]
+  def to_chunks(x: Array) -> Array:  # [b, T, ...] -> [num_chunks, b, seq_chunk, ...]
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape(batch, num_chunks, seq_chunk, *x.shape[2:]), 1, 0)
 
-  def chunk_body(xs):
-    chunk_hidden, chunk_targets = xs
-    logits = jnp.einsum("bsd,dv->bsv", chunk_hidden, lm_head, preferred_element_type=logits_dtype)
-    return stats_fn(logits.astype(jnp.float32) / temperature, chunk_targets)
+  def logits_of(h: Array, w: Array) -> Array:
+    return jnp.einsum("bsd,dv->bsv", h, w, preferred_element_type=logits_dtype).astype(jnp.float32)
 
-  if num_chunks > 1:  # one chunk's logits are live at the start of the backward pass either way
-    chunk_body = jax.checkpoint(chunk_body, prevent_cse=False)  # in a scan CSE cannot undo remat
-  stats = jax.lax.map(chunk_body, (to_chunks(hidden), to_chunks(targets.astype(jnp.int32))))
+  def forward(h_chunks, w, t_chunks):
+    return jax.lax.map(lambda xs: stats_fn(logits_of(xs[0], w), xs[1], vocab), (h_chunks, t_chunks))
+
+  @jax.custom_vjp
+  def chunked(h_chunks, w, t_chunks):
+    return forward(h_chunks, w, t_chunks)
+
+  def chunked_fwd(h_chunks, w, t_chunks):  # symbolic_zeros: the args come as CustomVJPPrimal
+    h_chunks, w, t_chunks = h_chunks.value, w.value, t_chunks.value
+    return forward(h_chunks, w, t_chunks), (h_chunks, w, t_chunks)
+
+  def chunked_bwd(residuals, d_stats):
+    h_chunks, w, t_chunks = residuals
+    # Only the statistics the loss depends on are differentiated (e.g. not a metric's entropy).
+    d_stats = {k: d for k, d in d_stats.items() if not isinstance(d, jax.custom_derivatives.SymbolicZero)}
+
+    def body(d_head, xs):
+      h, t, d = xs
+      live_stats = lambda logits: {k: v for k, v in stats_fn(logits, t, vocab).items() if k in d}
+      _, stats_vjp = jax.vjp(live_stats, logits_of(h, w))
+      d_logits = stats_vjp(d)[0].astype(h.dtype)
+      d_h = vocab.sum(jnp.einsum("bsv,dv->bsd", d_logits, w))
+      return d_head + jnp.einsum("bsd,bsv->dv", h, d_logits, preferred_element_type=jnp.float32), d_h
+
+    # Under shard_map the sum varies over every mesh axis its terms vary over.
+    d_head = parallel.varying_like(jnp.zeros(w.shape, jnp.float32), h_chunks, w, *d_stats.values())
+    d_head, d_hidden = jax.lax.scan(body, d_head, (h_chunks, t_chunks, d_stats))
+    # Rows on devices that share this head slice (e.g. over "data") add up.
+    return d_hidden, parallel.sum_to_match(d_head.astype(w.dtype), w), None
+
+  chunked.defvjp(chunked_fwd, chunked_bwd, symbolic_zeros=True)
+  stats = (chunked if num_chunks > 1 else forward)(to_chunks(hidden), head, to_chunks(targets))
   return {name: jnp.moveaxis(value, 0, 1).reshape(batch, num_chunks * seq_chunk)[:, :seq]
           for name, value in stats.items()}
 
@@ -126,9 +247,9 @@ def chunked_cross_entropy(
   }
 
 
-def _log_prob_and_entropy(logits: Array, targets: Array) -> dict[str, Array]:
-  log_prob, log_z = _log_softmax_at(logits, targets)
-  return {"log_prob": log_prob, "entropy": _entropy(logits, log_z)}
+def _log_prob_and_entropy(logits: Array, targets: Array, vocab: VocabShard) -> dict[str, Array]:
+  log_prob, log_z = _log_softmax_at(logits, targets, vocab)
+  return {"log_prob": log_prob, "entropy": _entropy(logits, log_z, vocab)}
 
 
 def chunked_token_log_probs(
