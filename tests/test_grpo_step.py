@@ -49,7 +49,12 @@ def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
   logp = np.asarray(token_log_probs(logits, batch["targets"], TEMPERATURE))
   batch["old_logp"] = (logp + rng.normal(0, 0.3, logp.shape).astype(np.float32)) * batch["completion_mask"]
   batch["ref_logp"] = (logp + rng.normal(0, 0.5, logp.shape).astype(np.float32)) * batch["completion_mask"]
-  batch["advantages"] = rng.normal(0, 1, ROWS).astype(np.float32)
+  # Per-token advantages and weights (a sequence's advantage plus per-token noise), one refined row.
+  batch["advantages"] = ((rng.normal(0, 1, (ROWS, 1)) + rng.normal(0, 0.2, (ROWS, SEQ)))
+                         * batch["completion_mask"]).astype(np.float32)
+  batch["token_weights"] = (rng.uniform(0.5, 1.5, (ROWS, SEQ)) * batch["completion_mask"]).astype(np.float32)
+  batch["refined_mask"] = np.zeros((ROWS, SEQ), np.float32)
+  batch["refined_mask"][3] = batch["completion_mask"][3]
   return batch
 
 
@@ -88,7 +93,8 @@ def reference(aggregation: str, kl_coef: float) -> tuple[float, dict]:
     sums = grpo_loss(logp, batch["old_logp"], batch["advantages"], batch["completion_mask"],
                      ref_logp=batch["ref_logp"], kl_coef=kl_coef, eps_low=cfg.eps_low,
                      eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, aggregation=aggregation,
-                     max_response_len=cfg.max_response_len)
+                     max_response_len=cfg.max_response_len, refined_mask=batch["refined_mask"],
+                     token_weights=batch["token_weights"])
     return sums["loss_sum"] / sums["denominator"]
 
   value, grads = jax.jit(jax.value_and_grad(loss))(PARAMS)
