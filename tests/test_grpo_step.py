@@ -204,3 +204,18 @@ def test_update_batch_aligns_sampler_log_probs_with_the_trainer():
   np.testing.assert_allclose(np.asarray(logp), reference_logp[:, 1:], atol=2e-5)
   np.testing.assert_allclose(np.asarray(logp), batch["old_logp"], atol=2e-4)
   assert float(gap) / batch["completion_mask"].sum() < 1e-4
+
+
+def test_loss_presets_and_bad_objective_settings_name_the_key():
+  from cftjax.train.grpo import check_loss_settings, objective  # pylint: disable=import-outside-toplevel
+  assert objective(rl_section(loss="dr_grpo", advantage_scale="group_std")) == (
+      "grpo", "none", "seq_mean_token_sum_norm")
+  assert objective(rl_section(loss="cispo", aggregation="seq_mean_token_mean")) == (
+      "cispo", "group_std", "seq_mean_token_mean")
+  assert "sampler_logp" in batch_keys(rl_section(tis_cap=2.0, recompute_old_logp=True))
+  for fields, match in (({"loss": "ppo"}, "rl.loss='ppo'"),
+                        ({"loss": "gspo", "dual_clip": 3.0}, "rl.dual_clip"),
+                        ({"tis_cap": 2.0}, "rl.tis_cap=2.0.*recompute_old_logp"),
+                        ({"advantage_scale": "std"}, "rl.advantage_scale")):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      check_loss_settings(rl_section(**fields))

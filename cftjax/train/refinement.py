@@ -149,10 +149,13 @@ class Refiner:
 
   def _generate(self, generate: Generate, rows: list[np.ndarray], max_new_tokens: int,
                 rng: jax.Array) -> tuple[list, list, np.ndarray]:
-    """`generate` on rows padded (by repeating a row) to the row count of every process."""
+    """`generate` on rows padded (by repeating a row) to the row count of every process, rounded up
+    to a power of two unless rl.generation_batch_size fixes the call shape (few compiled shapes)."""
     total = self.same_rows(len(rows))
     if not total:
       return [], [], np.zeros(0, bool)
+    if not self.rl.generation_batch_size:
+      total = 1 << (total - 1).bit_length()
     filler = rows[-1] if rows else np.zeros(1, np.int32)
     tokens, logprobs, truncated = generate(rows + [filler] * (total - len(rows)), max_new_tokens, rng)
     return tokens[:len(rows)], logprobs[:len(rows)], truncated[:len(rows)]
