@@ -159,6 +159,7 @@ def base_config() -> config_dict.ConfigDict:
   c.rl.dynamic_sampling = False  # DAPO: drop groups with equal rewards, draw more prompts
   c.rl.max_draws = 3  # prompt batches drawn per step at most (dynamic sampling)
   # Objective (cftjax.train.grpo.grpo_sums reads the section; see cftjax.train.losses.grpo_loss).
+  c.rl.loss = "grpo"  # grpo | dr_grpo (centred advantages, seq_mean_token_sum_norm) | gspo | gspo_token | cispo
   c.rl.advantage_scale = "group_std"  # group_std | batch_std | none (Dr. GRPO)
   c.rl.advantage_eps = 1e-6
   c.rl.eps_low = 0.2
@@ -168,9 +169,29 @@ def base_config() -> config_dict.ConfigDict:
   c.rl.max_response_len = 0  # Dr. GRPO normaliser (0 = max_new_tokens)
   c.rl.kl_coef = 0.0  # KL to the frozen initial policy; 0 = no reference model is loaded
   c.rl.kl_kind = "k3"  # k1 | k3
+  c.rl.entropy_coef = 0.0  # entropy bonus: loss -= entropy_coef * aggregated token entropy
+  c.rl.tis_cap = 0.0  # truncated importance sampling min(pi_trainer / pi_sampler, C): C (0 = off;
+  # needs recompute_old_logp; 2 in TRL / verl)
   c.rl.ppo_epochs = 1  # optimisation passes over each rollout batch
   c.rl.mini_batches = 1  # optimizer updates per pass (the batch split by rows)
   c.rl.recompute_old_logp = False  # old log-probs by a trainer forward pass instead of the sampler's
+  # Critique-GRPO refinements (cftjax.train.refinement): each initial response is critiqued, the policy
+  # refines it from a second prompt, and up to num_refinements refinements join the group as
+  # off-policy responses to the ORIGINAL prompt (loss -p/(p + shaping_gamma) A on their tokens).
+  c.rl.refinement = config_dict.ConfigDict()
+  c.rl.refinement.when = "off"  # off | always | all_failed (only groups whose initial responses all fail)
+  c.rl.refinement.critique = "simple_gt"  # simple | simple_gt (with the reference answer) | policy | critic
+  c.rl.refinement.critic_run = ""  # critique = critic: a cftjax run dir (its best params), kept frozen
+  c.rl.refinement.critique_template = "crl"  # prompt of model-written critiques (policy | critic)
+  c.rl.refinement.verdict_style = "auto"  # parse_verdict style of model-written critiques
+  c.rl.refinement.critique_max_new_tokens = 256
+  # Refinement prompt: a template over question, solution (the previous response), critique.
+  c.rl.refinement.template = config_dict.ConfigDict({
+      "system": "", "user": ("{question}\n\nA previous answer:\n{solution}\n\nFeedback on it:\n{critique}"
+                             "\n\nWrite a corrected answer to the question.")})
+  c.rl.refinement.num_refinements = 1  # k: refinements added to a refined group (correct ones first)
+  c.rl.refinement.correct_score = 1.0  # a response is correct when its task score >= this
+  c.rl.refinement.shaping_gamma = 0.1  # gamma of the shaped ratio p / (p + gamma)
   # Initial policy: a cftjax run dir (its best params), else model.init_from / from scratch.
   c.rl.init_from_run = ""
   # a CFT config trained into init_from_run first unless that run finished; relative to the directory

@@ -58,7 +58,8 @@ def _grpo_batch(seed: int) -> dict[str, np.ndarray]:
   mask = np.zeros((ROWS, SEQ), np.float32)
   mask[:, 3:] = 1.0
   return _tokens(seed) | {"completion_mask": mask, "old_logp": np.full((ROWS, SEQ), -3.0, np.float32),
-                          "advantages": np.array([1.0, -1.0, 0.5, -0.5], np.float32)}
+                          "advantages": np.array([1.0, -1.0, 0.5, -0.5], np.float32)[:, None] * mask,
+                          "token_weights": mask.copy(), "refined_mask": np.zeros_like(mask)}
 
 
 def _host(tree):

@@ -49,7 +49,12 @@ def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
   logp = np.asarray(token_log_probs(logits, batch["targets"], TEMPERATURE))
   batch["old_logp"] = (logp + rng.normal(0, 0.3, logp.shape).astype(np.float32)) * batch["completion_mask"]
   batch["ref_logp"] = (logp + rng.normal(0, 0.5, logp.shape).astype(np.float32)) * batch["completion_mask"]
-  batch["advantages"] = rng.normal(0, 1, ROWS).astype(np.float32)
+  # Per-token advantages and weights (a sequence's advantage plus per-token noise), one refined row.
+  batch["advantages"] = ((rng.normal(0, 1, (ROWS, 1)) + rng.normal(0, 0.2, (ROWS, SEQ)))
+                         * batch["completion_mask"]).astype(np.float32)
+  batch["token_weights"] = (rng.uniform(0.5, 1.5, (ROWS, SEQ)) * batch["completion_mask"]).astype(np.float32)
+  batch["refined_mask"] = np.zeros((ROWS, SEQ), np.float32)
+  batch["refined_mask"][3] = batch["completion_mask"][3]
   return batch
 
 
@@ -88,7 +93,8 @@ def reference(aggregation: str, kl_coef: float) -> tuple[float, dict]:
     sums = grpo_loss(logp, batch["old_logp"], batch["advantages"], batch["completion_mask"],
                      ref_logp=batch["ref_logp"], kl_coef=kl_coef, eps_low=cfg.eps_low,
                      eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, aggregation=aggregation,
-                     max_response_len=cfg.max_response_len)
+                     max_response_len=cfg.max_response_len, refined_mask=batch["refined_mask"],
+                     token_weights=batch["token_weights"])
     return sums["loss_sum"] / sums["denominator"]
 
   value, grads = jax.jit(jax.value_and_grad(loss))(PARAMS)
@@ -198,3 +204,18 @@ def test_update_batch_aligns_sampler_log_probs_with_the_trainer():
   np.testing.assert_allclose(np.asarray(logp), reference_logp[:, 1:], atol=2e-5)
   np.testing.assert_allclose(np.asarray(logp), batch["old_logp"], atol=2e-4)
   assert float(gap) / batch["completion_mask"].sum() < 1e-4
+
+
+def test_loss_presets_and_bad_objective_settings_name_the_key():
+  from cftjax.train.grpo import check_loss_settings, objective  # pylint: disable=import-outside-toplevel
+  assert objective(rl_section(loss="dr_grpo", advantage_scale="group_std")) == (
+      "grpo", "none", "seq_mean_token_sum_norm")
+  assert objective(rl_section(loss="cispo", aggregation="seq_mean_token_mean")) == (
+      "cispo", "group_std", "seq_mean_token_mean")
+  assert "sampler_logp" in batch_keys(rl_section(tis_cap=2.0, recompute_old_logp=True))
+  for fields, match in (({"loss": "ppo"}, "rl.loss='ppo'"),
+                        ({"loss": "gspo", "dual_clip": 3.0}, "rl.dual_clip"),
+                        ({"tis_cap": 2.0}, "rl.tis_cap=2.0.*recompute_old_logp"),
+                        ({"advantage_scale": "std"}, "rl.advantage_scale")):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      check_loss_settings(rl_section(**fields))

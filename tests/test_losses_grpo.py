@@ -285,3 +285,143 @@ def test_grpo_loss_combines_terms_and_metrics():
   assert float(no_kl["kl_sum"]) == 0.0
   with pytest.raises(ValueError, match="ref_logp"):
     losses.grpo_loss(logp, old_logp, adv, mask, kl_coef=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy-loss family with per-token advantages, weights and refined (off-policy) tokens,
+# against float64 versions of the published formulas (REFERENCE.md "Policy objectives the peers
+# ship"; GSPO arXiv 2507.18071, CISPO arXiv 2506.13585, Critique-GRPO arXiv 2506.03106).
+
+GAMMA = 0.1
+
+
+def np_policy_loss(logp, old_logp, adv, mask, loss_type, eps_low, eps_high, refined, clamp=20.0):
+  """(token losses [B, T], d(sum_t w_t l_t)/d logp for w = 1, as a function of per-token weights)."""
+  low = 1 - eps_low if eps_low is not None else -np.inf
+  high = 1 + eps_high if eps_high is not None else np.inf
+  log_ratio = np.clip(logp - old_logp, -clamp, clamp) * mask
+  tokens = np.maximum(mask.sum(1, keepdims=True), 1.0)
+  if loss_type in ("gspo", "gspo_token"):
+    ratio = np.broadcast_to(np.exp(np.clip(log_ratio.sum(1, keepdims=True) / tokens, -clamp, clamp)),
+                            mask.shape)
+  else:
+    ratio = np.exp(log_ratio)
+  clipped = np.clip(ratio, low, high)
+  if loss_type == "cispo":
+    loss = -clipped * adv * logp
+    dloss = -clipped * adv  # the weight is stop-gradient
+  else:
+    loss = -np.minimum(ratio * adv, clipped * adv)
+    unclipped = (ratio * adv <= clipped * adv)  # the min picks the unclipped term
+    dloss_dratio = np.where(unclipped, -adv, 0.0)
+    if loss_type == "gspo":  # d s_i / d logp_u = s_i m_u / |y_i|: every token of the sequence
+      dloss = None  # needs the weights: see np_policy_grad
+    else:
+      dloss = dloss_dratio * ratio  # grpo: d r_t/d logp_t = r_t; gspo_token: sg(s) * 1
+  prob = np.exp(logp)
+  loss = np.where(refined > 0, -prob / (prob + GAMMA) * adv, loss)
+  shaped_grad = -adv * GAMMA * prob / (prob + GAMMA) ** 2
+  if dloss is not None:
+    dloss = np.where(refined > 0, shaped_grad, dloss)
+  return loss * mask, (dloss, ratio, dloss_dratio if loss_type == "gspo" else None, shaped_grad)
+
+
+def np_policy_grad(weights, mask, refined, parts):
+  """d/dlogp of sum_t w_t m_t l_t from np_policy_loss's parts."""
+  dloss, ratio, dloss_dratio, shaped_grad = parts
+  if dloss is not None:
+    return weights * mask * dloss
+  tokens = np.maximum(mask.sum(1, keepdims=True), 1.0)
+  on_policy = weights * mask * (refined == 0)
+  seq = (on_policy * dloss_dratio).sum(1, keepdims=True) * ratio / tokens  # sum_t w_t dl_t/ds ds/dlogp_u
+  return mask * np.where(refined > 0, weights * shaped_grad, seq * (refined == 0))
+
+
+def _per_token_batch(seed):
+  logp, old_logp, adv, mask = _batch(seed=seed, spread=0.3)
+  rng = np.random.default_rng(seed + 100)
+  token_adv = (adv[:, None] + rng.normal(size=mask.shape) * 0.3) * mask
+  weights = rng.uniform(0.2, 2.0, mask.shape) * mask
+  refined = np.zeros(mask.shape)
+  refined[4] = mask[4]  # one off-policy refinement row
+  return logp, old_logp, token_adv, mask, weights, refined
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "gspo", "gspo_token", "cispo"])
+@pytest.mark.parametrize("eps_low,eps_high", [(0.2, 0.28), (None, None), (3e-4, 4e-4)])
+def test_policy_losses_match_float64_formulas_with_weights_and_refined_rows(loss_type, eps_low, eps_high):
+  logp, old_logp, adv, mask, weights, refined = _per_token_batch(seed=7)
+
+  def total(lp):
+    terms = losses.policy_loss_terms(lp, old_logp, adv, mask, eps_low, eps_high,
+                                     refined_mask=refined, shaping_gamma=GAMMA, loss_type=loss_type)
+    return jnp.sum(jnp.asarray(weights, jnp.float32) * terms["token_loss"]), terms
+
+  (_, terms), grad = jax.value_and_grad(total, has_aux=True)(jnp.asarray(logp, jnp.float32))
+  ref_loss, parts = np_policy_loss(logp, old_logp, adv, mask, loss_type, eps_low, eps_high, refined)
+  np.testing.assert_allclose(terms["token_loss"], ref_loss, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(grad, np_policy_grad(weights, mask, refined, parts), rtol=2e-4, atol=1e-6)
+  on_policy = (mask > 0) & (refined == 0)
+  np.testing.assert_allclose(np.asarray(terms["ratio"])[on_policy], parts[1][on_policy], rtol=2e-5)
+  assert np.all(np.asarray(grad)[mask == 0] == 0.0)
+  if (loss_type, eps_low) in (("grpo", 0.2), ("gspo", 3e-4), ("gspo_token", 3e-4)):  # some clip
+    assert (np.asarray(terms["clipped_low"]) + np.asarray(terms["clipped_high"])).sum() > 0
+
+
+def test_gspo_token_equals_gspo_when_advantages_are_per_sequence():
+  logp, old_logp, adv, mask = _batch(seed=8, spread=0.3)
+
+  def total(lp, loss_type):
+    return jnp.sum(losses.policy_loss_terms(lp, old_logp, adv, mask, 3e-4, 4e-4,
+                                            loss_type=loss_type)["token_loss"])
+
+  lp = jnp.asarray(logp, jnp.float32)
+  values = [jax.value_and_grad(total)(lp, t) for t in ("gspo", "gspo_token")]
+  np.testing.assert_allclose(values[0][0], values[1][0], rtol=1e-6)
+  np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_grpo_loss_weights_entropy_bonus_and_kl_match_float64(mode):
+  logp, old_logp, adv, mask, weights, refined = _per_token_batch(seed=9)
+  rng = np.random.default_rng(9)
+  entropy = rng.uniform(0.1, 3.0, mask.shape)
+  ref_logp = logp + 0.3
+
+  def loss(lp, ent):
+    out = losses.grpo_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.05, kl_kind="k1",
+                           eps_low=0.2, eps_high=0.28, aggregation=mode, max_response_len=12,
+                           refined_mask=refined, loss_type="grpo", token_weights=weights,
+                           entropy=ent, entropy_coef=0.001)
+    return out["loss_sum"] / out["denominator"], out
+
+  (value, out), (_, dent) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      jnp.asarray(logp, jnp.float32), jnp.asarray(entropy, jnp.float32))
+  pg, _ = np_policy_loss(logp, old_logp, adv, mask, "grpo", 0.2, 0.28, refined)
+  kl = -(ref_logp - logp)
+  expected = (np_aggregate(weights * pg, mask, mode, 12) + 0.05 * np_aggregate(kl, mask, mode, 12)
+              - 0.001 * np_aggregate(entropy, mask, mode, 12))
+  np.testing.assert_allclose(value, expected, rtol=2e-5)
+  np.testing.assert_allclose(out["weight_sum"], (weights * mask).sum(), rtol=1e-5)
+  # d loss / d entropy_t = -coef * (the token's share of the aggregate).
+  share = {"token_mean": mask / mask.sum(),
+           "seq_mean_token_mean": mask / np.maximum(mask.sum(1, keepdims=True), 1)
+           / (mask.sum(1) > 0).sum(),
+           "seq_mean_token_sum_norm": mask / ((mask.sum(1) > 0).sum() * 12)}[mode]
+  np.testing.assert_allclose(dent, -0.001 * share, rtol=1e-5, atol=1e-12)
+  with pytest.raises(ValueError, match="entropy"):
+    losses.grpo_loss(logp, old_logp, adv, mask, entropy_coef=0.01)
+
+
+def test_truncated_importance_weights_match_float64():
+  rng = np.random.default_rng(10)
+  old_logp = -rng.random((4, 6)) * 3
+  sampler_logp = old_logp + rng.normal(size=old_logp.shape)
+  sampler_logp[0, 0] = old_logp[0, 0] + 60.0  # exp would underflow: weight ~0
+  sampler_logp[0, 1] = old_logp[0, 1] - 60.0  # exp would overflow: the cap
+  expected = np.minimum(np.exp(old_logp - sampler_logp), 2.0)
+  weights = losses.truncated_is_weights(old_logp, sampler_logp, 2.0)
+  np.testing.assert_allclose(weights, expected, rtol=1e-5, atol=1e-30)
+  assert float(weights[0, 1]) == 2.0 and 0 < expected[1:].min() < 1 < expected[1:].max() <= 2
+  with pytest.raises(ValueError, match="cap"):
+    losses.truncated_is_weights(old_logp, sampler_logp, 0.0)

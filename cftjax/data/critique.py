@@ -215,6 +215,15 @@ def render_prompt(record: CritiqueRecord, template: PromptTemplate | str, tokeni
   return np.asarray(ids, np.int32)
 
 
+def rule_critique(correct: bool, reference_answer: str | None = None) -> str:
+  """Critique-GRPO's rule-based critique: "simple" (correct / incorrect), or "simple_gt" with the
+  reference answer appended when one is given."""
+  text = "The answer is correct." if correct else "The answer is incorrect."
+  if reference_answer is not None:
+    text += f" The reference answer is {reference_answer}."
+  return text
+
+
 # ------------------------------------------------------------------------------------------------
 # Verdicts.
 

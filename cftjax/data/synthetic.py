@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import jax
 from jax.experimental import multihost_utils
 
-from cftjax.data.critique import CritiqueRecord, get_template
+from cftjax.data.critique import CritiqueRecord, get_template, rule_critique
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,57 @@ def addition_critique(a: int, b: int, claimed: str, forget_carry_column: int | N
   return "From the right: " + ", ".join(steps) + ". " + verdict
 
 
+def addition_solution(a: int, b: int, forget_carry_column: int | None = None) -> str:
+  """An actor's worked answer to "What is a + b?": the columns from the right ("x+y+carry=TT"), then
+  the sum boxed, e.g. "4+1+0=05, 5+7+0=12, 2+2+1=05. \\boxed{525}". `forget_carry_column` (counted
+  from the right) adds 0 there instead of the incoming carry, so the boxed sum is wrong when that
+  column receives one."""
+  a_digits, b_digits = str(a)[::-1], str(b)[::-1]
+  steps, digits, carry = [], [], 0
+  for i in range(max(len(a_digits), len(b_digits))):
+    x, y = _digit(a_digits, i), _digit(b_digits, i)
+    carry_in = 0 if i == forget_carry_column else carry
+    total = x + y + carry_in
+    steps.append(f"{x}+{y}+{carry_in}={total:02d}")
+    digits.append(str(total % 10))
+    carry = total // 10
+  if carry:
+    digits.append(str(carry))
+  return ", ".join(steps) + ". \\boxed{" + "".join(digits[::-1]) + "}"
+
+
+def has_leading_carry(a: int, b: int) -> bool:
+  """Whether the leftmost column of a + b receives a carry (where the actor teacher slips)."""
+  return _carry_in_columns(a, b)[max(len(str(a)), len(str(b))) - 1]
+
+
+# The refinement prompt of the actor demo (configs/demo_critique_grpo.py): the question, the previous
+# answer and its critique; rendered with the math_cot system prompt as in the initial prompt.
+REFINEMENT_USER = "{question}\n{solution}\n{critique}"
+
+
+def actor_rows(records: Sequence[CritiqueRecord]) -> list[CritiqueRecord]:
+  """SFT rows for the actor demo, two per problem (math_cot template: question -> solution).
+
+  An answer row: the question and an actor teacher's worked answer that ALWAYS forgets the carry
+  into the leading column (wrong on every problem with one: the persistently failed prompts). A
+  refinement row: REFINEMENT_USER with that answer and its rule-based critique with the reference
+  answer (`critique.rule_critique`) as the question, and the correct worked answer as the target.
+  """
+  rows = []
+  for r in records:
+    a, b = _operands(r)
+    leading = max(len(str(a)), len(str(b))) - 1
+    slipped, right = addition_solution(a, b, leading), addition_solution(a, b)
+    feedback = rule_critique(slipped == right, str(a + b))
+    rows.append(CritiqueRecord(question=r.question, solution=slipped, reference_answer=str(a + b),
+                               source=SOURCE + "_actor", id=r.id + "-answer"))
+    rows.append(CritiqueRecord(
+        question=REFINEMENT_USER.format(question=r.question, solution=slipped, critique=feedback),
+        solution=right, reference_answer=str(a + b), source=SOURCE + "_actor", id=r.id + "-refine"))
+  return rows
+
+
 def _digit(reversed_digits: str, i: int) -> int:
   return int(reversed_digits[i]) if i < len(reversed_digits) else 0
 
@@ -110,6 +161,11 @@ def plausible_wrong_sum(a: int, b: int, rng: random.Random, max_sum: int | None 
     wrong = "".join(reversed(digits))
     if wrong != true_sum and wrong[0] != "0" and low <= int(wrong) <= high:
       return wrong, kind
+
+
+def _operands(record: CritiqueRecord) -> tuple[int, int]:
+  a, b = record.question[len("What is "):-1].split(" + ")
+  return int(a), int(b)
 
 
 def _carry_in_columns(a: int, b: int) -> list[bool]:
@@ -245,15 +301,21 @@ def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout:
   """Writes the world under `out_dir` and returns the paths by name.
 
   Files: train.jsonl, heldout.jsonl (CFT records), rl_math_{split}.jsonl, rl_crl_{split}.jsonl
-  (RL rows) in cftjax's JSONL schema, tokenizer/, and last world.json (these arguments; see
-  written_world_params). Same arguments -> same bytes.
+  (RL rows), actor_{split}.jsonl (the actor demo's SFT rows, `actor_rows`), rl_math_{split}_carry
+  .jsonl / _nocarry.jsonl (math rows with / without a carry into the leading column) in cftjax's
+  JSONL schema, tokenizer/, and last world.json (these arguments; see written_world_params). Same
+  arguments -> same bytes.
   """
   world = make_world(seed, num_train, num_heldout, digits, carry_out, teacher_leading_carry_slip)
   os.makedirs(out_dir, exist_ok=True)
   paths = {}
   for split, records in world.items():
+    carry = [has_leading_carry(*_operands(r)) for r in records]
     for name, rows in ((split, records), (f"rl_math_{split}", math_rows(records)),
-                       (f"rl_crl_{split}", crl_rows(records))):
+                       (f"rl_crl_{split}", crl_rows(records)), (f"actor_{split}", actor_rows(records)),
+                       (f"rl_math_{split}_carry", math_rows([r for r, c in zip(records, carry) if c])),
+                       (f"rl_math_{split}_nocarry",
+                        math_rows([r for r, c in zip(records, carry) if not c]))):
       paths[name] = os.path.join(out_dir, f"{name}.jsonl")
       _write_text(paths[name], "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
   paths["tokenizer"] = train_tokenizer(world["train"], os.path.join(out_dir, "tokenizer"),

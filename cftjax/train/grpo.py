@@ -25,6 +25,7 @@ from cftjax.models import checkpoint_io
 from cftjax.rewards.registry import RewardComputer
 from cftjax.train import checkpoint as checkpoint_lib
 from cftjax.train import losses
+from cftjax.train import refinement as refinement_lib
 from cftjax.train import rollout as rollout_lib
 from cftjax.train import run as run_lib
 from cftjax.train import state as state_lib
@@ -35,18 +36,44 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------
 # The update step.
 
-# The GRPO update batch (see cftjax.train.rollout.build_update_batch); all [B, T] unless noted:
-# inputs, targets (int32), positions, segment_ids (int32, 0 = padding), completion_mask (float32,
-# 1 on generated target tokens), old_logp (float32, aligned to targets), advantages [B] (float32),
-# and ref_logp (float32) when the KL term is on.
+# The GRPO update batch (see cftjax.train.rollout.build_update_batch); all [B, T]: inputs, targets
+# (int32), positions, segment_ids (int32, 0 = padding), completion_mask (float32, 1 on generated
+# target tokens), old_logp (float32, aligned to targets), advantages, token_weights and refined_mask
+# (float32, per token; refined_mask 1 on off-policy refinement tokens), ref_logp (float32) when the KL
+# term is on and sampler_logp (the sampler's, when old_logp is recomputed) for truncated IS.
 Batch = dict[str, jax.Array]
 SCORE_KEYS = ("inputs", "targets", "positions", "segment_ids", "completion_mask")
-UPDATE_KEYS = SCORE_KEYS + ("old_logp", "advantages")
+UPDATE_KEYS = SCORE_KEYS + ("old_logp", "advantages", "token_weights", "refined_mask")
+# rl.loss -> (policy loss, advantage scale, aggregation); None = the rl section's own key.
+LOSS_PRESETS = {"grpo": ("grpo", None, None), "dr_grpo": ("grpo", "none", "seq_mean_token_sum_norm"),
+                "gspo": ("gspo", None, None), "gspo_token": ("gspo_token", None, None),
+                "cispo": ("cispo", None, None)}
 LOG_RATIO_CLAMP = 20.0  # bound on |logp - old_logp| inside the ratio (losses.grpo_loss)
+
+
+def objective(rl: Any) -> tuple[str, str, str]:
+  """(policy loss, advantage scale, aggregation) of rl.loss: dr_grpo (arXiv 2503.20783) is the grpo
+  surrogate with centred advantages (no std) and the constant normaliser seq_mean_token_sum_norm;
+  the other losses take rl.advantage_scale and rl.aggregation."""
+  loss_type, scale, aggregation = LOSS_PRESETS[rl.loss]
+  return loss_type, scale or rl.advantage_scale, aggregation or rl.aggregation
 
 
 def check_loss_settings(rl: Any) -> None:
   """Raises a ConfigError naming the `rl` key of the GRPO objective that cannot be used."""
+  if rl.loss not in LOSS_PRESETS:
+    raise config_lib.ConfigError(f"rl.loss={rl.loss!r} is not one of {tuple(LOSS_PRESETS)}")
+  if rl.dual_clip and LOSS_PRESETS[rl.loss][0] != "grpo":
+    raise config_lib.ConfigError(f"rl.dual_clip={rl.dual_clip} applies to the grpo / dr_grpo "
+                                 f"surrogate, not rl.loss={rl.loss!r}; set it to 0")
+  if rl.tis_cap < 0 or (rl.tis_cap and not rl.recompute_old_logp):
+    raise config_lib.ConfigError(f"rl.tis_cap={rl.tis_cap}: truncated importance sampling weighs the "
+                                 "trainer's old log-probs against the sampler's; it needs "
+                                 "rl.recompute_old_logp=True and a cap > 0 (0 = off)")
+  if rl.advantage_scale not in losses.ADVANTAGE_SCALES:
+    raise config_lib.ConfigError(f"rl.advantage_scale={rl.advantage_scale!r} is not one of "
+                                 f"{losses.ADVANTAGE_SCALES}")
+  refinement_lib.check_settings(rl)
   if rl.aggregation not in losses.AGGREGATION_MODES:
     raise config_lib.ConfigError(f"rl.aggregation={rl.aggregation!r} is not one of "
                                  f"{losses.AGGREGATION_MODES}")
@@ -67,7 +94,8 @@ def uses_reference(rl: Any) -> bool:
 
 def batch_keys(rl: Any) -> tuple[str, ...]:
   """The keys of the update batch the objective of `rl` reads."""
-  return UPDATE_KEYS + (("ref_logp",) if uses_reference(rl) else ())
+  return (UPDATE_KEYS + (("ref_logp",) if uses_reference(rl) else ())
+          + (("sampler_logp",) if rl.tis_cap else ()))
 
 
 def _select_keys(jitted: Callable, keys: tuple[str, ...], what: str) -> Callable:
@@ -84,18 +112,29 @@ def _select_keys(jitted: Callable, keys: tuple[str, ...], what: str) -> Callable
 
 def grpo_sums(model_cfg: ModelConfig, params: Any, batch: Batch, rl: Any, *, chunk_size: int,
               compute_dtype=None) -> dict[str, jax.Array]:
-  """`grpo_loss` sums of one (micro-)batch under the `rl` section's objective, plus entropy_sum
-  (masked) and seq_count. Log-probs are of softmax(logits / rl.temperature); rl.dual_clip 0 is off;
-  rl.max_response_len 0 is rl.max_new_tokens."""
+  """`grpo_loss` sums of one (micro-)batch under the `rl` section's objective (`objective(rl)`), plus
+  entropy_sum (masked) and seq_count. Log-probs are of softmax(logits / rl.temperature); rl.dual_clip
+  0 is off; rl.max_response_len 0 is rl.max_new_tokens. Token weights: batch["token_weights"] times,
+  with rl.tis_cap, min(exp(old_logp - sampler_logp), rl.tis_cap) on on-policy tokens."""
   logp, entropy = losses.completion_log_probs(model_cfg, params, batch, chunk_size=chunk_size,
                                               temperature=rl.temperature, compute_dtype=compute_dtype)
   mask = batch["completion_mask"].astype(jnp.float32)
+  refined = batch["refined_mask"]
+  weights = batch["token_weights"]
+  if rl.tis_cap:
+    tis = losses.truncated_is_weights(batch["old_logp"], batch["sampler_logp"], rl.tis_cap)
+    weights = weights * jnp.where(refined > 0, 1.0, tis)
+  loss_type, _, aggregation = objective(rl)
   sums = losses.grpo_loss(logp, batch["old_logp"], batch["advantages"], mask,
                           ref_logp=batch.get("ref_logp"), kl_coef=rl.kl_coef, kl_kind=rl.kl_kind,
                           eps_low=rl.eps_low, eps_high=rl.eps_high, dual_clip=rl.dual_clip or None,
-                          log_ratio_clamp=LOG_RATIO_CLAMP, aggregation=rl.aggregation,
-                          max_response_len=rl.max_response_len or rl.max_new_tokens)
+                          log_ratio_clamp=LOG_RATIO_CLAMP, aggregation=aggregation,
+                          max_response_len=rl.max_response_len or rl.max_new_tokens,
+                          refined_mask=refined, shaping_gamma=rl.refinement.shaping_gamma,
+                          loss_type=loss_type, token_weights=weights,
+                          entropy=entropy if rl.entropy_coef else None, entropy_coef=rl.entropy_coef)
   return sums | {"entropy_sum": jnp.sum(mask * jax.lax.stop_gradient(entropy)),
+                 "refined_token_sum": jnp.sum(mask * refined),
                  "seq_count": jnp.sum(jnp.sum(mask, axis=1) > 0).astype(jnp.float32)}
 
 
@@ -108,14 +147,16 @@ def _mean_metrics(sums: dict[str, jax.Array], uses_reference: bool) -> dict[str,
       "clip_frac_high": sums["clip_high_sum"] / tokens, "dual_clip_frac": sums["dual_clip_sum"] / tokens,
       "ratio_mean": sums["ratio_sum"] / tokens, "ratio_min": sums["ratio_min"],
       "ratio_max": sums["ratio_max"], "abs_log_ratio": sums["abs_log_ratio_sum"] / tokens,
-      "completion_tokens": sums["token_count"], "sequences": sums["seq_count"]}
+      "completion_tokens": sums["token_count"], "sequences": sums["seq_count"],
+      "token_weight_mean": sums["weight_sum"] / tokens, "entropy_loss": sums["entropy_loss_sum"] / denominator,
+      "refined_token_fraction": sums["refined_token_sum"] / tokens}
   if uses_reference:
     metrics |= {"kl": sums["kl_sum"] / tokens, "kl_loss": sums["kl_loss_sum"] / denominator}
   return metrics
 
 
 def _batch_shardings(keys: tuple[str, ...]) -> dict[str, NamedSharding]:
-  return {key: parallel.batch_sharding(1 if key == "advantages" else 2) for key in keys}
+  return {key: parallel.batch_sharding(2) for key in keys}
 
 
 def make_grpo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, rl: Any,
@@ -124,14 +165,16 @@ def make_grpo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, 
                    ) -> Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, dict[str, jax.Array]]]:
   """A jitted `step(state, batch) -> (state, metrics)`: one optimizer update; the state is donated.
 
-  rl: the config's `rl` section (the objective: temperature, eps_low / eps_high, dual_clip,
-  aggregation, max_response_len, kl_coef, kl_kind; see `grpo_sums`), checked here.
+  rl: the config's `rl` section (the objective: loss, temperature, eps_low / eps_high, dual_clip,
+  aggregation, max_response_len, kl_coef, kl_kind, entropy_coef, tis_cap, refinement.shaping_gamma;
+  see `grpo_sums`), checked here.
   batch: the global update batch (`batch_keys(rl)`; global jax.Arrays from
   `parallel.host_local_to_global`, or numpy on one process), B a multiple of micro_batches x the
   batch shards. The loss is sum(numerators) / sum(denominators) over the WHOLE batch, so k
   micro-batches give the gradient of one full batch. Metrics (float32 scalars): loss, pg_loss,
-  entropy, clip_frac_low / high, dual_clip_frac, ratio_mean / min / max, abs_log_ratio (mean
-  |logp - old_logp|), kl and kl_loss (with a reference), completion_tokens, sequences, grad_norm
+  entropy, entropy_loss, clip_frac_low / high, dual_clip_frac, ratio_mean / min / max, abs_log_ratio
+  (mean |logp - old_logp|), kl and kl_loss (with a reference), token_weight_mean,
+  refined_token_fraction, completion_tokens, sequences, grad_norm
   (before the optimizer's clipping), update_skipped (1.0 when a NaN / inf loss or gradient made the
   step skip its update: see `state.apply_update_if_finite`) and lr (when a schedule is given).
   """
@@ -216,10 +259,10 @@ def _check_config(config: Any, prompts_per_host: int) -> None:
         "rl.group_size=1: a GRPO advantage is a reward minus its group's mean, so a group of one "
         "always has advantage 0 and nothing would train; set rl.group_size >= 2 (e.g. 8)")
   check_loss_settings(rl)
-  rows = prompts_per_host * rl.group_size
+  rows = prompts_per_host * refinement_lib.rows_per_group(rl)
   if rows % rl.mini_batches:
     raise config_lib.ConfigError(
-        f"data.batch_size x rl.group_size = {rows} rows per host do not split into "
+        f"data.batch_size x (rl.group_size + refinements) = {rows} rows per host do not split into "
         f"rl.mini_batches={rl.mini_batches}; change one of them")
 
 # ------------------------------------------------------------------------------------------------
@@ -338,12 +381,33 @@ class GRPORun(run_lib.RunLoop):
       self.score_log_probs = make_log_prob_fn(
           self.model_cfg, temperature=rl.temperature, **step_kwargs)
     self.rewards = RewardComputer(rl.rewards, code=rl.code)
+    self.refiner = self._make_refiner() if refinement_lib.enabled(rl) else None
+    if rl.loss == "dr_grpo":
+      log.info("rl.loss=dr_grpo: centred advantages (no std) and the seq_mean_token_sum_norm "
+               "normaliser (rl.advantage_scale=%s and rl.aggregation=%s are not used)",
+               rl.advantage_scale, rl.aggregation)
     self.nonfinite = run_lib.NonFiniteGuard(config.train.max_consecutive_nonfinite)
     self.no_variance_updates = 0  # updates skipped: no group with reward variance to train on
     self.evaluator = run_lib.make_evaluator(config, self.model_cfg, self.tokenizer, extra_evaluator)
     self.writer = run_lib.MetricsWriter(
         self.run_dir, self.total_steps, initial_step=self.step,
         tensorboard=config.logging.tensorboard, progress_bar=config.logging.progress_bar)
+
+  def _make_refiner(self) -> refinement_lib.Refiner:
+    rl = self.config.rl
+    critic_generate, critic_tokenizer = None, None
+    if rl.refinement.critique == "critic":
+      critic_generate, critic_tokenizer = refinement_lib.critic_generator(rl)
+    return refinement_lib.Refiner(
+        rl, self.tokenizer,
+        refinement_lib.policy_generator(lambda: self.state.params, self.model_cfg, rl, self.tokenizer),
+        self._score, critic_generate=critic_generate, critic_tokenizer=critic_tokenizer,
+        same_rows=_max_over_processes, seed=self.config.train.seed)
+
+  def _score(self, groups: list[rollout_lib.Group]) -> None:
+    rl = self.config.rl
+    rollout_lib.score_groups(groups, self.rewards, self.tokenizer, max_new_tokens=rl.max_new_tokens,
+                             overlong_buffer=rl.overlong_buffer, overlong_factor=rl.overlong_penalty)
 
   # -- one step ------------------------------------------------------------------------------------
 
@@ -356,9 +420,13 @@ class GRPORun(run_lib.RunLoop):
       return rollout_lib.sample_groups(self.state.params, self.model_cfg, prompts, rl, self.tokenizer,
                                        jax.random.fold_in(step_rng, draw))
 
-    def score(groups):
-      rollout_lib.score_groups(groups, self.rewards, self.tokenizer, max_new_tokens=rl.max_new_tokens,
-                               overlong_buffer=rl.overlong_buffer, overlong_factor=rl.overlong_penalty)
+    draws = iter(range(rl.max_draws))
+
+    def score(groups):  # with refinements: critique, refine and score them before the group filter
+      self._score(groups)
+      if self.refiner is not None:
+        self.refiner.refine(groups, jax.random.fold_in(jax.random.fold_in(step_rng, 1 << 20),
+                                                       next(draws)))
 
     return rollout_lib.collect_rollout(lambda: next(self.data), sample, score,
                                        prompts_per_step=self.prompts_per_host,
@@ -375,10 +443,10 @@ class GRPORun(run_lib.RunLoop):
     advantages = np.zeros(0, np.float32)
     if rollout.groups:
       rewards, group_ids = rollout_lib.group_rewards(rollout.groups)
-      advantages = np.asarray(losses.group_advantages(rewards, group_ids=group_ids, scale=rl.advantage_scale,
-                                               eps=rl.advantage_eps))
+      advantages = np.asarray(losses.group_advantages(rewards, group_ids=group_ids,
+                                                      scale=objective(rl)[1], eps=rl.advantage_eps))
     batch = rollout_lib.build_update_batch(
-        rollout.groups, advantages, self.prompts_per_host * rl.group_size,
+        rollout.groups, advantages, self.prompts_per_host * refinement_lib.rows_per_group(rl),
         seq_buckets=tuple(rl.seq_buckets) or None, mask_truncated=rl.mask_truncated,
         pad_id=sampling.pad_id(self.tokenizer), longest=longest)
     return _split_rows(batch, rl.mini_batches)
@@ -390,6 +458,8 @@ class GRPORun(run_lib.RunLoop):
       if self.ref_params is not None:
         batch["ref_logp"], _ = self.score_log_probs(self.ref_params, batch)
       if self.config.rl.recompute_old_logp:
+        if self.config.rl.tis_cap:
+          batch["sampler_logp"] = batch["old_logp"]
         batch["old_logp"], gap = self.score_log_probs(self.state.params, batch)
         gap_sum += float(gap)
         tokens += float(jnp.sum(batch["completion_mask"]))
@@ -401,6 +471,8 @@ class GRPORun(run_lib.RunLoop):
     started = time.perf_counter()
     rollout = self._collect()
     metrics = rollout_lib.rollout_metrics(rollout, self.config.rl.group_size)
+    if self.refiner is not None:
+      metrics |= self.refiner.take_metrics()
     phase_started = time.perf_counter()
     host_batches = self._update_batches(rollout)
     batches = [parallel.host_local_to_global(b) for b in host_batches]

@@ -1,6 +1,7 @@
 """Training losses: chunked cross-entropy and token log-probs from hidden states, GRPO advantages,
-clipped policy surrogate, KL estimators and (sum, count) aggregation for global normalisation; and
-the model's forward pass into those sums (`ce_sums`, `completion_log_probs`)."""
+the policy losses (GRPO / Dr. GRPO clipped surrogate, GSPO, GSPO-token, CISPO, Critique-GRPO's shaped
+off-policy tokens), truncated importance weights, KL estimators and (sum, count) aggregation for
+global normalisation; and the model's forward pass into those sums (`ce_sums`, `completion_log_probs`)."""
 
 from __future__ import annotations
 
@@ -318,6 +319,19 @@ def group_advantages(
   return jnp.where(varies, centred, 0.0)
 
 
+POLICY_LOSSES = ("grpo", "gspo", "gspo_token", "cispo")
+
+
+def _clip_bounds(eps_low: float | None, eps_high: float | None) -> tuple[float | None, float | None]:
+  return (None if eps_low is None else 1.0 - eps_low), (None if eps_high is None else 1.0 + eps_high)
+
+
+def _per_token(values: Array, shape: tuple[int, ...]) -> Array:
+  """[B] or [B, T] float32 values as [B, T] (a per-sequence value on each of its tokens)."""
+  values = jnp.asarray(values, jnp.float32)
+  return jnp.broadcast_to(values if values.ndim == 2 else values[:, None], shape)
+
+
 def policy_loss_terms(
     logp: Array,
     old_logp: Array,
@@ -329,28 +343,58 @@ def policy_loss_terms(
     log_ratio_clamp: float | None = 20.0,
     refined_mask: Array | None = None,
     shaping_gamma: float = 0.1,
+    loss_type: str = "grpo",
 ) -> dict[str, Array]:
-  """Per-token clipped surrogate l_t = -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A).
+  """Per-token policy-gradient losses l_t of `loss_type` (A = the token's advantage):
 
-  logp, old_logp, mask: [B, T]; advantages: [B]. eps_low/eps_high None: no clip on that side.
-  dual_clip c (> 1, A < 0 only): l_t = min(l_t, -c A). log_ratio_clamp bounds logp - old_logp.
-  refined_mask [B, T] or [B] (Critique-GRPO / LUFFY policy shaping): those tokens use
-  l_t = -f(p) A with p = exp(logp), f(p) = p / (p + shaping_gamma), no ratio and no clipping.
-  Returns [B, T] float32 arrays (zero where mask is 0): token_loss, ratio, log_ratio and the 0/1
-  indicators clipped_low, clipped_high, dual_clipped (tokens whose gradient the clip removes).
+  grpo: l_t = -min(r_t A, clip(r_t, 1-eps_low, 1+eps_high) A), r_t = exp(logp - old_logp) (also Dr.
+    GRPO's, which differs in its advantages and normaliser only).
+  gspo: the sequence ratio s = exp(mean over the sequence's masked tokens of logp - old_logp) in
+    l_t = -min(s A, clip(s, ...) A) on each token (arXiv 2507.18071).
+  gspo_token: the same with s_t = sg(s) exp(logp_t - sg(logp_t)): equal value, per-token gradient
+    paths (equal to gspo's when A is constant along the sequence).
+  cispo: l_t = -sg(clip(r_t, 1-eps_low, 1+eps_high)) A logp_t (MiniMax-M1, arXiv 2506.13585): the
+    clip bounds the IS weight, no token leaves the gradient.
+
+  logp, old_logp, mask: [B, T]; advantages: [B] (one per sequence) or [B, T] (per token).
+  eps_low/eps_high None: no clip on that side. dual_clip c (> 1, A < 0 only, grpo):
+  l_t = min(l_t, -c A). log_ratio_clamp bounds logp - old_logp (per token, and GSPO's mean).
+  refined_mask [B, T] or [B] (Critique-GRPO / LUFFY policy shaping of off-policy tokens): those tokens
+  use l_t = -f(p) A with p = exp(logp), f(p) = p / (p + shaping_gamma), no ratio and no clipping.
+  Returns [B, T] float32 arrays (zero where mask is 0): token_loss, ratio (r_t, or s for gspo; 1 on
+  refined tokens), log_ratio and the 0/1 indicators clipped_low, clipped_high (tokens whose ratio the clip bounds),
+  dual_clipped.
   """
+  if loss_type not in POLICY_LOSSES:
+    raise ValueError(f"policy loss {loss_type!r} is not one of {POLICY_LOSSES}")
+  if dual_clip is not None and loss_type != "grpo":
+    raise ValueError(f"dual_clip applies to the grpo surrogate, not {loss_type!r}")
   mask = mask.astype(jnp.float32)
-  adv = jnp.asarray(advantages, jnp.float32)[:, None]
+  adv = _per_token(advantages, mask.shape)
   # Zero the log-ratio off the mask so padding with -inf/garbage log-probs cannot leak NaNs.
-  log_ratio = jnp.where(mask > 0, logp.astype(jnp.float32) - old_logp.astype(jnp.float32), 0.0)
+  live_logp = jnp.where(mask > 0, logp.astype(jnp.float32), 0.0)
+  log_ratio = jnp.where(mask > 0, live_logp - old_logp.astype(jnp.float32), 0.0)
   if log_ratio_clamp is not None:
     log_ratio = jnp.clip(log_ratio, -log_ratio_clamp, log_ratio_clamp)
+  if loss_type in ("gspo", "gspo_token"):
+    seq_log_ratio = jnp.sum(log_ratio, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    if log_ratio_clamp is not None:
+      seq_log_ratio = jnp.clip(seq_log_ratio, -log_ratio_clamp, log_ratio_clamp)
+    seq_log_ratio = jnp.broadcast_to(seq_log_ratio[:, None], mask.shape)
+    if loss_type == "gspo_token":
+      seq_log_ratio = jax.lax.stop_gradient(seq_log_ratio) + live_logp - jax.lax.stop_gradient(live_logp)
+    log_ratio = seq_log_ratio
   ratio = jnp.exp(log_ratio)
-  low = None if eps_low is None else 1.0 - eps_low
-  high = None if eps_high is None else 1.0 + eps_high
-  token_loss = jnp.maximum(-ratio * adv, -jnp.clip(ratio, low, high) * adv)
-  clipped_low = (adv < 0) & (ratio < low) if low is not None else jnp.zeros_like(mask, bool)
-  clipped_high = (adv > 0) & (ratio > high) if high is not None else jnp.zeros_like(mask, bool)
+  low, high = _clip_bounds(eps_low, eps_high)
+  clipped_ratio = jnp.clip(ratio, low, high)
+  if loss_type == "cispo":
+    token_loss = -jax.lax.stop_gradient(clipped_ratio) * adv * live_logp
+    clipped_low = ratio < low if low is not None else jnp.zeros_like(mask, bool)
+    clipped_high = ratio > high if high is not None else jnp.zeros_like(mask, bool)
+  else:
+    token_loss = jnp.maximum(-ratio * adv, -clipped_ratio * adv)
+    clipped_low = (adv < 0) & (ratio < low) if low is not None else jnp.zeros_like(mask, bool)
+    clipped_high = (adv > 0) & (ratio > high) if high is not None else jnp.zeros_like(mask, bool)
   dual_clipped = jnp.zeros_like(mask, bool)
   if dual_clip is not None:
     if dual_clip <= 1.0:
@@ -358,10 +402,10 @@ def policy_loss_terms(
     dual_clipped = (adv < 0) & (token_loss > -dual_clip * adv)
     token_loss = jnp.where(adv < 0, jnp.minimum(token_loss, -dual_clip * adv), token_loss)
   if refined_mask is not None:
-    refined = jnp.broadcast_to(
-        refined_mask if refined_mask.ndim == 2 else refined_mask[:, None], mask.shape).astype(bool)
-    prob = jnp.exp(jnp.where(mask > 0, logp.astype(jnp.float32), 0.0))
+    refined = _per_token(refined_mask, mask.shape) > 0
+    prob = jnp.exp(live_logp)
     token_loss = jnp.where(refined, -prob / (prob + shaping_gamma) * adv, token_loss)
+    log_ratio, ratio = jnp.where(refined, 0.0, log_ratio), jnp.where(refined, 1.0, ratio)
     clipped_low, clipped_high, dual_clipped = (
         flag & ~refined for flag in (clipped_low, clipped_high, dual_clipped))
   return {
@@ -431,6 +475,15 @@ def aggregate(
   return numerator, denominator
 
 
+def truncated_is_weights(old_logp: Array, sampler_logp: Array, cap: float) -> Array:
+  """Truncated importance weights min(exp(old_logp - sampler_logp), cap) [B, T] against the
+  sampler/trainer mismatch (old_logp: the trainer's recomputed log-probs of the sampled tokens)."""
+  if cap <= 0:
+    raise ValueError(f"truncated importance sampling cap must be > 0, got {cap}")
+  log_weight = old_logp.astype(jnp.float32) - sampler_logp.astype(jnp.float32)
+  return jnp.exp(jnp.minimum(log_weight, math.log(cap)))
+
+
 def grpo_loss(
     logp: Array,
     old_logp: Array,
@@ -447,31 +500,48 @@ def grpo_loss(
     max_response_len: int | None = None,
     refined_mask: Array | None = None,
     shaping_gamma: float = 0.1,
+    loss_type: str = "grpo",
+    token_weights: Array | None = None,
+    entropy: Array | None = None,
+    entropy_coef: float = 0.0,
 ) -> dict[str, Array]:
-  """GRPO objective pieces for one micro-batch (see policy_loss_terms, kl_penalty, aggregate).
+  """The policy objective's pieces for one micro-batch (see policy_loss_terms, kl_penalty, aggregate).
 
-  logp, old_logp, mask, ref_logp: [B, T]; advantages: [B]. Token loss = surrogate + kl_coef * kl,
-  aggregated with `aggregation`. Returns float32 scalars: loss_sum and pg_loss_sum / kl_loss_sum
-  (numerators to divide by the GLOBAL sum of `denominator`), denominator, token_count, and masked
-  token sums for metrics: kl_sum, clip_low_sum, clip_high_sum, dual_clip_sum, ratio_sum,
-  abs_log_ratio_sum, plus ratio_min / ratio_max over masked tokens (+inf / -inf when none).
+  logp, old_logp, mask, ref_logp, token_weights, entropy: [B, T]; advantages: [B] or [B, T].
+  Token loss = w_t l_t (policy_loss_terms of `loss_type`, w_t = token_weights, default 1, not
+  differentiated) + kl_coef * kl_t - entropy_coef * entropy_t, aggregated with `aggregation` (mask
+  counts the tokens; weights scale them). Returns float32 scalars: loss_sum and pg_loss_sum /
+  kl_loss_sum / entropy_loss_sum (numerators to divide by the GLOBAL sum of `denominator`),
+  denominator, token_count, and masked token sums for metrics: kl_sum, clip_low_sum, clip_high_sum,
+  dual_clip_sum, ratio_sum, abs_log_ratio_sum, weight_sum, plus ratio_min / ratio_max over masked
+  tokens (+inf / -inf when none).
   """
   if kl_coef and ref_logp is None:
     raise ValueError("grpo_loss: kl_coef > 0 needs ref_logp (reference-model log-probs)")
+  if entropy_coef and entropy is None:
+    raise ValueError("grpo_loss: entropy_coef != 0 needs the per-token entropy")
   mask = mask.astype(jnp.float32)
   terms = policy_loss_terms(logp, old_logp, advantages, mask, eps_low, eps_high, dual_clip,
-                            log_ratio_clamp, refined_mask, shaping_gamma)
+                            log_ratio_clamp, refined_mask, shaping_gamma, loss_type)
+  weights = (jnp.ones_like(mask) if token_weights is None
+             else jax.lax.stop_gradient(token_weights.astype(jnp.float32)))
   if ref_logp is None:
     kl = jnp.zeros_like(mask)
   else:  # padding log-probs (possibly -inf) are zeroed before they can make NaNs
     live = mask > 0
     kl = mask * kl_penalty(jnp.where(live, logp, 0.0), jnp.where(live, ref_logp, 0.0), kl_kind)
-  pg_loss_sum, denominator = aggregate(terms["token_loss"], mask, aggregation, max_response_len)
+  pg_loss_sum, denominator = aggregate(weights * terms["token_loss"], mask, aggregation,
+                                       max_response_len)
   kl_loss_sum = aggregate(kl, mask, aggregation, max_response_len)[0]
+  entropy_loss_sum = jnp.zeros((), jnp.float32)
+  if entropy is not None:
+    entropy_loss_sum = -aggregate(jnp.where(mask > 0, entropy, 0.0), mask, aggregation,
+                                  max_response_len)[0]
   return {
-      "loss_sum": pg_loss_sum + kl_coef * kl_loss_sum,
+      "loss_sum": pg_loss_sum + kl_coef * kl_loss_sum + entropy_coef * entropy_loss_sum,
       "pg_loss_sum": pg_loss_sum,
       "kl_loss_sum": kl_loss_sum,
+      "entropy_loss_sum": entropy_loss_sum,
       "denominator": denominator,
       "token_count": jnp.sum(mask),
       "kl_sum": jnp.sum(kl),
@@ -480,6 +550,7 @@ def grpo_loss(
       "dual_clip_sum": jnp.sum(terms["dual_clipped"]),
       "ratio_sum": jnp.sum(terms["ratio"]),
       "abs_log_ratio_sum": jnp.sum(jnp.abs(terms["log_ratio"])),
+      "weight_sum": jnp.sum(mask * weights),
       "ratio_min": jnp.min(jnp.where(mask > 0, terms["ratio"], jnp.inf)),
       "ratio_max": jnp.max(jnp.where(mask > 0, terms["ratio"], -jnp.inf)),
   }
