@@ -41,8 +41,25 @@ def _own_pid_namespace_depth() -> int:
     return next(len(line.split()) - 1 for line in f if line.startswith("NSpid:"))
 
 
+def _parent(pid: str) -> str:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      return next(line.split()[1] for line in f if line.startswith("PPid:"))
+  except (OSError, StopIteration):
+    return "0"
+
+
+def _ours_or_orphaned(pid: str) -> bool:
+  """Whether pid descends from this process, or from nobody (reparented to init): processes of
+  sandboxes that other trainers on this machine run at the same time are not ours to count."""
+  while pid not in ("0", "1", str(os.getpid())):
+    pid = _parent(pid)
+  return pid != "0"
+
+
 def _sandboxed_processes(since_ticks: int) -> list[str]:
-  """Processes in a pid namespace below ours started after since_ticks (clock ticks after boot)."""
+  """Processes in a pid namespace below ours, started after since_ticks (clock ticks after boot),
+  of this process's runs or orphaned."""
   depth, found = _own_pid_namespace_depth(), []
   for entry in os.listdir("/proc"):
     if not entry.isdigit():
@@ -54,7 +71,7 @@ def _sandboxed_processes(since_ticks: int) -> list[str]:
         start = int(f.read().rsplit(")", 1)[1].split()[19])
     except (OSError, StopIteration, ValueError, IndexError):
       continue
-    if len(nspid) > depth and start >= since_ticks:
+    if len(nspid) > depth and start >= since_ticks and _ours_or_orphaned(entry):
       try:
         with open(f"/proc/{entry}/cmdline", "rb") as f:
           found.append(f"{entry}: {f.read()[:200]!r}")
@@ -132,6 +149,9 @@ class Host:
     assert {p.name: p.stat().st_mtime_ns for p in REPO.iterdir()} == self.repo_before
     time.sleep(0.2)   # let the accept threads see any late connection
     assert self.connections == 0, "a listener on the host received a connection"
+    deadline = time.monotonic() + 2.0   # a leak persists (the attacks sleep 60 s); a teardown does not
+    while _sandboxed_processes(self.start_ticks) and time.monotonic() < deadline:
+      time.sleep(0.1)
     assert _sandboxed_processes(self.start_ticks) == [], "processes of the run are left over"
 
   def close(self) -> None:
