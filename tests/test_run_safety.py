@@ -73,7 +73,7 @@ def start(world: str, run_dir: str, cache: str, **overrides) -> subprocess.Popen
 
 
 def wait_for(condition, process: subprocess.Popen, what: str) -> None:
-  deadline = time.time() + 240
+  deadline = time.time() + 600  # a loaded CI host may take minutes to start and compile
   while not condition():
     if process.poll() is not None:
       raise AssertionError(f"trainer exited ({process.returncode}) before {what}:\n"
