@@ -1,7 +1,7 @@
 """The critique format: `CritiqueRecord` (one question and candidate solution with whatever
 supervision it carries), the prompt templates that render a record as chat messages, CFT ids with a
 loss mask, or a prompt, and the parsers that read a critic's verdict back in each template's syntax
-(CFT, CRL, Critique-RL) and ProcessBench's boxed step index.
+(CFT, CRL, Critique-RL) and the boxed first wrong step (ProcessBench, DeepCritic).
 
 Templates are Python format strings over a record's fields (literal braces written doubled).
 """
@@ -360,12 +360,36 @@ def parse_verdict(text: str, style: str = "auto", strip_think: bool = True) -> b
   return max(matches, key=lambda m: m[0])[1]
 
 
-def parse_processbench_step(text: str, strip_think: bool = True) -> int | None:
-  """ProcessBench answer: the integer in the last `\\boxed{}` (-1 = no wrong step), else None."""
+# "First wrong step" answers: \boxed{k}. ProcessBench numbers steps from 0, DeepCritic from 1; both
+# write -1 for "every step is correct". Parsed indices are always 0-based (-1 = no wrong step).
+STEP_INDEXING = {"processbench": 0, "deepcritic": 1}
+
+
+def parse_first_wrong_step(text: str, indexing: str = "processbench",
+                           strip_think: bool = True) -> int | None:
+  """The first wrong step named by the last `\\boxed{k}`, as a 0-based index (-1 = no wrong step).
+
+  Args:
+    text: the generated critique.
+    indexing: how `k` counts steps: "processbench" (k = 0, 1, ...) or "deepcritic" (k = 1, 2, ...);
+      -1 means "no wrong step" in both.
+    strip_think: drop `<think>` reasoning first (see `remove_think`).
+
+  Returns None when there is no closed `\\boxed{}`, its content is not an integer, or the integer
+  is no step in the convention (below the first index and not -1, e.g. 0 under "deepcritic").
+  """
+  if indexing not in STEP_INDEXING:
+    raise ValueError(f"parse_first_wrong_step: unknown indexing {indexing!r}; use one of "
+                     f"{sorted(STEP_INDEXING)}")
   if strip_think:
     text = remove_think(text)
   found = last_braced_argument(text, r"\boxed")
   if found is None:
     return None
   argument = found[1].strip()
-  return int(argument) if _INT.fullmatch(argument) else None
+  if not _INT.fullmatch(argument):
+    return None
+  k, first = int(argument), STEP_INDEXING[indexing]
+  if k == -1:
+    return -1
+  return k - first if k >= first else None
