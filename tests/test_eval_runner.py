@@ -266,6 +266,26 @@ def test_processbench_end_to_end_f1(model, tmp_path):
   assert metrics["f1"] == pytest.approx(f1)
 
 
+def test_processbench_majority_vote_hand_computed():
+  bench = suites.Benchmark.from_config("pb", {"path": "x", "kind": "processbench", "n_samples": 3,
+                                              "temperature": 0.7, "ks": (1, 3)}, "pb")
+  votes = [(-1, [-1, 0, -1]),       # vote -1: right
+           (1, [1, 2, 2]),          # vote 2: wrong
+           (2, [None, 2, 3]),       # no-index sample does not vote; 2 vs 3 tie -> 2 (seen first): right
+           (-1, [None, None, None])]  # no vote: wrong
+  records = [{"target": t, "samples": [sample("c", p, p == t) for p in preds]} for t, preds in votes]
+  summary = runner.summarize(bench, records)
+  assert summary["maj@3_error_acc"] == pytest.approx(1 / 2)
+  assert summary["maj@3_correct_acc"] == pytest.approx(1 / 2)
+  assert summary["maj@3_f1"] == pytest.approx(0.5)
+  # Pooled over samples: errors 2 of 6 right, correct rows 2 of 6 right.
+  assert summary["error_acc"] == pytest.approx(2 / 6) and summary["correct_acc"] == pytest.approx(2 / 6)
+  assert summary["f1"] == pytest.approx(1 / 3) and summary["missing_rate"] == pytest.approx(4 / 12)
+  assert not any(k.startswith("maj@1") for k in summary)
+  table = runner.format_table({"benchmarks": {"pb": {**summary, "tokens_per_s": 1.0}}})
+  assert "maj@3_f1  50.0" in table
+
+
 # ------------------------------------------------------------------------------------------------
 # Hooks and entry points.
 
