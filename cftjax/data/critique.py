@@ -73,7 +73,8 @@ class CritiqueRecord:
 # ------------------------------------------------------------------------------------------------
 # Prompt templates.
 
-PLACEHOLDERS = ("question", "solution", "critique", "reference_answer", "instruction")
+# {steps} is the record's steps as tagged paragraphs numbered from 1 (`tagged_steps`).
+PLACEHOLDERS = ("question", "solution", "critique", "reference_answer", "instruction", "steps")
 SPEC_KEYS = ("system", "user", "assistant")
 
 CFT_INSTRUCTION = "Please critique whether the following solution to the question is correct."
@@ -83,6 +84,14 @@ CRL_USER = (
     "determine whether the solution is correct and fully satisfies the specification.\n\n"
     "Question:\n{question}\n\nSolution:\n{solution}\n\n"
     "Conclude with \\conclusion{{T}} for correct, \\conclusion{{F}} for wrong."
+)
+STEP_CRITIQUE_USER = (
+    "Below are a math problem and a candidate solution, split into paragraphs that are enclosed "
+    "in tags and numbered from 1.\n\n[Math Problem]\n\n{question}\n\n[Solution]\n\n{steps}\n\n"
+    "Check the paragraphs one at a time, in order: verify each one's reasoning and calculations "
+    "before moving on. Find the first paragraph that contains an error; if every paragraph is "
+    "correct, the answer is -1. End your response with \"**Answer**: \\boxed{{k}}\", where k is "
+    "the number of that paragraph (or -1)."
 )
 MATH_COT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{{}}."
 CODE_USER = (
@@ -142,6 +151,8 @@ class PromptTemplate:
     values = {}
     for field in _placeholders(text, self.name, role):
       value = getattr(record, field)
+      if value is not None and field == "steps":
+        value = tagged_steps(value, first=1)
       if value is None and field == "instruction":
         value = self.default_instruction
       if value is None:
@@ -149,6 +160,13 @@ class PromptTemplate:
                          f"{self.name!r} uses {{{field}}} in its {role} turn")
       values[field] = value
     return text.format(**values)
+
+
+def tagged_steps(steps: tuple[str, ...] | list[str], first: int = 0) -> str:
+  """Steps as "<paragraph_i>\\n...\\n</paragraph_i>" blocks numbered from `first` (ProcessBench
+  numbers from 0, DeepCritic from 1), separated by blank lines."""
+  return "\n\n".join(f"<paragraph_{i}>\n{step}\n</paragraph_{i}>"
+                      for i, step in enumerate(steps, start=first))
 
 
 def template_fields(text: str) -> list[str]:
@@ -172,6 +190,10 @@ BUILTIN_TEMPLATES = {
     "math_cot": PromptTemplate("math_cot", system=MATH_COT_SYSTEM, user="{question}",
                                assistant="{solution}"),
     "code": PromptTemplate("code", user=CODE_USER, assistant="{solution}"),
+    # Step-level critique (DeepCritic): find the first wrong of the record's steps, \boxed{k} from 1.
+    "step_critique": PromptTemplate("step_critique", user=STEP_CRITIQUE_USER, assistant="{critique}"),
+    # A row's own prompt and critique as written (DeepCritic `messages` rows).
+    "verbatim": PromptTemplate("verbatim", user="{question}", assistant="{critique}"),
 }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from ml_collections import config_dict
@@ -180,14 +180,9 @@ def read_critique_examples(path: str, fmt: str = "auto") -> list[Example]:
 # ----------------------------------------------------------------------------- ProcessBench rows
 
 
-def tagged_steps(steps: Sequence[str]) -> str:
-  """Steps as "<paragraph_i>\\n...\\n</paragraph_i>" blocks, as ProcessBench presents them."""
-  return "\n\n".join(f"<paragraph_{i}>\n{step}\n</paragraph_{i}>" for i, step in enumerate(steps))
-
-
 def read_processbench_examples(path: str) -> list[Example]:
   records = readers.load_records(path, "processbench")
-  return [Example(r.id, dataclasses.replace(r, solution=tagged_steps(r.steps)), r.error_step)
+  return [Example(r.id, dataclasses.replace(r, solution=critique.tagged_steps(r.steps)), r.error_step)
           for r in records]
 
 
