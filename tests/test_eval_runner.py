@@ -266,6 +266,23 @@ def test_processbench_end_to_end_f1(model, tmp_path):
   assert metrics["f1"] == pytest.approx(f1)
 
 
+def test_processbench_step_indexing_reads_the_templates_convention(tmp_path):
+  data = tmp_path / "pb.jsonl"
+  data.write_text(json.dumps({"id": "pb-0", "problem": "What is 2 + 3 * 4?", "label": 1,
+                              "steps": ["3 * 4 = 12.", "2 + 12 = 15."]}) + "\n")
+  bench = suites.Benchmark.from_config("pb", {"path": str(data), "kind": "processbench",
+                                              "template": "step_critique",
+                                              "step_indexing": "deepcritic"}, "pb")
+  example, = suites.load_examples(bench)
+  prompt = bench.prompt_template().messages(example.record, with_target=False)[-1]["content"]
+  assert "<paragraph_2>\n2 + 12 = 15.\n</paragraph_2>" in prompt   # numbered from 1
+  texts = ["**Answer**: \\boxed{2}", "**Answer**: \\boxed{1}", "**Answer**: \\boxed{0}"]
+  scored, = runner.score_samples(bench, [example], [[runner.Completion(t, 3, False) for t in texts]], None)
+  assert [(s["prediction"], s["correct"]) for s in scored] == [(1, True), (0, False), (None, False)]
+  with pytest.raises(ValueError, match="pb.step_indexing='two'; choose one of"):
+    suites.Benchmark.from_config("pb", {"path": "x", "kind": "processbench", "step_indexing": "two"}, "pb")
+
+
 def test_processbench_majority_vote_hand_computed():
   bench = suites.Benchmark.from_config("pb", {"path": "x", "kind": "processbench", "n_samples": 3,
                                               "temperature": 0.7, "ks": (1, 3)}, "pb")

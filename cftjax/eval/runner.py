@@ -174,7 +174,7 @@ def score_samples(bench: Benchmark, examples: Sequence[Example], completions: Se
   else:
     scored = []
     for e, c in flat:
-      step = critique.parse_first_wrong_step(c.text)
+      step = critique.parse_first_wrong_step(c.text, indexing=bench.step_indexing)
       scored.append({"prediction": step, "correct": step is not None and step == e.target})
   samples = [{"completion": c.text, **s, "num_tokens": c.num_tokens, "truncated": c.truncated}
              for (_, c), s in zip(flat, scored)]
