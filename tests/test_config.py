@@ -10,11 +10,15 @@ import pytest
 from cftjax import cli
 from cftjax import config as config_lib
 from cftjax.data import pipeline, readers
+from cftjax.data.critique import CritiqueRecord
+from cftjax.eval import suites
+from cftjax.rewards.registry import RewardComputer
 from cftjax.train import state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFT_CONFIGS = ("demo_cft.py", "one_shot_cft_qwen2_5_math_7b.py", "one_shot_cft_qwen2_5_math_1_5b.py",
-               "one_shot_cft_llama3_2_3b.py", "cft_webinstruct_qwen2_5_math_7b.py")
+               "one_shot_cft_llama3_2_3b.py", "cft_webinstruct_qwen2_5_math_7b.py",
+               "deepcritic_qwen2_5_7b_sft.py")
 
 
 @pytest.fixture
@@ -116,3 +120,23 @@ def test_warmstart_config_is_relative_to_the_config_file_that_sets_it(tmp_path):
   assert override.rl.warmstart_config == "cft.py"  # the command line: relative to the working directory
   shipped = config_lib.load_config(os.path.join(REPO, "configs", "demo_crl.py"))
   assert shipped.rl.warmstart_config == os.path.join(REPO, "configs", "demo_cft.py")
+
+
+def test_deepcritic_recipe_runs_sft_then_rl_with_the_step_reward():
+  sft = config_lib.load_config(os.path.join(REPO, "configs", "deepcritic_qwen2_5_7b_sft.py"))
+  assert (sft.optim.lr, sft.data.num_epochs, sft.data.max_seq_len, sft.data.batch_size) == (1e-5, 3, 16384, 16)
+  assert (sft.optim.schedule, sft.optim.warmup_ratio, sft.data.format) == ("cosine", 0.1, "deepcritic")
+  rl = config_lib.load_config(os.path.join(REPO, "configs", "deepcritic_qwen2_5_7b.py"))
+  assert rl.rl.warmstart_config == os.path.join(REPO, "configs", "deepcritic_qwen2_5_7b_sft.py")
+  assert rl.rl.init_from_run == sft.train.run_dir
+  spec, = pipeline.source_specs(pipeline.train_sources(rl.data))
+  assert (spec["format"], spec["task"], spec["template"]) == ("prm800k", "step", "step_critique")
+  with RewardComputer(rl.rl.rewards) as rewards:
+    record = CritiqueRecord(question="q", steps=("a", "b"), error_step=1)
+    assert [r.score for r in rewards([r"**Answer**: \boxed{2}", r"\boxed{1}"], [record] * 2,
+                                     ["step"] * 2)] == [1.0, 0.0]
+  suite = config_lib.load_config_file(os.path.join(REPO, rl.eval.suite))
+  benches = [suites.Benchmark.from_config(name, entry.to_dict(), name)
+             for name, entry in suite.benchmarks.items()]
+  assert len(benches) == 4 and all(b.step_indexing == "deepcritic" for b in benches)
+  assert all(b.prompt_template().name == "step_critique" for b in benches)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cftjax.eval.metrics import maj_at_k, pass_at_k, processbench_f1, verdict_metrics
+from cftjax.eval.metrics import maj_at_k, majority_vote, pass_at_k, processbench_f1, verdict_metrics
 
 
 @pytest.mark.parametrize("n", range(1, 8))
@@ -85,3 +85,11 @@ def test_processbench_f1_hand_made():
   assert lopsided["correct_acc"] == 1.0 and lopsided["error_acc"] == 0.0 and lopsided["f1"] == 0.0
   mixed = processbench_f1([-1, 0, 1, 1], [-1, 0, 1, 2])
   assert mixed["f1"] == pytest.approx(2 * 1.0 * (2 / 3) / (1.0 + 2 / 3))
+
+
+def test_majority_vote_ties_and_abstentions():
+  assert majority_vote([3, 2, 2, 3, 1]) == 3       # 3 and 2 tie: the first seen wins
+  assert majority_vote([2, 3, 3, 2]) == 2
+  assert majority_vote([None, None, 4]) == 4       # no answer is no vote
+  assert majority_vote([None, None]) is None and majority_vote([]) is None
+  assert majority_vote([-1, 0, 0]) == 0

@@ -266,6 +266,43 @@ def test_processbench_end_to_end_f1(model, tmp_path):
   assert metrics["f1"] == pytest.approx(f1)
 
 
+def test_processbench_step_indexing_reads_the_templates_convention(tmp_path):
+  data = tmp_path / "pb.jsonl"
+  data.write_text(json.dumps({"id": "pb-0", "problem": "What is 2 + 3 * 4?", "label": 1,
+                              "steps": ["3 * 4 = 12.", "2 + 12 = 15."]}) + "\n")
+  bench = suites.Benchmark.from_config("pb", {"path": str(data), "kind": "processbench",
+                                              "template": "step_critique",
+                                              "step_indexing": "deepcritic"}, "pb")
+  example, = suites.load_examples(bench)
+  prompt = bench.prompt_template().messages(example.record, with_target=False)[-1]["content"]
+  assert "<paragraph_2>\n2 + 12 = 15.\n</paragraph_2>" in prompt   # numbered from 1
+  texts = ["**Answer**: \\boxed{2}", "**Answer**: \\boxed{1}", "**Answer**: \\boxed{0}"]
+  scored, = runner.score_samples(bench, [example], [[runner.Completion(t, 3, False) for t in texts]], None)
+  assert [(s["prediction"], s["correct"]) for s in scored] == [(1, True), (0, False), (None, False)]
+  with pytest.raises(ValueError, match="pb.step_indexing='two'; choose one of"):
+    suites.Benchmark.from_config("pb", {"path": "x", "kind": "processbench", "step_indexing": "two"}, "pb")
+
+
+def test_processbench_majority_vote_hand_computed():
+  bench = suites.Benchmark.from_config("pb", {"path": "x", "kind": "processbench", "n_samples": 3,
+                                              "temperature": 0.7, "ks": (1, 3)}, "pb")
+  votes = [(-1, [-1, 0, -1]),       # vote -1: right
+           (1, [1, 2, 2]),          # vote 2: wrong
+           (2, [None, 2, 3]),       # no-index sample does not vote; 2 vs 3 tie -> 2 (seen first): right
+           (-1, [None, None, None])]  # no vote: wrong
+  records = [{"target": t, "samples": [sample("c", p, p == t) for p in preds]} for t, preds in votes]
+  summary = runner.summarize(bench, records)
+  assert summary["maj@3_error_acc"] == pytest.approx(1 / 2)
+  assert summary["maj@3_correct_acc"] == pytest.approx(1 / 2)
+  assert summary["maj@3_f1"] == pytest.approx(0.5)
+  # Pooled over samples: errors 2 of 6 right, correct rows 2 of 6 right.
+  assert summary["error_acc"] == pytest.approx(2 / 6) and summary["correct_acc"] == pytest.approx(2 / 6)
+  assert summary["f1"] == pytest.approx(1 / 3) and summary["missing_rate"] == pytest.approx(4 / 12)
+  assert not any(k.startswith("maj@1") for k in summary)
+  table = runner.format_table({"benchmarks": {"pb": {**summary, "tokens_per_s": 1.0}}})
+  assert "maj@3_f1  50.0" in table
+
+
 # ------------------------------------------------------------------------------------------------
 # Hooks and entry points.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -156,6 +157,132 @@ def test_processbench_row():
   correct = parse_row({**PROCESSBENCH_ROW, "label": -1, "final_answer_correct": True},
                       "processbench", "w")
   assert correct.error_step == -1 and correct.label is True
+
+
+# PRM800K (phase 2): one pre-generated completion per step, rated by the labeller; labelling stops
+# at the first step rated -1, whose chosen_completion is null.
+PRM800K_ROW = {
+    "labeler": "340d89bc", "timestamp": "2022-08-05T17:00:29", "generation": 9,
+    "is_quality_control_question": False, "is_initial_screening_question": False,
+    "question": {"problem": "What is 2 + 3 * 4?", "ground_truth_answer": "14",
+                 "ground_truth_solution": "3 * 4 = 12 and 2 + 12 = 14.",
+                 "pre_generated_steps": ["3 * 4 = 12.", "2 + 12 = 15.", "# Answer\n\n15"]},
+    "label": {"steps": [
+        {"completions": [{"text": "3 * 4 = 12.", "rating": 1, "flagged": None}],
+         "human_completion": None, "chosen_completion": 0},
+        {"completions": [{"text": "2 + 12 = 15.", "rating": -1, "flagged": None}],
+         "human_completion": None, "chosen_completion": None},
+    ], "total_time": 41230, "finish_reason": "found_error"},
+}
+PRM800K_CORRECT_STEPS = [
+    {"completions": [{"text": "3 * 4 = 12.", "rating": 1, "flagged": None}], "chosen_completion": 0},
+    # Phase 1: several alternatives rated; the labeller continued with the second.
+    {"completions": [{"text": "2 + 12 = 15.", "rating": -1, "flagged": None},
+                     {"text": "2 + 12 = 14.", "rating": 1, "flagged": None}], "chosen_completion": 1},
+    {"completions": [{"text": "# Answer\n\n14", "rating": 0, "flagged": None}], "chosen_completion": 0},
+]
+
+
+def test_prm800k_row_first_step_rated_minus_one_is_the_label():
+  record = parse_row(PRM800K_ROW, "prm800k", "w")
+  assert record.steps == ("3 * 4 = 12.", "2 + 12 = 15.") and record.error_step == 1
+  assert record.label is False and record.task == "step" and record.reference_answer == "14"
+  assert record.question == "What is 2 + 3 * 4?" and record.source == "prm800k"
+  assert record.metadata["labeler"] == "340d89bc"
+  correct = parse_row({**PRM800K_ROW, "label": {"steps": PRM800K_CORRECT_STEPS,
+                                                "finish_reason": "solution"}}, "prm800k", "w")
+  assert correct.steps == ("3 * 4 = 12.", "2 + 12 = 14.", "# Answer\n\n14")
+  assert correct.error_step == -1 and correct.label is True
+
+
+@pytest.mark.parametrize("label, message, reason", [
+    ({"steps": PRM800K_CORRECT_STEPS, "finish_reason": "give_up"},
+     "'label.finish_reason' is 'give_up', not 'solution'", "unlabelled"),
+    ({"steps": [{"completions": [{"text": "a", "rating": 1}, {"text": "b", "rating": 0}],
+                 "chosen_completion": None}], "finish_reason": "solution"},
+     "'label.steps[0].chosen_completion' is null and the step has 2 completions", "bad_value"),
+    ({"steps": [{"completions": [{"text": "a", "rating": 1}], "chosen_completion": 3}],
+      "finish_reason": "solution"}, "'label.steps[0].chosen_completion' = 3", "bad_value"),
+    ({"steps": [{"completions": [{"text": "a", "rating": 2}], "chosen_completion": 0}],
+      "finish_reason": "solution"}, "rating' = 2 must be -1, 0, 1", "bad_value"),
+    ({"steps": [], "finish_reason": "solution"}, "'label.steps' is empty", "empty_field"),
+])
+def test_prm800k_bad_rows(label, message, reason):
+  with pytest.raises(DataError, match=re.escape(message)) as e:
+    parse_row({**PRM800K_ROW, "label": label}, "prm800k", "f.jsonl line 4")
+  assert "f.jsonl line 4" in str(e.value) and e.value.reason == reason
+
+
+MATHCHECK_PROCESS_ROW = {
+    "task_type": "process_judging",
+    "question": "A pen costs $2 and a book $5. What do 2 pens and 1 book cost?",
+    "solution": "Step 1: Two pens cost 2 * 2 = 4 dollars.\nStep 2: With the book, 4 + 5 = 10 dollars.\n"
+                "Step 3: The answer is 10.",
+    "answer": "Step 2",
+}
+
+
+def test_mathcheck_rows():
+  record = parse_row(MATHCHECK_PROCESS_ROW, "mathcheck", "w")
+  assert record.steps == ("Step 1: Two pens cost 2 * 2 = 4 dollars.",
+                          "Step 2: With the book, 4 + 5 = 10 dollars.", "Step 3: The answer is 10.")
+  assert record.error_step == 1 and record.label is False and record.task == "step"
+  paragraphs = parse_row({**MATHCHECK_PROCESS_ROW, "solution": "a\n\nb\n \nc", "answer": "Step 3"},
+                         "mathcheck", "w")
+  assert paragraphs.steps == ("a", "b", "c") and paragraphs.error_step == 2
+  outcome = parse_row({**MATHCHECK_PROCESS_ROW, "task_type": "outcome_judging", "answer": "Correct"},
+                      "mathcheck", "w")
+  assert outcome.label is True and outcome.task == "crl" and outcome.error_step is None
+  assert parse_row({**MATHCHECK_PROCESS_ROW, "task_type": "outcome_judging", "answer": "Incorrect"},
+                   "mathcheck", "w").label is False
+
+
+@pytest.mark.parametrize("change, message, reason", [
+    ({"answer": "Step 4"}, "'answer' = 'Step 4' names no step of the solution \\(it has 3\\)", "bad_value"),
+    ({"answer": "Step 0"}, "names no step", "bad_value"),
+    ({"answer": "Correct"}, "must be 'Step k'", "bad_value"),
+    ({"task_type": "outcome_judging", "answer": "Maybe"}, "must be 'Correct' or 'Incorrect'", "bad_value"),
+    ({"task_type": "answerable_judging", "answer": "Answerable"}, "only process_judging and",
+     "other_task"),
+    ({"task_type": "solving", "answer": "9"}, "only process_judging and", "other_task"),
+])
+def test_mathcheck_bad_rows(change, message, reason):
+  with pytest.raises(DataError, match=message) as e:
+    parse_row({**MATHCHECK_PROCESS_ROW, **change}, "mathcheck", "w")
+  assert e.value.reason == reason
+
+
+DEEPCRITIC_ROW = {"messages": [
+    {"role": "user", "content": "The following is a math problem and a solution (split into paragraphs, "
+                                "indexed from 1):\n\n[Math Problem]\n\nWhat is 2 + 3 * 4?\n\n[Solution]\n\n"
+                                "<paragraph_1>\n3 * 4 = 12.\n</paragraph_1>\n\n<paragraph_2>\n2 + 12 = 15.\n"
+                                "</paragraph_2>"},
+    {"role": "assistant", "content": "### Paragraph 1\n3 * 4 = 12 is right.\n\n### Paragraph 2\n"
+                                     "2 + 12 is 14, not 15.\n\n**Answer**: \\boxed{2}"}]}
+
+
+def test_deepcritic_row():
+  record = parse_row(DEEPCRITIC_ROW, "deepcritic", "w")
+  assert record.error_step == 1 and record.label is False and record.task == "step"
+  assert record.question == DEEPCRITIC_ROW["messages"][0]["content"]
+  assert record.critique == DEEPCRITIC_ROW["messages"][1]["content"] and record.solution == ""
+  messages = [{"role": "system", "content": "You are a math teacher."}, *DEEPCRITIC_ROW["messages"][:1],
+              {"role": "assistant", "content": "All steps hold.\n\n**Answer**: \\boxed{-1}"}]
+  correct = parse_row({"messages": messages}, "deepcritic", "w")
+  assert correct.error_step == -1 and correct.label is True and correct.system == "You are a math teacher."
+  for answer in ("no verdict", "**Answer**: \\boxed{0}"):
+    bad = {"messages": [*DEEPCRITIC_ROW["messages"][:1], {"role": "assistant", "content": answer}]}
+    with pytest.raises(DataError, match="no final .boxed.k. .k >= 1 or -1.") as e:
+      parse_row(bad, "deepcritic", "w")
+    assert e.value.reason == "no_step_verdict"
+
+
+def test_named_only_formats_are_not_detected_but_load_when_named(tmp_path):
+  assert detect_format(DEEPCRITIC_ROW) == "oneshot_cft"   # same fields: read only when named
+  path = _write_jsonl(tmp_path / "prm.jsonl", [PRM800K_ROW, {**PRM800K_ROW, "label": {
+      "steps": PRM800K_CORRECT_STEPS, "finish_reason": "give_up"}}])
+  loaded = load_records(path, "prm800k", on_bad_row="skip")
+  assert [r.error_step for r in loaded] == [1] and loaded.skipped == {"unlabelled": 1}
 
 
 def test_cftjax_rows_round_trip(tmp_path):

@@ -75,6 +75,38 @@ def test_verdict_reward(completion, label, style, expected):
   assert (result.score, result.reason) == expected and not result.error
 
 
+def step_record(error_step, record_id="s0"):
+  return CritiqueRecord(question="q", solution="a\n\nb\n\nc", steps=("a", "b", "c"),
+                        error_step=error_step, id=record_id)
+
+
+@pytest.mark.parametrize("completion, label, options, expected", [
+    (r"Paragraph 1 is wrong. \boxed{1}", 1, {}, (1.0, "step matches label")),
+    (r"\boxed{2}", 1, {}, (0.0, "wrong step 2 (label 1)")),
+    (r"\boxed{-1}", -1, {}, (1.0, "step matches label")),
+    (r"\boxed{-1}", 2, {}, (0.0, "step -1 contradicts label 2")),
+    (r"\boxed{0}", -1, {}, (0.0, "step 0 contradicts label -1")),
+    (r"**Answer**: \boxed{2}", 1, {"indexing": "deepcritic"}, (1.0, "step matches label")),
+    (r"**Answer**: \boxed{1}", 1, {"indexing": "deepcritic"}, (0.0, "wrong step 0 (label 1)")),
+    (r"**Answer**: \boxed{-1}", -1, {"indexing": "deepcritic"}, (1.0, "step matches label")),
+    (r"\boxed{0}", 0, {"indexing": "deepcritic"}, (0.0, "no step index")),   # no step 0 counting from 1
+    (r"\boxed{2}", 1, {"partial_credit": 0.25}, (0.25, "wrong step 2 (label 1)")),
+    (r"\boxed{1}", -1, {"partial_credit": 0.25}, (0.0, "step 1 contradicts label -1")),
+    (r"\boxed{-1}", 1, {"partial_credit": 0.25}, (0.0, "step -1 contradicts label 1")),
+    ("I cannot tell.", 1, {}, (0.0, "no step index")),
+])
+def test_step_reward(completion, label, options, expected):
+  result = get_reward("step")(completion, step_record(label), **options)
+  assert (result.score, result.reason) == expected and not result.error
+
+
+def test_step_reward_bad_input_names_the_record():
+  result = get_reward("step")(r"\boxed{1}", step_record(None, record_id="s9"))
+  assert result.error and "record 's9'" in result.reason and "error_step" in result.reason
+  result = get_reward("step")(r"\boxed{1}", step_record(1), partial_credit=1.0)
+  assert result.error and "partial_credit=1.0 must be in [0, 1)" in result.reason
+
+
 def test_raising_reward_scores_zero_and_is_logged(caplog):
   with caplog.at_level(logging.WARNING, logger="cftjax.rewards.registry"):
     result = get_reward("test_raises")("x", crl_record(True, record_id="r7"))

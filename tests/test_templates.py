@@ -84,6 +84,21 @@ def test_missing_target_or_field():
     PromptTemplate("p", user="{question}").messages(RECORD, with_target=True)
 
 
+def test_step_critique_numbers_the_steps_from_one():
+  record = CritiqueRecord(question="What is 2 + 3 * 4?", steps=("3 * 4 = 12.", "2 + 12 = 15."),
+                          critique="Paragraph 2 adds wrongly.\n\n**Answer**: \\boxed{2}", id="s1")
+  user, assistant = get_template("step_critique").messages(record, with_target=True)
+  assert ("[Math Problem]\n\nWhat is 2 + 3 * 4?\n\n[Solution]\n\n<paragraph_1>\n3 * 4 = 12.\n"
+          "</paragraph_1>\n\n<paragraph_2>\n2 + 12 = 15.\n</paragraph_2>\n\n") in user["content"]
+  assert user["content"].endswith('"**Answer**: \\boxed{k}", where k is the number of that '
+                                  "paragraph (or -1).")
+  assert assistant == {"role": "assistant", "content": record.critique}
+  with pytest.raises(ValueError, match="record 's2': field 'steps' is None"):
+    get_template("step_critique").messages(CritiqueRecord(question="q", id="s2"), with_target=False)
+  verbatim = get_template("verbatim").messages(record, with_target=True)
+  assert [m["content"] for m in verbatim] == [record.question, record.critique]
+
+
 @pytest.fixture(scope="module")
 def qwen_dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("tok")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cftjax.data.critique import (last_braced_argument, parse_processbench_step, parse_verdict,
+from cftjax.data.critique import (last_braced_argument, parse_first_wrong_step, parse_verdict,
                                   remove_think)
 
 # Any unicode text without think tags (those get their own tests).
@@ -124,8 +124,8 @@ def test_unclosed_think_block_is_dropped(before, thought, style, value):
 @settings(max_examples=100, deadline=None)
 @given(prefix=free_text, step=st.integers(-1, 10**6))
 def test_processbench_last_box(prefix, step):
-  assert parse_processbench_step(prefix + rf"\boxed{{{step}}}") == step
-  assert parse_processbench_step(rf"\boxed{{{step + 1}}}" + prefix + rf"\boxed{{ {step} }}") == step
+  assert parse_first_wrong_step(prefix + rf"\boxed{{{step}}}") == step
+  assert parse_first_wrong_step(rf"\boxed{{{step + 1}}}" + prefix + rf"\boxed{{ {step} }}") == step
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -139,7 +139,35 @@ def test_processbench_last_box(prefix, step):
     (r"<think>\boxed{1}</think>\boxed{2}", 2),
 ])
 def test_processbench_table(text, expected):
-  assert parse_processbench_step(text) == expected
+  assert parse_first_wrong_step(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    (r"**Answer**: \boxed{1}", 0),          # DeepCritic counts steps from 1
+    (r"**Answer**: \boxed{4}", 3),
+    (r"**Answer**: \boxed{-1}", -1),        # every step correct
+    (r"\boxed{0}", None),                   # no step 0 when counting from 1
+    (r"\boxed{-2}", None),
+    (r"\boxed{ 2 }", 1),
+])
+def test_deepcritic_indexing_table(text, expected):
+  assert parse_first_wrong_step(text, indexing="deepcritic") == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(prefix=free_text, step=st.integers(-1, 10**6))
+def test_both_indexings_name_the_same_step(prefix, step):
+  one_based = step + 1 if step >= 0 else -1
+  assert parse_first_wrong_step(prefix + rf"\boxed{{{one_based}}}", indexing="deepcritic") == step
+
+
+def test_processbench_rejects_negative_other_than_minus_one():
+  assert parse_first_wrong_step(r"\boxed{-3}") is None
+
+
+def test_unknown_indexing_is_rejected():
+  with pytest.raises(ValueError, match="unknown indexing 'two'"):
+    parse_first_wrong_step(r"\boxed{1}", indexing="two")
 
 
 @settings(max_examples=100, deadline=None)
@@ -162,7 +190,7 @@ def test_very_long_text_is_fast():
   start = time.perf_counter()
   assert parse_verdict(text) is False
   assert parse_verdict(noise + verdict_suffix("cft", True)) is True
-  assert parse_processbench_step(noise + r"\boxed{7}") == 7
+  assert parse_first_wrong_step(noise + r"\boxed{7}") == 7
   assert time.perf_counter() - start < 5.0
 
 

@@ -1,7 +1,7 @@
 """The critique format: `CritiqueRecord` (one question and candidate solution with whatever
 supervision it carries), the prompt templates that render a record as chat messages, CFT ids with a
 loss mask, or a prompt, and the parsers that read a critic's verdict back in each template's syntax
-(CFT, CRL, Critique-RL) and ProcessBench's boxed step index.
+(CFT, CRL, Critique-RL) and the boxed first wrong step (ProcessBench, DeepCritic).
 
 Templates are Python format strings over a record's fields (literal braces written doubled).
 """
@@ -73,7 +73,8 @@ class CritiqueRecord:
 # ------------------------------------------------------------------------------------------------
 # Prompt templates.
 
-PLACEHOLDERS = ("question", "solution", "critique", "reference_answer", "instruction")
+# {steps} is the record's steps as tagged paragraphs numbered from 1 (`tagged_steps`).
+PLACEHOLDERS = ("question", "solution", "critique", "reference_answer", "instruction", "steps")
 SPEC_KEYS = ("system", "user", "assistant")
 
 CFT_INSTRUCTION = "Please critique whether the following solution to the question is correct."
@@ -83,6 +84,14 @@ CRL_USER = (
     "determine whether the solution is correct and fully satisfies the specification.\n\n"
     "Question:\n{question}\n\nSolution:\n{solution}\n\n"
     "Conclude with \\conclusion{{T}} for correct, \\conclusion{{F}} for wrong."
+)
+STEP_CRITIQUE_USER = (
+    "Below are a math problem and a candidate solution, split into paragraphs that are enclosed "
+    "in tags and numbered from 1.\n\n[Math Problem]\n\n{question}\n\n[Solution]\n\n{steps}\n\n"
+    "Check the paragraphs one at a time, in order: verify each one's reasoning and calculations "
+    "before moving on. Find the first paragraph that contains an error; if every paragraph is "
+    "correct, the answer is -1. End your response with \"**Answer**: \\boxed{{k}}\", where k is "
+    "the number of that paragraph (or -1)."
 )
 MATH_COT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{{}}."
 CODE_USER = (
@@ -142,6 +151,8 @@ class PromptTemplate:
     values = {}
     for field in _placeholders(text, self.name, role):
       value = getattr(record, field)
+      if value is not None and field == "steps":
+        value = tagged_steps(value, first=1)
       if value is None and field == "instruction":
         value = self.default_instruction
       if value is None:
@@ -149,6 +160,13 @@ class PromptTemplate:
                          f"{self.name!r} uses {{{field}}} in its {role} turn")
       values[field] = value
     return text.format(**values)
+
+
+def tagged_steps(steps: tuple[str, ...] | list[str], first: int = 0) -> str:
+  """Steps as "<paragraph_i>\\n...\\n</paragraph_i>" blocks numbered from `first` (ProcessBench
+  numbers from 0, DeepCritic from 1), separated by blank lines."""
+  return "\n\n".join(f"<paragraph_{i}>\n{step}\n</paragraph_{i}>"
+                      for i, step in enumerate(steps, start=first))
 
 
 def template_fields(text: str) -> list[str]:
@@ -172,6 +190,10 @@ BUILTIN_TEMPLATES = {
     "math_cot": PromptTemplate("math_cot", system=MATH_COT_SYSTEM, user="{question}",
                                assistant="{solution}"),
     "code": PromptTemplate("code", user=CODE_USER, assistant="{solution}"),
+    # Step-level critique (DeepCritic): find the first wrong of the record's steps, \boxed{k} from 1.
+    "step_critique": PromptTemplate("step_critique", user=STEP_CRITIQUE_USER, assistant="{critique}"),
+    # A row's own prompt and critique as written (DeepCritic `messages` rows).
+    "verbatim": PromptTemplate("verbatim", user="{question}", assistant="{critique}"),
 }
 
 
@@ -360,12 +382,36 @@ def parse_verdict(text: str, style: str = "auto", strip_think: bool = True) -> b
   return max(matches, key=lambda m: m[0])[1]
 
 
-def parse_processbench_step(text: str, strip_think: bool = True) -> int | None:
-  """ProcessBench answer: the integer in the last `\\boxed{}` (-1 = no wrong step), else None."""
+# "First wrong step" answers: \boxed{k}. ProcessBench numbers steps from 0, DeepCritic from 1; both
+# write -1 for "every step is correct". Parsed indices are always 0-based (-1 = no wrong step).
+STEP_INDEXING = {"processbench": 0, "deepcritic": 1}
+
+
+def parse_first_wrong_step(text: str, indexing: str = "processbench",
+                           strip_think: bool = True) -> int | None:
+  """The first wrong step named by the last `\\boxed{k}`, as a 0-based index (-1 = no wrong step).
+
+  Args:
+    text: the generated critique.
+    indexing: how `k` counts steps: "processbench" (k = 0, 1, ...) or "deepcritic" (k = 1, 2, ...);
+      -1 means "no wrong step" in both.
+    strip_think: drop `<think>` reasoning first (see `remove_think`).
+
+  Returns None when there is no closed `\\boxed{}`, its content is not an integer, or the integer
+  is no step in the convention (below the first index and not -1, e.g. 0 under "deepcritic").
+  """
+  if indexing not in STEP_INDEXING:
+    raise ValueError(f"parse_first_wrong_step: unknown indexing {indexing!r}; use one of "
+                     f"{sorted(STEP_INDEXING)}")
   if strip_think:
     text = remove_think(text)
   found = last_braced_argument(text, r"\boxed")
   if found is None:
     return None
   argument = found[1].strip()
-  return int(argument) if _INT.fullmatch(argument) else None
+  if not _INT.fullmatch(argument):
+    return None
+  k, first = int(argument), STEP_INDEXING[indexing]
+  if k == -1:
+    return -1
+  return k - first if k >= first else None

@@ -1,5 +1,6 @@
 """Readers of published critique-data rows (WebInstruct-CFT, one-shot CFT, verl RL parquet,
-ProcessBench, cftjax's own JSONL) from .jsonl / .json / .parquet files into CritiqueRecords."""
+ProcessBench, PRM800K, MathCheck, DeepCritic, cftjax's own JSONL) from .jsonl / .json / .parquet
+files into CritiqueRecords."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 import re
 from typing import Any, Callable, Iterator, Sequence
 
-from cftjax.data.critique import CritiqueRecord, parse_verdict
+from cftjax.data.critique import CritiqueRecord, parse_first_wrong_step, parse_verdict
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,11 @@ FORMAT_KEYS = {
     "verl": ("prompt", "reward_model"),
     "processbench": ("problem", "steps", "label"),
 }
-KNOWN_FORMATS = tuple(FORMAT_KEYS)
+# Formats read only when named (their rows share fields with the formats above).
+NAMED_ONLY_FORMATS = ("prm800k", "mathcheck", "deepcritic")
+KNOWN_FORMATS = (*FORMAT_KEYS, *NAMED_ONLY_FORMATS)
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(CritiqueRecord))
-TASKS = ("cft", "crl", "math", "code")
+TASKS = ("cft", "crl", "math", "code", "step")
 # The fields each format reads; a row's other fields are kept in the record's metadata.
 FORMAT_FIELDS = {
     "cftjax": (*_RECORD_FIELDS, "answer", "final_answer"),
@@ -36,6 +39,9 @@ FORMAT_FIELDS = {
     "oneshot_cft": ("messages", "id"),
     "verl": ("prompt", "reward_model", "extra_info", "data_source", "ability"),
     "processbench": ("problem", "steps", "label", "final_answer_correct", "id"),
+    "prm800k": ("question", "label"),
+    "mathcheck": ("task_type", "question", "solution", "answer", "id"),
+    "deepcritic": ("messages", "id"),
 }
 # "Question:\n...\n\nSolution:\n..." (CFT data), else inline "Question: ... Solution: ..." (Critique-Coder).
 _QUESTION_SOLUTION = re.compile(
@@ -303,8 +309,137 @@ def _parse_processbench(row: dict[str, Any], where: str) -> dict[str, Any]:
                     f"(0..{len(steps) - 1})", "bad_value")
   _get(row, "final_answer_correct", where, bool, required=False)
   question = _nonempty(_get(row, "problem", where, str), where, "problem", "question")
+  return _step_record(question, steps, error_step, row, where)
+
+
+def _step_record(question: str, steps: Sequence[str], error_step: int, row: dict[str, Any],
+                 where: str, **fields: Any) -> dict[str, Any]:
+  """Fields of a step-labelled record (task "step"): `error_step` 0-based, -1 = no wrong step."""
   return dict(question=question, solution="\n\n".join(steps), steps=tuple(steps),
-              error_step=error_step, label=error_step == -1, id=_row_id(row, where))
+              error_step=error_step, label=error_step == -1, task="step", id=_row_id(row, where),
+              **fields)
+
+
+def _parse_prm800k(row: dict[str, Any], where: str) -> dict[str, Any]:
+  """A PRM800K row: question{problem, ground_truth_answer}, label{steps[{completions[{text,
+  rating}], chosen_completion}], finish_reason}.
+
+  The solution is the chosen completion of each step (a step's only completion when none is
+  chosen, as in phase 2) up to and including the first one rated -1, whose index is the record's
+  `error_step`. A solution with no step rated -1 is correct (-1) only when labelling finished
+  (finish_reason "solution"); other rows (gave up, bad problem) carry no label and are refused.
+  """
+  question_info = _get(row, "question", where, dict)
+  question = _nonempty(_get(question_info, "problem", where, str, path="question."), where,
+                       "question.problem", "question")
+  answer = question_info.get("ground_truth_answer")
+  label = _get(row, "label", where, dict)
+  raw_steps = _get(label, "steps", where, (list, tuple), path="label.")
+  finish_reason = _get(label, "finish_reason", where, str, required=False, path="label.")
+  steps, error_step = [], -1
+  for i, step in enumerate(raw_steps):
+    at = f"label.steps[{i}]."
+    if not isinstance(step, dict):
+      raise DataError(f"{where}: field 'label.steps[{i}]' must be an object, got "
+                      f"{type(step).__name__}", "wrong_type")
+    completions = _get(step, "completions", where, (list, tuple), path=at)
+    chosen = _get(step, "chosen_completion", where, int, required=False, path=at)
+    if chosen is None:
+      rated_wrong = [c for c in completions if isinstance(c, dict) and c.get("rating") == -1]
+      if len(completions) != 1 and not rated_wrong:
+        raise DataError(f"{where}: field '{at}chosen_completion' is null and the step has "
+                        f"{len(completions)} completions, none rated -1; cannot tell which one the "
+                        "solution continues with", "bad_value")
+      completion = completions[0] if len(completions) == 1 else rated_wrong[0]
+    elif 0 <= chosen < len(completions):
+      completion = completions[chosen]
+    else:
+      raise DataError(f"{where}: field '{at}chosen_completion' = {chosen} is not an index of its "
+                      f"{len(completions)} completions", "bad_value")
+    if not isinstance(completion, dict):
+      raise DataError(f"{where}: a completion of 'label.steps[{i}]' must be an object, got "
+                      f"{type(completion).__name__}", "wrong_type")
+    steps.append(_get(completion, "text", where, str, path=f"{at}completions[]."))
+    rating = completion.get("rating")
+    if rating not in (-1, 0, 1, None):
+      raise DataError(f"{where}: field '{at}completions[].rating' = {rating!r} must be -1, 0, 1 "
+                      "or null", "bad_value")
+    if rating == -1:
+      error_step = i
+      break
+  if not steps:
+    raise DataError(f"{where}: field 'label.steps' is empty", "empty_field")
+  if error_step == -1 and finish_reason != "solution":
+    raise DataError(f"{where}: no step is rated -1 and 'label.finish_reason' is "
+                    f"{finish_reason!r}, not 'solution': the row has no first-wrong-step label",
+                    "unlabelled")
+  return _step_record(question, steps, error_step, row, where,
+                      reference_answer=None if answer is None else str(answer))
+
+
+_MATHCHECK_STEP = re.compile(r"^\s*Step\s+(\d+)\s*[:.]", re.MULTILINE | re.IGNORECASE)
+_MATHCHECK_OUTCOMES = {"correct": True, "incorrect": False}
+
+
+def _parse_mathcheck(row: dict[str, Any], where: str) -> dict[str, Any]:
+  """A MathCheck checklist row {task_type, question, solution, answer}.
+
+  process_judging: `answer` "Step k" names the first wrong step, counted from 1; the solution is
+  split at its "Step n:" markers (else at blank lines) and k must name one of those steps.
+  outcome_judging: `answer` "Correct" / "Incorrect" is the solution's correctness (task "crl").
+  Other task types (solving, answerable_judging) judge no solution and are refused.
+  """
+  task_type = _get(row, "task_type", where, str)
+  question = _nonempty(_get(row, "question", where, str), where, "question", "question")
+  solution = _get(row, "solution", where, str)
+  answer = _get(row, "answer", where, (str, int)) if task_type != "solving" else None
+  if task_type == "outcome_judging":
+    verdict = _MATHCHECK_OUTCOMES.get(str(answer).strip().lower())
+    if verdict is None:
+      raise DataError(f"{where}: field 'answer' = {answer!r} must be 'Correct' or 'Incorrect' for "
+                      "an outcome_judging row", "bad_value")
+    return dict(question=question, solution=solution, label=verdict, task="crl",
+                id=_row_id(row, where))
+  if task_type != "process_judging":
+    raise DataError(f"{where}: field 'task_type' = {task_type!r}: only process_judging and "
+                    "outcome_judging rows judge a solution", "other_task")
+  match = re.fullmatch(r"\s*Step\s+(\d+)\s*\.?\s*", str(answer), re.IGNORECASE)
+  if match is None:
+    raise DataError(f"{where}: field 'answer' = {answer!r} must be 'Step k' for a process_judging "
+                    "row", "bad_value")
+  steps = _mathcheck_steps(solution)
+  k = int(match[1])
+  if not 1 <= k <= len(steps):
+    raise DataError(f"{where}: field 'answer' = {answer!r} names no step of the solution (it has "
+                    f"{len(steps)})", "bad_value")
+  return _step_record(question, steps, k - 1, row, where)
+
+
+def _mathcheck_steps(solution: str) -> list[str]:
+  """The solution's steps: from each "Step n:" marker to the next, else its blank-line paragraphs."""
+  starts = [m.start() for m in _MATHCHECK_STEP.finditer(solution)]
+  if not starts:
+    return [p.strip() for p in re.split(r"\n\s*\n", solution) if p.strip()]
+  return [solution[a:b].strip() for a, b in zip(starts, [*starts[1:], len(solution)])]
+
+
+def _parse_deepcritic(row: dict[str, Any], where: str) -> dict[str, Any]:
+  """A DeepCritic SFT row {messages: [..., user, assistant]}: the user turn is the prompt as
+  written (kept verbatim as `question`), the assistant turn the deliberate critique; its final
+  "\\boxed{k}" (k counted from 1, -1 = every step correct) gives `error_step` (0-based)."""
+  messages = _messages(row, "messages", where)
+  if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
+    roles = [m["role"] for m in messages]
+    raise DataError(f"{where}: field 'messages' must end with a user then an assistant turn, got "
+                    f"roles {roles}", "bad_value")
+  question = _nonempty(messages[-2]["content"], where, "messages[-2].content", "question")
+  critique = _nonempty(messages[-1]["content"], where, "messages[-1].content", "critique")
+  error_step = parse_first_wrong_step(critique, indexing="deepcritic")
+  if error_step is None:
+    raise DataError(f"{where}: field 'messages[-1].content' has no final \\boxed{{k}} (k >= 1 or "
+                    "-1) naming the first wrong step", "no_step_verdict")
+  return dict(question=question, critique=critique, error_step=error_step, label=error_step == -1,
+              task="step", system=_system_turn(messages[:-2]), id=_row_id(row, where))
 
 
 _CFTJAX_FIELDS = (("question", str), ("solution", str), ("critique", str), ("label", bool),
@@ -343,6 +478,9 @@ _PARSERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "oneshot_cft": _parse_oneshot_cft,
     "verl": _parse_verl,
     "processbench": _parse_processbench,
+    "prm800k": _parse_prm800k,
+    "mathcheck": _parse_mathcheck,
+    "deepcritic": _parse_deepcritic,
     "cftjax": _parse_cftjax,
 }
 
@@ -377,7 +515,8 @@ def detect_format(row: dict[str, Any], where: str = "row") -> str:
   have = sorted(row) if isinstance(row, dict) else type(row).__name__
   known = "; ".join(f"{fmt}: {list(keys)}" for fmt, keys in FORMAT_KEYS.items())
   raise DataError(f"{where}: cannot tell the row's format from its fields {have}; known formats "
-                  f"and the fields that identify them: {known}", "unknown_format")
+                  f"and the fields that identify them: {known}; formats read only when named "
+                  f"(format=...): {list(NAMED_ONLY_FORMATS)}", "unknown_format")
 
 
 # -------------------------------------------------------------------------------------- files

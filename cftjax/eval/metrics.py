@@ -22,6 +22,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return 1.0 - prob_all_wrong
 
 
+def majority_vote(answers: Sequence[Hashable | None]) -> Hashable | None:
+  """The most frequent answer; None answers (no answer given) do not vote; ties go to the answer
+  seen first (the order of Python's Counter.most_common, which ProcessBench's voting uses); None
+  when no sample answered."""
+  votes = collections.Counter(a for a in answers if a is not None)
+  if not votes:
+    return None
+  return max(votes, key=votes.__getitem__)   # first-seen among equals: Counter keeps order
+
+
 def maj_at_k(answers: Sequence[Hashable | None], correct_flags: Sequence[bool]) -> float:
   """1.0 when the most frequent answer among the k samples is correct, else 0.0.
 
@@ -31,11 +41,8 @@ def maj_at_k(answers: Sequence[Hashable | None], correct_flags: Sequence[bool]) 
   """
   if len(answers) != len(correct_flags):
     raise ValueError(f"maj_at_k: {len(answers)} answers but {len(correct_flags)} correct_flags")
-  votes = collections.Counter(a for a in answers if a is not None)
-  if not votes:
-    return 0.0
-  winner = max(votes, key=votes.__getitem__)   # first-seen among equals: Counter keeps order
-  return float(correct_flags[answers.index(winner)])
+  winner = majority_vote(answers)
+  return 0.0 if winner is None else float(correct_flags[answers.index(winner)])
 
 
 def _f1(true_positive: int, predicted: int, actual: int) -> float:

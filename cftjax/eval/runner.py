@@ -174,7 +174,7 @@ def score_samples(bench: Benchmark, examples: Sequence[Example], completions: Se
   else:
     scored = []
     for e, c in flat:
-      step = critique.parse_processbench_step(c.text)
+      step = critique.parse_first_wrong_step(c.text, indexing=bench.step_indexing)
       scored.append({"prediction": step, "correct": step is not None and step == e.target})
   samples = [{"completion": c.text, **s, "num_tokens": c.num_tokens, "truncated": c.truncated}
              for (_, c), s in zip(flat, scored)]
@@ -218,10 +218,20 @@ def _critique_summary(bench: Benchmark, records: Sequence[dict[str, Any]]) -> di
 
 
 def _processbench_summary(bench: Benchmark, records: Sequence[dict[str, Any]]) -> dict[str, float]:
-  del bench
+  """F1 / error_acc / correct_acc over every sample; for each k > 1 in `ks`, the same over each
+  example's majority vote of its first k parsed indices (ProcessBench's voting: samples without an
+  index do not vote, ties go to the index seen first, an example with no index is wrong), as
+  maj@k_f1, maj@k_error_acc, maj@k_correct_acc."""
   pairs = [(s["prediction"], r["target"]) for r in records for s in r["samples"]]
   summary = metrics_lib.processbench_f1([p for p, _ in pairs], [label for _, label in pairs])
   summary["missing_rate"] = float(np.mean([p is None for p, _ in pairs]))
+  targets = [r["target"] for r in records]
+  for k in bench.ks:
+    if k > 1:
+      voted = [metrics_lib.majority_vote([s["prediction"] for s in r["samples"][:k]]) for r in records]
+      voted_metrics = metrics_lib.processbench_f1(voted, targets)
+      for name in ("f1", "error_acc", "correct_acc"):
+        summary[f"maj@{k}_{name}"] = voted_metrics[name]
   return summary
 
 
@@ -471,7 +481,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
     if s["kind"] == "math":
       keys = [k for k in s if k.startswith(("pass@", "maj@"))]
     else:
-      keys = TABLE_METRICS[s["kind"]]
+      keys = [*TABLE_METRICS[s["kind"]], *(k for k in s if k.startswith("maj@"))]
     cells = "  ".join(f"{k} {100 * s[k]:5.1f}" for k in keys)
     rows.append((name, s["kind"], str(s["num_examples"]), cells, f"{s['tokens_per_s']:.0f}"))
   header = ("benchmark", "kind", "n", "metrics (%)", "tok/s")

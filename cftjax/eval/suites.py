@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from ml_collections import config_dict
@@ -45,6 +45,8 @@ class Benchmark:
 
   kind: "math" (last \\boxed{} answer graded by math-verify), "critique" (verdict vs correctness
   label) or "processbench" (earliest wrong step). ks: the k of pass@k / maj@k (each <= n_samples).
+  step_indexing: how a processbench completion counts steps in its \\boxed{k}: "processbench" (from
+  0, the built-in processbench template) or "deepcritic" (from 1, the step_critique template).
   limit: the first `limit` examples only (0 = all). format: row format of a critique file
   (`cftjax.data.readers`; "auto" detects it).
   """
@@ -60,6 +62,7 @@ class Benchmark:
   max_new_tokens: int = 1024
   ks: tuple[int, ...] = (1,)
   verdict_style: str = "auto"
+  step_indexing: str = "processbench"
   limit: int = 0
   format: str = "auto"
 
@@ -96,6 +99,9 @@ class Benchmark:
       raise ValueError(f"{where}.limit={self.limit}; use 0 for all examples or a positive count")
     if self.verdict_style not in critique.STYLES:
       raise ValueError(f"{where}.verdict_style={self.verdict_style!r}; choose one of {critique.STYLES}")
+    if self.step_indexing not in critique.STEP_INDEXING:
+      raise ValueError(f"{where}.step_indexing={self.step_indexing!r}; choose one of "
+                       f"{sorted(critique.STEP_INDEXING)}")
     self.prompt_template()  # validates the template
 
   def prompt_template(self) -> critique.PromptTemplate:
@@ -107,7 +113,8 @@ class Benchmark:
     return {"path": os.path.abspath(self.path), "kind": self.kind, "template": self.template,
             "n_samples": self.n_samples, "temperature": self.temperature, "top_p": self.top_p,
             "top_k": self.top_k, "max_new_tokens": self.max_new_tokens,
-            "verdict_style": self.verdict_style, "format": self.format}
+            "verdict_style": self.verdict_style, "step_indexing": self.step_indexing,
+            "format": self.format}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,14 +187,9 @@ def read_critique_examples(path: str, fmt: str = "auto") -> list[Example]:
 # ----------------------------------------------------------------------------- ProcessBench rows
 
 
-def tagged_steps(steps: Sequence[str]) -> str:
-  """Steps as "<paragraph_i>\\n...\\n</paragraph_i>" blocks, as ProcessBench presents them."""
-  return "\n\n".join(f"<paragraph_{i}>\n{step}\n</paragraph_{i}>" for i, step in enumerate(steps))
-
-
 def read_processbench_examples(path: str) -> list[Example]:
   records = readers.load_records(path, "processbench")
-  return [Example(r.id, dataclasses.replace(r, solution=tagged_steps(r.steps)), r.error_step)
+  return [Example(r.id, dataclasses.replace(r, solution=critique.tagged_steps(r.steps)), r.error_step)
           for r in records]
 
 

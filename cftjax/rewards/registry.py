@@ -1,4 +1,4 @@
-"""GRPO rewards: a registry, built-ins (verdict, math, code), routing by task, scaling by source.
+"""GRPO rewards: a registry, built-ins (verdict, step, math, code), routing by task, scaling by source.
 A reward that raises scores 0 with the error as its reason (counted, logged); training goes on."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import math
 import re
 from typing import Any, Callable, Mapping, Sequence
 
-from cftjax.data.critique import CritiqueRecord, parse_verdict, remove_think
+from cftjax.data.critique import (CritiqueRecord, parse_first_wrong_step, parse_verdict,
+                                  remove_think)
 from cftjax.rewards.grading import MathGrader, shared_grader
 from cftjax.rewards.code_tests import run_tests
 from cftjax.rewards.sandbox import Limits, check_isolation
@@ -129,6 +130,32 @@ def verdict_reward(completion_text: str, record: CritiqueRecord, style: str = "a
   if verdict == record.label:
     return RewardResult(1.0, "verdict matches label")
   return RewardResult(0.0, "verdict contradicts label")
+
+
+@register_reward("step")
+def step_reward(completion_text: str, record: CritiqueRecord, indexing: str = "processbench",
+                partial_credit: float = 0.0, strip_think: bool = True) -> RewardResult:
+  """1 when the boxed first wrong step equals record.error_step (exact index; -1 = no wrong step),
+  the DeepCritic / ProcessBench judgement reward; no boxed index scores 0.
+
+  indexing: how the completion counts steps ("processbench" 0-based, "deepcritic" 1-based).
+  partial_credit (default 0 = the published reward): the score, in [0, 1), of a completion that
+  names a wrong step at the wrong index for a solution that has one: it found the solution wrong
+  but not where. This shaped variant is cftjax's own, not from either paper.
+  """
+  if record.error_step is None:
+    raise ValueError(f"record {record.id!r} (source {record.source!r}) has no error_step; the step "
+                     "reward needs the first wrong step's label (-1 when every step is right)")
+  if not 0.0 <= partial_credit < 1.0:
+    raise ValueError(f"step reward: partial_credit={partial_credit} must be in [0, 1)")
+  step = parse_first_wrong_step(completion_text, indexing=indexing, strip_think=strip_think)
+  if step is None:
+    return RewardResult(0.0, "no step index")
+  if step == record.error_step:
+    return RewardResult(1.0, "step matches label")
+  if step != -1 and record.error_step != -1:
+    return RewardResult(partial_credit, f"wrong step {step} (label {record.error_step})")
+  return RewardResult(0.0, f"step {step} contradicts label {record.error_step}")
 
 
 @register_reward("math", batched=True)
