@@ -93,19 +93,23 @@ def source_templates(data: Any, specs: Sequence[Mapping[str, Any]]) -> list[Any]
 
 def eval_source(data: Any) -> dict[str, Any]:
   """The source spec of the held-out rows (data.eval_path, data.eval_split), rendered with
-  data.eval_template or else the training sources' one template, so train and eval prompts match
-  (data.template when no training rows are configured)."""
+  data.eval_template or else the training sources' template, so train and eval prompts match
+  (data.template when no training rows are configured). Held-out rows are labelled solutions, so
+  when sources differ (e.g. CRL rows mixed with math prompts) the one template of the sources that
+  show a solution (`{solution}` in the user turn) is used; several different ones are an error."""
   template = data.get("eval_template")
   if template is None and not (data.sources or data.train_path):
     template = data.template
   if template is None:
     specs = source_specs(train_sources(data))
     templates = source_templates(data, specs)
-    if any(t != templates[0] for t in templates[1:]):
+    critique_templates = [t for t in templates if "{solution}" in t.user]
+    candidates = critique_templates or templates
+    if any(t != candidates[0] for t in candidates[1:]):
       names = ", ".join(f"{spec['name']}: {t.name}" for spec, t in zip(specs, templates))
       raise ConfigError(f"the training sources use different templates ({names}); set "
                         "data.eval_template to the one for the held-out rows of data.eval_path")
-    template = templates[0]
+    template = candidates[0]
   return {"path": data.eval_path, "format": data.format, "split": data.get("eval_split", ""),
           "template": template, "name": "eval"}
 
