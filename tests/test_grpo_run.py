@@ -125,6 +125,7 @@ def smoke_config(world: str, run_dir: str, steps: int):
        "name": "math", "weight": 0.8})
   c.data.eval_path = os.path.join(world, "rl_crl_heldout.jsonl")
   c.data.template = "crl"
+  c.data.eval_template = "crl"  # the sources' templates differ: the held-out rows are CRL rows
   c.data.batch_size = 4  # prompts per step; x 2 samples = 8 rows = the 8 fake devices
   c.rl.group_size = 2
   c.rl.max_new_tokens = 6

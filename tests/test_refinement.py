@@ -34,17 +34,21 @@ def rl_section(**refinement_fields):
 
 
 class Scripted:
-  """A stand-in for the sampler (not under test): returns the scripted text for each prompt row, in
-  order, with log-probs -0.1 * (1 + token index), and records the decoded prompts it was given."""
+  """A stand-in for the sampler (not under test): each call answers its rows with the next scripted
+  list of texts (rows past the list, the refiner's padding, repeat its last text), with log-probs
+  -0.1 * (1 + token index); it records each call's decoded prompt rows."""
 
-  def __init__(self, tokenizer, texts):
-    self.tokenizer, self.texts, self.prompts = tokenizer, list(texts), []
+  def __init__(self, tokenizer, calls):
+    self.tokenizer, self.calls, self.prompts = tokenizer, list(calls), []
 
   def __call__(self, rows, max_new_tokens, rng):
     del rng
-    self.prompts += [self.tokenizer.decode(r) for r in rows]
-    tokens = [np.asarray(self.tokenizer.encode(self.texts.pop(0)) + [self.tokenizer.eos_ids[0]],
-                         np.int32)[:max_new_tokens] for _ in rows]
+    script = self.calls.pop(0)
+    assert len(rows) >= len(script)
+    self.prompts.append([self.tokenizer.decode(r) for r in rows])
+    texts = script + [script[-1]] * (len(rows) - len(script))
+    tokens = [np.asarray(self.tokenizer.encode(t) + [self.tokenizer.eos_ids[0]], np.int32)[:max_new_tokens]
+              for t in texts]
     return tokens, [-0.1 * np.arange(1, len(t) + 1, dtype=np.float32) for t in tokens], np.zeros(len(rows), bool)
 
 
@@ -73,7 +77,7 @@ def test_simple_gt_refinements_join_the_failed_group_and_make_the_update_batch(t
   rl = rl_section(when="all_failed", critique="simple_gt", num_refinements=1)
   groups = scored_groups(tokenizer, rewards)
   np.testing.assert_array_equal([g.scores for g in groups], [[0, 0, 0], [1, 0, 0]])
-  policy = Scripted(tokenizer, ["\\boxed{6}", "\\boxed{5}", "\\boxed{5}"])
+  policy = Scripted(tokenizer, [["\\boxed{6}", "\\boxed{5}", "\\boxed{5}"]])
 
   def score(gs):
     rollout.score_groups(gs, rewards, tokenizer, max_new_tokens=16)
@@ -85,7 +89,8 @@ def test_simple_gt_refinements_join_the_failed_group_and_make_the_update_batch(t
   expected = [tokenizer.decode(render_prompt(CritiqueRecord(
       question="What is 2 + 3?", solution=text, critique=critique), refinement.refinement_template(rl),
       tokenizer)) for text in ("\\boxed{4}", "\\boxed{6}", "\\boxed{7}")]
-  assert policy.prompts == expected and "The reference answer is 5." in expected[0]
+  assert len(policy.prompts[0]) == 4  # 3 rows padded to a power of two (one compiled shape)
+  assert policy.prompts[0][:3] == expected and "The reference answer is 5." in expected[0]
   failed, solved = groups
   assert len(solved.completions) == 3 and not solved.refined.any()
   assert failed.refined.tolist() == [False, False, False, True]
@@ -125,11 +130,13 @@ def test_model_critiques_are_kept_only_when_their_verdict_agrees(tokenizer, rewa
   # Critiques of the 6 responses (scores 0 0 0 / 1 0 0): agree, disagree, no verdict / agree x3.
   critiques = ["Conclusion: wrong", "Conclusion: right", "no idea", "Conclusion: right",
                "Conclusion: wrong", "Conclusion: wrong"]
-  policy = Scripted(tokenizer, critiques + ["\\boxed{5}", "\\boxed{9}", "\\boxed{8}", "\\boxed{8}"])
+  policy = Scripted(tokenizer, [critiques, ["\\boxed{5}", "\\boxed{9}", "\\boxed{8}", "\\boxed{8}"]])
   refiner = refinement.Refiner(
       rl, tokenizer, policy, lambda gs: rollout.score_groups(gs, rewards, tokenizer, max_new_tokens=16))
   refiner.refine(groups, jax.random.key(0))
-  refine_prompts = policy.prompts[6:]
+  assert len(policy.prompts[0]) == 8  # 6 critique prompts, padded to a power of two
+  assert "What is 2 + 3?" in policy.prompts[0][0] and "\\boxed{4}" in policy.prompts[0][0]
+  refine_prompts = policy.prompts[1]
   assert len(refine_prompts) == 4  # 1 kept in the first group, 3 in the second
   assert "Feedback: Conclusion: wrong" in refine_prompts[0] and "\\boxed{4}" in refine_prompts[0]
   assert [g.refined.sum() for g in groups] == [1, 2]
