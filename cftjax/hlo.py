@@ -234,11 +234,13 @@ def full_vocab_all_reduces(found: Iterable[Collective], vocab_size: int) -> list
 
 
 def lm_head_gathers(found: Iterable[Collective], hidden_size: int, vocab_size: int,
-                    vocab_shards: int = 1) -> list[Collective]:
-  """All-gathers whose result is the LM head [hidden, vocab / vocab_shards] (either dim order,
-  unit dims ignored): the head gathered from its FSDP shards. Sum `runs` for gathers per step."""
+                    vocab_shards: int = 1, tied: bool = False) -> list[Collective]:
+  """All-gathers whose result is the LM head [hidden, vocab / vocab_shards] (unit dims ignored):
+  the head gathered from its FSDP shards. A tied head is the embedding [vocab, hidden] too, so then
+  either order counts; an untied model's [vocab, hidden] gathers are its embedding's. Sum `runs`
+  for the gathers per step."""
   vocab = vocab_size // vocab_shards
-  head_shapes = {(hidden_size, vocab), (vocab, hidden_size)}
+  head_shapes = {(hidden_size, vocab)} | ({(vocab, hidden_size)} if tied else set())
   return [c for c in found if c.kind == "all-gather" and c.runs
           and any(_without_unit_dims(a.shape) in head_shapes for a in c.arrays)]
 
