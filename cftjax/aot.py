@@ -105,7 +105,6 @@ class Program:
 
   jitted: Callable
   args: tuple[Any, ...]
-  tokens: int  # tokens one call processes (trained, or prefilled + generated)
   model_flops: float  # model FLOPs of one call (PaLM convention)
   shapes: str  # the call's shapes in words
 
@@ -130,7 +129,7 @@ def cft_program(config: Any, model_cfg: ModelConfig) -> Program:
                            compute_dtype=config.model.dtype, schedule=schedule)
   batch = _token_batch(losses.CFT_BATCH_KEYS, rows, seq, ("loss_mask",))
   tokens = rows * seq
-  return Program(step, (_abstract_state(model_cfg, tx), batch), tokens,
+  return Program(step, (_abstract_state(model_cfg, tx), batch),
                  run_lib.train_flops_per_token(model_cfg, seq) * tokens,
                  f"{rows} x {seq} tokens, {config.train.micro_batches} micro-batch(es)")
 
@@ -160,7 +159,7 @@ def grpo_program(config: Any, model_cfg: ModelConfig) -> Program:
                        ("completion_mask", "old_logp", "ref_logp"))
   batch["advantages"] = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=parallel.batch_sharding(1))
   tokens = rows * seq
-  return Program(step, (_abstract_state(model_cfg, tx), batch), tokens,
+  return Program(step, (_abstract_state(model_cfg, tx), batch),
                  run_lib.train_flops_per_token(model_cfg, seq) * tokens,
                  f"{rows} x {seq} tokens, {config.train.micro_batches} micro-batch(es)")
 
@@ -191,7 +190,7 @@ def generate_program(config: Any, model_cfg: ModelConfig) -> Program:
   matmul = 2.0 * run_lib.matmul_params(model_cfg)
   prefill_attention = 4.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * bucket
   flops = rows * bucket * (matmul + prefill_attention) + rows * matmul
-  return Program(run, args, rows * (bucket + 1), flops,
+  return Program(run, args, flops,
                  f"{rows} rows, prompt bucket {bucket}, {rl.max_new_tokens} new tokens "
                  "(cost: prefill + one decode step)")
 
