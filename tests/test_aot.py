@@ -91,6 +91,7 @@ def test_the_sampler_gathers_the_lm_head_at_most_twice_per_call(compiled):
   assert compiled["generate"].lm_head_gathers <= MAX_HEAD_GATHERS
 
 
+@pytest.mark.slow
 def test_loop_corrected_cost_equals_the_fully_unrolled_program(devices):
   """C(1) + (L - 1)(C(2) - C(1)) against a straight-line compile of all L layers."""
   config = tiny_config()
@@ -122,6 +123,7 @@ def test_compile_command_prints_json(tmp_path, capsys):
   assert result["collective_gib_per_step"] > 0 and result["shapes"].startswith("16 x 128 tokens")
 
 
+@pytest.mark.slow
 def test_compile_command_fails_naming_what_to_change_when_the_step_does_not_fit(capsys):
   """64 rows of 8192 tokens without remat: the TPU compiler refuses (its temporaries exceed HBM)."""
   code = cli.main(["compile", "--config", "configs/demo_cft.py", "--topology", TOPOLOGY, "--no-cost",
