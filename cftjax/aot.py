@@ -155,9 +155,7 @@ def grpo_program(config: Any, model_cfg: ModelConfig) -> Program:
                              chunk_size=config.train.chunk_size, compute_dtype=config.model.dtype,
                              schedule=schedule)
   keys = grpo.batch_keys(config.rl)
-  batch = _token_batch([k for k in keys if k != "advantages"], rows, seq,
-                       ("completion_mask", "old_logp", "ref_logp"))
-  batch["advantages"] = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=parallel.batch_sharding(1))
+  batch = _token_batch(keys, rows, seq, [k for k in keys if k not in grpo.SCORE_KEYS or k == "completion_mask"])
   tokens = rows * seq
   return Program(step, (_abstract_state(model_cfg, tx), batch),
                  run_lib.train_flops_per_token(model_cfg, seq) * tokens,

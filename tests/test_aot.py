@@ -74,15 +74,11 @@ def test_the_real_programs_compile_for_tpu_and_fit(compiled, objective):
 
 
 @pytest.mark.parametrize("objective", aot.OBJECTIVES)
-@pytest.mark.xfail(strict=True, reason="issue 23, Build 2/3: the chunked CE all-reduces the full head "
-                   "gradient and the embedding's gradient; the sampler all-reduces full-vocab logits")
 def test_no_full_vocab_array_is_all_reduced(compiled, objective):
   assert compiled[objective].full_vocab_all_reduces == 0
 
 
 @pytest.mark.parametrize("objective", ("cft", "grpo"))
-@pytest.mark.xfail(strict=True, reason="issue 23, Build 2: the chunked CE all-gathers the LM head in every "
-                   "chunk, forward and rematerialised backward")
 def test_the_lm_head_is_gathered_at_most_twice_per_step(compiled, objective):
   assert compiled[objective].lm_head_gathers <= MAX_HEAD_GATHERS
 
