@@ -83,6 +83,8 @@ def test_the_lm_head_is_gathered_at_most_twice_per_step(compiled, objective):
   assert compiled[objective].lm_head_gathers <= MAX_HEAD_GATHERS
 
 
+@pytest.mark.xfail(strict=True, reason="issue 23, Build 3: on FSDP-sharded params the sampler all-gathers the "
+                   "LM head in every decode step (49 gathers for 16 new tokens)")
 def test_the_sampler_gathers_the_lm_head_at_most_twice_per_call(compiled):
   assert compiled["generate"].lm_head_gathers <= MAX_HEAD_GATHERS
 
