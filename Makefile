@@ -11,7 +11,7 @@ $(BIN)/cftjax: pyproject.toml
 
 $(VENV)/.test-deps: $(BIN)/cftjax
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,tpu-compile]'
 	touch $@
 
 .PHONY: demo test

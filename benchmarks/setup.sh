@@ -2,8 +2,11 @@
 # Creates the peer systems' own virtual environments for the side-by-side benchmarks:
 #   $VENVS/torch : torch (local CPU wheel) + transformers      -> benchmarks/peers/hf_*.py
 #   $VENVS/tunix : google-tunix with its jax/flax deps, no torch -> benchmarks/peers/tunix_*.py
+#   $VENVS/maxtext-tpu : maxtext[tpu] + jax[tpu] on python3.12  -> benchmarks/peers/maxtext_aot.py
+#   $VENVS/tunix-tpu   : google-tunix + jax[tpu] on python3.12  -> benchmarks/peers/tunix_aot.py
+#   (the *-tpu ones compile for TPU topologies ahead of time: benchmarks/tpu_compile.py)
 # VENVS defaults to benchmarks/.venv (git-ignored). Re-running skips environments that import.
-# Usage: bash benchmarks/setup.sh [torch|tunix ...]
+# Usage: bash benchmarks/setup.sh [torch|tunix|maxtext-tpu|tunix-tpu ...] (default: torch tunix)
 set -euo pipefail
 
 cd "$(dirname "$0")"
@@ -15,14 +18,19 @@ TRANSFORMERS_VERSION=5.24.0
 TUNIX_VERSION=0.1.7
 JAX_VERSION=0.10.2
 FLAX_VERSION=0.12.8
+# The TPU ahead-of-time peers: each release with the jax[tpu] (and so libtpu) it was released against.
+PYTHON312="${PYTHON312:-python3.12}"
+MAXTEXT_VERSION=0.2.5
+MAXTEXT_JAX_VERSION=0.11.1
+TUNIX_TPU_JAX_VERSION=0.12.0.1
 
-make_venv() {  # make_venv NAME IMPORT_CHECK
+make_venv() {  # make_venv NAME IMPORT_CHECK [PYTHON]
   local dir="$VENVS/$1"
   if [[ -x "$dir/bin/python" ]] && "$dir/bin/python" -c "$2" 2>/dev/null; then
     echo "[setup] $dir is ready"
     return 1
   fi
-  "$PYTHON" -m venv "$dir"
+  "${3:-$PYTHON}" -m venv "$dir"
   "$dir/bin/pip" install --quiet --upgrade pip
 }
 
@@ -48,6 +56,25 @@ setup_tunix() {
   echo "[setup] $dir: $("$dir/bin/python" -c 'import importlib.metadata as m; print(*(f"{p} {m.version(p)}" for p in ("google-tunix", "jax", "flax", "optax")))')"
 }
 
+report_jax() {  # report_jax DIR PACKAGE
+  echo "[setup] $1: $("$1/bin/python" -c "import importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in ('$2', 'jax', 'jaxlib', 'libtpu')))")"
+}
+
+setup_maxtext_tpu() {
+  local dir="$VENVS/maxtext-tpu"
+  make_venv maxtext-tpu "import maxtext, libtpu" "$PYTHON312" || return 0
+  # maxtext declares no dependencies of its own: its [tpu] extra and this jax pull what it needs.
+  "$dir/bin/pip" install --quiet "maxtext[tpu]==$MAXTEXT_VERSION" "jax[tpu]==$MAXTEXT_JAX_VERSION"
+  report_jax "$dir" maxtext
+}
+
+setup_tunix_tpu() {
+  local dir="$VENVS/tunix-tpu"
+  make_venv tunix-tpu "import tunix, libtpu" "$PYTHON312" || return 0
+  "$dir/bin/pip" install --quiet "google-tunix==$TUNIX_VERSION" "jax[tpu]==$TUNIX_TPU_JAX_VERSION"
+  report_jax "$dir" google-tunix
+}
+
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=(torch tunix)
 mkdir -p "$VENVS"
@@ -55,6 +82,8 @@ for target in "${targets[@]}"; do
   case "$target" in
     torch) setup_torch ;;
     tunix) setup_tunix ;;
-    *) echo "[setup] unknown target '$target'; use torch and/or tunix" >&2; exit 2 ;;
+    maxtext-tpu) setup_maxtext_tpu ;;
+    tunix-tpu) setup_tunix_tpu ;;
+    *) echo "[setup] unknown target '$target'; use torch, tunix, maxtext-tpu and/or tunix-tpu" >&2; exit 2 ;;
   esac
 done

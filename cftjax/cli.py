@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
+from cftjax import aot
 from cftjax import config as config_lib
 from cftjax import host_memory
 from cftjax import launch
@@ -203,6 +204,60 @@ def _run_data(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
     print(preview.inspect_dataset(config.data, tokenizer, num_examples=args.num))
   return 0
 
+def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
+  _add_train_arguments(parser)
+  parser.add_argument("--topology", required=True,
+                      help="a TPU topology to compile for, e.g. v5p:2x2x2, v5e:4x4, v4:2x2x4 (multi-host "
+                           "slices included); needs libtpu: pip install 'cftjax[tpu-compile]'")
+  parser.add_argument("--objective", choices=aot.OBJECTIVES, default=None,
+                      help="the program: the CFT step, the GRPO update or the rollout sampler "
+                           "(default: config.train.objective)")
+  parser.add_argument("--model-config", default=None, metavar="CONFIG_JSON",
+                      help="a Hugging Face config.json giving the architecture (overrides the config's)")
+  parser.add_argument("--sweep-remat", action="store_true",
+                      help="compile every model.remat policy and name the fastest that fits")
+  parser.add_argument("--no-cost", action="store_true",
+                      help="skip the loop-free cost compiles (memory and collectives only)")
+  parser.add_argument("--hlo-out", default=None, metavar="FILE", help="write the optimised HLO here")
+  parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _run_compile(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+  if not jax.config.jax_platforms:  # compiles for topology devices: no local accelerator is opened
+    jax.config.update("jax_platforms", "cpu")
+  devices = aot.topology_devices(args.topology)
+  config = config_lib.load_config(args.config, overrides)
+  objective = args.objective or config.train.objective
+  model_cfg = aot.model_config(config, args.model_config)
+  policies = list(aot.REMAT_POLICIES) if args.sweep_remat else [model_cfg.remat]
+  reports = []
+  for policy in policies:
+    report, text = aot.compile_objective(config, model_cfg.replace(remat=policy), objective, devices,
+                                         args.topology, cost=not args.no_cost)
+    reports.append(report)
+    if args.hlo_out and policy == model_cfg.remat:
+      with open(args.hlo_out, "w") as f:
+        f.write(text)
+  chosen = aot.best_remat(reports) if args.sweep_remat else reports[0]
+  shown = chosen or reports[0]
+  if args.json:
+    result = shown.to_json()
+    if args.sweep_remat:
+      result["remat_sweep"] = [r.to_json() for r in reports]
+      result["best_remat"] = chosen.remat if chosen else None
+    print(json.dumps(result, indent=1), flush=True)
+  else:
+    for report in reports:
+      print(aot.format_report(report), flush=True)
+    if args.sweep_remat:
+      print(f"best remat within memory: {chosen.remat} ({chosen.estimated_seconds:.4f} s estimated)"
+            if chosen else "no remat policy fits", flush=True)
+  if not shown.fits:
+    print("cftjax: error: " + "; ".join(aot.advice(shown, config)), file=sys.stderr)
+    return 3
+  return 0
+
+
 def _add_plot_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("run_dir", help="a run directory written by `cftjax train`")
 
@@ -235,6 +290,9 @@ SUBCOMMANDS = (
     Subcommand("plot", "PNG curves of a run's metrics", _add_plot_arguments, _run_plot),
     Subcommand("doctor", "check this machine: which code-sandbox isolation is active",
                lambda parser: None, _run_doctor),
+    Subcommand("compile", "compile a run's step for a TPU topology ahead of time (no TPU, no weights): "
+               "memory, estimated step time and MFU, collectives", _add_compile_arguments, _run_compile,
+               takes_config_overrides=True),
 )
 
 

@@ -188,6 +188,20 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
   return jax.jit(run if mesh is None else run_on_mesh)
 
 
+def generation_program(cfg: ModelConfig, *, max_new_tokens: int, temperature: float, top_k: int,
+                       top_p: float, stop_ids: Sequence[int], cache_dtype: str, pad_id: int,
+                       mesh: jax.sharding.Mesh | None = None,
+                       rules: parallel.LogicalRules = parallel.LOGICAL_RULES) -> Callable:
+  """The jitted prefill + decode loop `generate` runs for these settings (cfg.attention already
+  resolved for the platform; on `mesh` by `rules` when given): `run(params, prompt_tokens [batch,
+  bucket] int32, prompt_lengths [batch] int32, rng, temperature f32, top_p f32) -> (tokens,
+  logprobs, lengths, truncated)`."""
+  greedy = temperature == 0
+  return _compiled_generate(_cfg_key(cfg), max_new_tokens, cache_dtype, greedy,
+                            0 if greedy else min(top_k, cfg.vocab_size), not greedy and top_p < 1.0,
+                            tuple(int(i) for i in stop_ids), pad_id, mesh, rules)
+
+
 def _validate(cfg: ModelConfig, tokens: np.ndarray, pad_id: int, max_new_tokens: int, temperature: float,
               top_k: int, top_p: float, cache_dtype: str, stop_strings: Sequence[str],
               tokenizer: Any) -> None:
@@ -250,12 +264,11 @@ def generate(params: dict[str, Any], cfg: ModelConfig, prompts: Sequence[Sequenc
   prompt_tokens, lengths = pad_prompts(prompts, prompt_lengths, buckets=prompt_buckets, pad_id=pad_id)
   _validate(cfg, prompt_tokens, pad_id, max_new_tokens, temperature, top_k, top_p, cache_dtype, stop_strings,
             tokenizer)
-  greedy = temperature == 0
   cfg = cfg.replace(attention=attention.resolve(cfg.attention, _params_platform(params)))
   mesh, rules = _params_mesh(params)
-  run = _compiled_generate(_cfg_key(cfg), max_new_tokens, cache_dtype, greedy,
-                           0 if greedy else min(top_k, cfg.vocab_size), not greedy and top_p < 1.0,
-                           tuple(int(i) for i in stop_ids), pad_id, mesh, rules)
+  run = generation_program(cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, stop_ids=stop_ids, cache_dtype=cache_dtype, pad_id=pad_id,
+                           mesh=mesh, rules=rules)
   rows = len(lengths)
   if jax.process_count() > 1:
     prompt_tokens, lengths = _global_prompts(prompt_tokens, lengths, mesh, prompt_buckets, pad_id)

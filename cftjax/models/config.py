@@ -27,6 +27,12 @@ class ModelConfig:
   TPU, "xla" elsewhere), "xla" (`jax.nn.dot_product_attention` under masks), "blocked" (causal query
   blocks), "cpu" (blocked, and the decode layout tuned for XLA CPU), "cudnn" (cuDNN flash attention;
   GPU, bf16/f16, one sequence per row).
+
+  `unroll_loops` compiles the layer scan and the cross-entropy chunk loop as straight-line code, with
+  every rematerialised function under `prevent_cse=True` (the recomputation a scanned body gets):
+  the same math and params, a program whose every op the TPU cost model counts (it counts a while
+  loop's body once; `cftjax.aot` compiles 1- and 2-layer models this way). Compile time grows with
+  depth; training leaves it off.
   """
 
   vocab_size: int
@@ -48,6 +54,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   attention: str = "auto"  # auto | xla | blocked | cudnn (see above)
+  unroll_loops: bool = False  # straight-line layers and CE chunks, for cost analysis (see above)
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
 

@@ -247,14 +247,15 @@ class Decoder(nn.Module):
     cos, sin = rope_angles(cfg, positions)
 
     layer = Block
-    if cfg.remat != "none":
-      layer = nn.remat(Block, policy=_REMAT_POLICY[cfg.remat], prevent_cse=False)
+    if cfg.remat != "none":  # in a scan CSE cannot undo remat; unrolled, prevent_cse must keep it
+      layer = nn.remat(Block, policy=_REMAT_POLICY[cfg.remat], prevent_cse=cfg.unroll_loops)
     layers = nn.scan(
         layer,
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
+        unroll=cfg.num_layers if cfg.unroll_loops else 1,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, name="layers")
     x, cache = layers(x, cache, cos, sin, segment_ids, positions)

@@ -52,7 +52,7 @@ def cft_grad_sums(model_cfg: ModelConfig, params: Any, batch: Batch, *, micro_ba
 
   return state_lib.accumulate_gradients(
       sums_fn, params, {key: batch[key] for key in losses.CFT_BATCH_KEYS}, micro_batches=micro_batches,
-      grad_shardings=parallel.param_shardings(abstract_params(model_cfg)))
+      grad_shardings=parallel.param_shardings(abstract_params(model_cfg)), unroll=model_cfg.unroll_loops)
 
 
 def _mean_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -99,7 +99,8 @@ def batch_keys(rl: Any) -> tuple[str, ...]:
 
 
 def _select_keys(jitted: Callable, keys: tuple[str, ...], what: str) -> Callable:
-  """`jitted(first, batch)` called with exactly `keys` of batch (other keys ignored; missing raise)."""
+  """`jitted(first, batch)` called with exactly `keys` of batch (other keys ignored; missing raise);
+  its `.lower(first, batch)` lowers the same program (`cftjax.aot`)."""
   def call(first: Any, batch: Batch):
     missing = [key for key in keys if key not in batch]
     if missing:
@@ -107,6 +108,7 @@ def _select_keys(jitted: Callable, keys: tuple[str, ...], what: str) -> Callable
                        "(build it with cftjax.train.rollout.build_update_batch)")
     return jitted(first, {key: batch[key] for key in keys})
 
+  call.lower = lambda first, batch: jitted.lower(first, {key: batch[key] for key in keys})  # AOT compiles
   return call
 
 
@@ -192,7 +194,7 @@ def make_grpo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, 
     parallel.check_batch_divisible(batch["inputs"].shape[0], micro_batches, "GRPO update")
     grad_sums, sums = state_lib.accumulate_gradients(
         sums_fn, state.params, batch, micro_batches=micro_batches,
-        grad_shardings=grad_shardings)
+        grad_shardings=grad_shardings, unroll=model_cfg.unroll_loops)
     denominator = sums["denominator"]
     grads = jax.tree.map(lambda g: jnp.where(denominator > 0, g / jnp.maximum(denominator, 1e-9), 0.0),
                          grad_sums)

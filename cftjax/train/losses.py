@@ -120,9 +120,11 @@ def _map_token_chunks(
     chunk_size: int,
     logits_dtype=jnp.float32,
     temperature: float = 1.0,
+    unroll: bool = False,
 ) -> dict[str, Array]:
   """Applies stats_fn(logits [b, s, V] f32, targets [b, s], vocab) to chunks of about chunk_size
-  tokens per device.
+  tokens per device. `unroll` writes the chunk loops out as straight-line code
+  (`ModelConfig.unroll_loops`).
 
   hidden: [B, T, D], lm_head: [D, V], targets: [B, T] -> dict of [B, T] float32 arrays.
   Inside `parallel.use_mesh`, where the rows are split over (at least) the mesh axes of the head's
@@ -145,7 +147,7 @@ def _map_token_chunks(
     embed_axes, vocab_axes = parallel.split_axes(lm_head.shape, ("embed", "vocab"), "lm_head")
   if not entered or not set(embed_axes) <= set(row_axes):
     return _local_token_chunks(scaled_stats, hidden, lm_head, targets, chunk_size, logits_dtype,
-                               WHOLE_VOCAB)
+                               WHOLE_VOCAB, unroll)
   # A vocab split over an axis that also splits the rows would mix different rows' logits: gather it.
   gather_vocab = tuple(a for a in vocab_axes if a in row_axes)
   vocab = VocabShard(tuple(a for a in vocab_axes if a not in row_axes))
@@ -155,7 +157,7 @@ def _map_token_chunks(
       head = jax.lax.all_gather(head, embed_axes, axis=0, tiled=True)
     if gather_vocab:
       head = jax.lax.all_gather(head, gather_vocab, axis=1, tiled=True)
-    return _local_token_chunks(scaled_stats, hidden, head, targets, chunk_size, logits_dtype, vocab)
+    return _local_token_chunks(scaled_stats, hidden, head, targets, chunk_size, logits_dtype, vocab, unroll)
 
   rows = row_axes or None
   return jax.shard_map(local, mesh=parallel.current()[0],
@@ -164,7 +166,7 @@ def _map_token_chunks(
 
 
 def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, chunk_size: int,
-                        logits_dtype, vocab: VocabShard) -> dict[str, Array]:
+                        logits_dtype, vocab: VocabShard, unroll: bool = False) -> dict[str, Array]:
   """`_map_token_chunks` on one device's rows: hidden [b, T, D], head [D, V_local], targets [b, T].
 
   Several chunks run as a `lax.map` under a custom VJP: the backward pass recomputes each chunk's
@@ -184,7 +186,8 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
     return jnp.einsum("bsd,dv->bsv", h, w, preferred_element_type=logits_dtype).astype(jnp.float32)
 
   def forward(h_chunks, w, t_chunks):
-    return jax.lax.map(lambda xs: stats_fn(logits_of(xs[0], w), xs[1], vocab), (h_chunks, t_chunks))
+    chunk_stats = lambda carry, xs: (carry, stats_fn(logits_of(xs[0], w), xs[1], vocab))
+    return jax.lax.scan(chunk_stats, None, (h_chunks, t_chunks), unroll=unroll)[1]
 
   @jax.custom_vjp
   def chunked(h_chunks, w, t_chunks):
@@ -209,7 +212,7 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
 
     # Under shard_map the sum varies over every mesh axis its terms vary over.
     d_head = parallel.varying_like(jnp.zeros(w.shape, jnp.float32), h_chunks, w, *d_stats.values())
-    d_head, d_hidden = jax.lax.scan(body, d_head, (h_chunks, t_chunks, d_stats))
+    d_head, d_hidden = jax.lax.scan(body, d_head, (h_chunks, t_chunks, d_stats), unroll=unroll)
     # Rows on devices that share this head slice (e.g. over "data") add up.
     return d_hidden, parallel.sum_to_match(d_head.astype(w.dtype), w), None
 
@@ -227,6 +230,7 @@ def chunked_cross_entropy(
     chunk_size: int,
     z_loss_weight: float = 0.0,
     logits_dtype=jnp.float32,
+    unroll: bool = False,
 ) -> dict[str, Array]:
   """Masked next-token cross-entropy, computed chunk by chunk from final hidden states.
 
@@ -236,7 +240,8 @@ def chunked_cross_entropy(
     z_loss_sum: the z-loss part of loss_sum; token_count: sum(mask);
     correct_sum: masked count of argmax == target; entropy_sum: masked sum of predictive entropy.
   """
-  stats = _map_token_chunks(_token_stats, hidden, lm_head, targets, chunk_size, logits_dtype)
+  stats = _map_token_chunks(_token_stats, hidden, lm_head, targets, chunk_size, logits_dtype,
+                            unroll=unroll)
   mask = loss_mask.astype(jnp.float32)
   z_loss_sum = z_loss_weight * jnp.sum(mask * jnp.square(stats["log_z"]))
   return {
@@ -260,13 +265,14 @@ def chunked_token_log_probs(
     chunk_size: int,
     temperature: float = 1.0,
     logits_dtype=jnp.float32,
+    unroll: bool = False,
 ) -> tuple[Array, Array]:
   """Float32 log p(target) and entropy of softmax(hidden @ lm_head / temperature), chunked.
 
   hidden: [B, T, D], lm_head: [D, V], targets: [B, T] -> (log_probs [B, T], entropies [B, T]).
   """
   stats = _map_token_chunks(_log_prob_and_entropy, hidden, lm_head, targets, chunk_size,
-                            logits_dtype, temperature)
+                            logits_dtype, temperature, unroll)
   return stats["log_prob"], stats["entropy"]
 
 
@@ -590,7 +596,8 @@ def ce_sums(model_cfg: ModelConfig, params: Any, batch: dict[str, Array], *, chu
   """
   model_cfg, params = _compute_params(model_cfg, params, compute_dtype)
   return chunked_cross_entropy(_final_hidden(model_cfg, params, batch), lm_head_kernel(model_cfg, params),
-                               batch["targets"], batch["loss_mask"], chunk_size, z_loss_weight)
+                               batch["targets"], batch["loss_mask"], chunk_size, z_loss_weight,
+                               unroll=model_cfg.unroll_loops)
 
 
 def completion_log_probs(model_cfg: ModelConfig, params: Any, batch: dict[str, Array], *, chunk_size: int,
@@ -599,4 +606,4 @@ def completion_log_probs(model_cfg: ModelConfig, params: Any, batch: dict[str, A
   batch with inputs, targets, positions and segment_ids; params cast as in `ce_sums`."""
   model_cfg, params = _compute_params(model_cfg, params, compute_dtype)
   return chunked_token_log_probs(_final_hidden(model_cfg, params, batch), lm_head_kernel(model_cfg, params),
-                                 batch["targets"], chunk_size, temperature)
+                                 batch["targets"], chunk_size, temperature, unroll=model_cfg.unroll_loops)

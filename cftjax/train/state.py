@@ -258,13 +258,14 @@ def _identity_sums(shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Arr
 
 
 def accumulate_gradients(sums_fn: SumsFn, params: Any, batch: Mapping[str, jax.Array], *,
-                         micro_batches: int, grad_shardings: Any
+                         micro_batches: int, grad_shardings: Any, unroll: bool = False
                          ) -> tuple[Any, dict[str, jax.Array]]:
   """(summed grads of sums_fn's loss_sum, combined statistics) over the micro-batches of `batch`.
 
   Call under jit. params: float32 master params (grads come back float32 in `grad_shardings`).
   batch: global arrays [B, ...], B a multiple of micro_batches x batch shards. Divide by a GLOBAL
-  count once afterwards: the result then equals one pass over the full batch.
+  count once afterwards: the result then equals one pass over the full batch. `unroll` writes the
+  micro-batch loop out as straight-line code (`ModelConfig.unroll_loops`).
   """
   def loss_sum(master_params, micro):
     sums = sums_fn(master_params, micro)
@@ -280,5 +281,6 @@ def accumulate_gradients(sums_fn: SumsFn, params: Any, batch: Mapping[str, jax.A
   sums_shape = jax.eval_shape(loss_sum, params, jax.tree.map(lambda x: x[0], micro))[1]
   zero_grads = jax.lax.with_sharding_constraint(
       jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), grad_shardings)
-  (grads, sums), _ = jax.lax.scan(add_micro_batch, (zero_grads, _identity_sums(sums_shape)), micro)
+  (grads, sums), _ = jax.lax.scan(add_micro_batch, (zero_grads, _identity_sums(sums_shape)), micro,
+                                  unroll=micro_batches if unroll else 1)
   return grads, sums

@@ -1,0 +1,254 @@
+"""Reading an optimised XLA HLO module (the text of `compiled.as_text()`): its computations, how many
+times each runs per execution of the program (while loops weighted by their trip counts), and its
+collectives (kind, bytes per device, runs per step).
+
+Standard library only, so the side-by-side benchmarks can census MaxText's and tunix's programs in
+their own virtual environments with the same code (`benchmarks/peers/tpu_aot_common.py`).
+
+Bytes of a collective are per device, of the array it moves as the optimised HLO prints it: the
+gathered result of an all-gather, the input of a reduce-scatter, the array of an all-reduce, the
+result of an all-to-all or collective-permute. An async pair (`*-start` / `*-done`) counts once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Sequence
+
+COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
+                    "collective-permute", "collective-broadcast")
+
+_DTYPE_BYTES = {
+    "pred": 1.0, "s4": 0.5, "u4": 0.5, "s8": 1.0, "u8": 1.0, "s16": 2.0, "u16": 2.0, "s32": 4.0,
+    "u32": 4.0, "s64": 8.0, "u64": 8.0, "f16": 2.0, "bf16": 2.0, "f32": 4.0, "f64": 8.0, "c64": 8.0,
+    "c128": 16.0, "f8e4m3fn": 1.0, "f8e5m2": 1.0, "f8e4m3b11fnuz": 1.0, "f8e4m3fnuz": 1.0,
+    "f8e5m2fnuz": 1.0,
+}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(r"^(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+_CALLEE_KEYS = ("calls", "to_apply", "true_computation", "false_computation", "branch_computations")
+
+
+@dataclasses.dataclass(frozen=True)
+class Array:
+  dtype: str
+  shape: tuple[int, ...]
+
+  @property
+  def bytes(self) -> int:
+    return int(math.prod(self.shape) * _DTYPE_BYTES[self.dtype])
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  computation: str
+  name: str
+  opcode: str
+  result: tuple[Array, ...]  # the arrays of the result type (a tuple type lists several)
+  operands: tuple[Array, ...]  # the arrays written in the operand list (typed operands only)
+  text: str  # the rest of the line after the opcode's "("
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  kind: str  # one of COLLECTIVE_KINDS
+  name: str
+  computation: str
+  arrays: tuple[Array, ...]  # the arrays it moves (see the module docstring)
+  runs: int  # executions per step (product of the enclosing while loops' trip counts)
+
+  @property
+  def bytes(self) -> int:
+    return sum(a.bytes for a in self.arrays)
+
+  @property
+  def bytes_per_step(self) -> int:
+    return self.bytes * self.runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+  entry: str
+  computations: dict[str, list[Instruction]]
+
+
+def arrays_in(text: str) -> tuple[Array, ...]:
+  """Every array type written in `text`, e.g. "(bf16[2,3]{1,0}, f32[])" -> two Arrays."""
+  return tuple(Array(dtype, tuple(int(d) for d in dims.split(",") if d))
+               for dtype, dims in _ARRAY.findall(text))
+
+
+def parse(hlo_text: str) -> Module:
+  """The computations of an HLO module's text, each a list of its instructions."""
+  computations: dict[str, list[Instruction]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    line = line.strip()
+    if current is None:
+      header = _HEADER.match(line)
+      if header and not line.startswith("HloModule"):
+        current = header.group(2)
+        computations[current] = []
+        entry = current if header.group(1) else entry
+      continue
+    if line == "}":
+      current = None
+      continue
+    match = _INSTRUCTION.match(line)
+    if match:
+      name, result_type, opcode, rest = match.groups()
+      operand_text = rest.split("),", 1)[0]
+      computations[current].append(Instruction(current, name, opcode, arrays_in(result_type),
+                                               arrays_in(operand_text), rest))
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text: pass `compiled.as_text()` of a compiled program")
+  return Module(entry, computations)
+
+
+def _known_trip_count(instruction: Instruction) -> int | None:
+  match = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', instruction.text)
+  return int(match.group(1)) if match else None
+
+
+def _condition_trip_count(condition: list[Instruction]) -> int | None:
+  """N of a loop condition `i < N` (or `N > i`, `i <= N - 1`, ...) on a counter starting at 0."""
+  constants = {}
+  for instruction in condition:
+    match = re.match(r"^(-?\d+)\)", instruction.text)
+    if instruction.opcode == "constant" and match and instruction.result and not instruction.result[0].shape:
+      constants[instruction.name] = int(match.group(1))
+  for instruction in condition:
+    if instruction.opcode != "compare":
+      continue
+    operands = re.findall(r"%([\w.\-]+)", instruction.text.split(")", 1)[0])
+    direction = re.search(r"direction=(\w+)", instruction.text)
+    direction = direction.group(1) if direction else "LT"
+    for position, operand in enumerate(operands):
+      if operand in constants:
+        bound = constants[operand]
+        inclusive = (direction, position) in (("LE", 1), ("GE", 0))
+        return bound + 1 if inclusive else bound
+  return None
+
+
+def runs_per_execution(module: Module) -> dict[str, int]:
+  """How many times each computation runs per execution of the entry computation: a while body
+  runs trip-count times per run of its caller (from the compiler's known_trip_count, else the loop
+  condition's bound; 1 when neither is known), a called computation (fusion, call, conditional
+  branch: each branch counted as taken) once per run of its caller."""
+  edges: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+  for name, instructions in module.computations.items():
+    for instruction in instructions:
+      if instruction.opcode == "while":
+        body = re.search(r"body=%?([\w.\-]+)", instruction.text)
+        condition = re.search(r"condition=%?([\w.\-]+)", instruction.text)
+        trips = _known_trip_count(instruction)
+        if trips is None and condition:
+          trips = _condition_trip_count(module.computations.get(condition.group(1), []))
+        trips = 1 if trips is None else trips
+        if body:
+          edges[name].append((body.group(1), trips))
+        if condition:
+          edges[name].append((condition.group(1), trips + 1))
+        continue
+      for key in _CALLEE_KEYS:
+        for match in re.finditer(key + r"=\{?([%\w.\-, ]+)\}?", instruction.text):
+          for callee in match.group(1).split(","):
+            callee = callee.strip().lstrip("%")
+            if callee in module.computations:
+              edges[name].append((callee, 1))
+  order, seen = [], set()
+
+  def visit(name: str) -> None:  # post-order over the call graph (a DAG)
+    if name in seen:
+      return
+    seen.add(name)
+    for callee, _ in edges.get(name, ()):
+      visit(callee)
+    order.append(name)
+
+  visit(module.entry)
+  runs: dict[str, int] = collections.defaultdict(int)
+  runs[module.entry] = 1
+  for name in reversed(order):  # callers before callees
+    for callee, factor in edges.get(name, ()):
+      runs[callee] += runs[name] * factor
+  return dict(runs)
+
+
+def _moved_arrays(kind: str, instruction: Instruction) -> tuple[Array, ...]:
+  if kind == "reduce-scatter" and instruction.operands:
+    return instruction.operands
+  if instruction.opcode.endswith("-start") and kind != "all-reduce":
+    # (operand, result, context...) tuple: the result is the largest array.
+    return (max(instruction.result, key=lambda a: a.bytes),) if instruction.result else ()
+  return instruction.result
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+  """Every collective of an optimised HLO module with its executions per step."""
+  module = parse(hlo_text)
+  runs = runs_per_execution(module)
+  found = []
+  for name, instructions in module.computations.items():
+    for instruction in instructions:
+      kind = instruction.opcode.removesuffix("-start")
+      if kind not in COLLECTIVE_KINDS or instruction.opcode.endswith("-done"):
+        continue
+      found.append(Collective(kind, instruction.name, name, _moved_arrays(kind, instruction),
+                              runs.get(name, 0)))
+  return found
+
+
+@dataclasses.dataclass(frozen=True)
+class KindTotal:
+  count: int  # executions per step
+  bytes: int  # bytes per device per step
+  instructions: int  # distinct instructions in the HLO
+
+
+def totals_by_kind(found: Iterable[Collective]) -> dict[str, KindTotal]:
+  """Per collective kind: executions, bytes per device per step, instructions."""
+  count, nbytes, instructions = collections.Counter(), collections.Counter(), collections.Counter()
+  for c in found:
+    count[c.kind] += c.runs
+    nbytes[c.kind] += c.bytes_per_step
+    instructions[c.kind] += 1
+  return {kind: KindTotal(count[kind], nbytes[kind], instructions[kind])
+          for kind in COLLECTIVE_KINDS if instructions[kind]}
+
+
+def _without_unit_dims(shape: Sequence[int]) -> tuple[int, ...]:
+  return tuple(d for d in shape if d != 1)
+
+
+def full_vocab_all_reduces(found: Iterable[Collective], vocab_size: int) -> list[Collective]:
+  """All-reduces of an array with a whole-vocabulary dim (e.g. an unsharded LM-head gradient or
+  full logits), which a vocab-sharded or reduce-scattered program never needs."""
+  return [c for c in found if c.kind == "all-reduce" and c.runs
+          and any(vocab_size in a.shape for a in c.arrays)]
+
+
+def lm_head_gathers(found: Iterable[Collective], hidden_size: int, vocab_size: int,
+                    vocab_shards: int = 1, tied: bool = False) -> list[Collective]:
+  """All-gathers whose result is the LM head [hidden, vocab / vocab_shards] (unit dims ignored):
+  the head gathered from its FSDP shards. A tied head is the embedding [vocab, hidden] too, so then
+  either order counts; an untied model's [vocab, hidden] gathers are its embedding's. Sum `runs`
+  for the gathers per step."""
+  vocab = vocab_size // vocab_shards
+  head_shapes = {(hidden_size, vocab)} | ({(vocab, hidden_size)} if tied else set())
+  return [c for c in found if c.kind == "all-gather" and c.runs
+          and any(_without_unit_dims(a.shape) in head_shapes for a in c.arrays)]
+
+
+def count_custom_calls(hlo_text: str, target: str) -> int:
+  """Custom-call instructions with `custom_call_target=target` (e.g. "tpu_custom_call": Pallas
+  kernels on TPU), weighted by executions per step."""
+  module = parse(hlo_text)
+  runs = runs_per_execution(module)
+  return sum(runs.get(name, 0) for name, instructions in module.computations.items()
+             for i in instructions if i.opcode == "custom-call" and f'custom_call_target="{target}"' in i.text)
