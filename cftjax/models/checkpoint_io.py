@@ -184,7 +184,7 @@ def lora_base_params(config: Any, base_cfg: ModelConfig, shardings: Any = None) 
     _, params, _ = load_run(init_run)
     return jax.device_put(params, shardings) if shardings is not None else params
   if config.model.init_from:
-    return load_init_params(config.model.init_from, params_target(base_cfg, shardings))
+    return load_init_params(config.model.init_from, shardings)
   return fresh_base_params(base_cfg, config.train.seed, shardings)
 
 
