@@ -145,6 +145,7 @@ def test_grpo_with_lora_and_kl_loads_no_reference_params(tmp_path, monkeypatch):
   world = str(tmp_path / "world")
   synthetic.write_world(world, num_train=40, num_heldout=8)
   config = smoke_config(world, str(tmp_path / "run"), steps=2)
+  config.data.eval_template = "crl"  # the held-out rows of data.eval_path are CRL rows
   config.model.lora.rank = 4
   config.model.lora.quantize_base = "int8"
   config.rl.recompute_old_logp = True
