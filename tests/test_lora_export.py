@@ -110,7 +110,7 @@ def test_peft_directory_loads_in_peft_and_imports_back(lora_run):
   first = lora_run["summary"]
   np.testing.assert_allclose(summary["initial_eval"]["eval_loss"], first["best_value"], rtol=1e-5)
   assert summary["final_eval"]["eval_loss"] != pytest.approx(summary["initial_eval"]["eval_loss"], rel=1e-6)
-  _, imported, _ = checkpoint_io.load_run_adapters(run_dir, "latest")
+  _, imported, _ = checkpoint_io.load_run_adapters(run_dir + ":latest")
   _, exported, _ = checkpoint_io.load_run_adapters(lora_run["run"])
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), imported, exported)
   assert min(jax.tree.leaves(moved)) > 0
