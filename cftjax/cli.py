@@ -76,6 +76,10 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", default=None,
                       help="param dtype written (default: float32 on import, the checkpoint's on export)")
   parser.add_argument("--max-shard-size", default="5GB", help="with --to-hf: safetensors shard size")
+  parser.add_argument("--adapters-only", action="store_true",
+                      help="with --to-hf and a run that trained LoRA adapters: write only the adapters, as a "
+                      "PEFT directory (adapter_config.json + adapter_model.safetensors); without it the "
+                      "adapters are merged into the exported weights")
 
 
 def _run_convert(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
@@ -85,9 +89,15 @@ def _run_convert(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> 
       raise config_lib.ConfigError("--to-hf needs --ckpt DIR (a `cftjax convert` checkpoint or a training "
                                    "run dir)")
     convert.check_out_dir(args.out, to_hf=True)  # before the checkpoint is read
-    convert.export_hf(*checkpoint_io.load_model(args.ckpt), args.out, max_shard_size=args.max_shard_size,
-                      dtype=args.dtype)
+    if args.adapters_only:
+      convert.export_adapters(args.ckpt, args.out)
+    else:
+      convert.export_hf(*checkpoint_io.load_model(args.ckpt), args.out, max_shard_size=args.max_shard_size,
+                        dtype=args.dtype)
   else:
+    if args.adapters_only:
+      raise config_lib.ConfigError("--adapters-only goes with --to-hf --ckpt RUN_DIR (a run that trained "
+                                   "LoRA adapters)")
     if not args.hf_dir:
       raise config_lib.ConfigError("give --hf-dir DIR (HF -> cftjax) or --to-hf --ckpt DIR (cftjax -> HF)")
     convert.hf_to_checkpoint(args.hf_dir, args.out, dtype=args.dtype or "float32")

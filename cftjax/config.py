@@ -22,7 +22,8 @@ RUN_CONFIG_FILE = "config.json"
 # Keys that fix the shapes of params, optimizer state or the data stream: a run dir written with
 # other values cannot be resumed. A key ending in "." covers its whole section.
 RESUME_INVARIANT_KEYS = (
-    "model.init_from", "model.arch.", "model.param_dtype",
+    "model.init_from", "model.arch.", "model.param_dtype", "model.lora.rank", "model.lora.targets",
+    "model.lora.quantize_base",
     "data.train_path", "data.sources", "data.format", "data.template", "data.max_seq_len",
     "data.batch_size", "data.packing", "data.seed", "data.world.",
     "train.seed",
@@ -48,6 +49,16 @@ def base_config() -> config_dict.ConfigDict:
   # attention and the other platform-specific kernels (cftjax.models.attention): auto (per platform:
   # cpu on CPU, blocked on GPU / TPU) | xla | blocked | cpu | cudnn (GPU flash; bf16, packing off)
   c.model.attention = "auto"
+  # model.lora: low-rank adapters (cftjax.models.lora). rank 0 = full fine-tune; rank r > 0 trains only
+  # the adapters (the optimizer holds no state for the frozen base) on `targets`, each projection
+  # computing x W + (alpha / r) (x A) B with A random, B zero at the start.
+  c.model.lora = config_dict.ConfigDict()
+  c.model.lora.rank = 0
+  c.model.lora.alpha = 16.0
+  c.model.lora.dropout = 0.0  # dropout on the adapters' input while training
+  c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # any of these projections
+  c.model.lora.quantize_base = "none"  # none | int8: the frozen base's targeted kernels in int8 (QLoRA)
+  c.model.lora.init_from = config_dict.placeholder(str)  # a PEFT adapter dir to continue training
   # model.arch: the architecture of a from-scratch model (ignored with init_from).
   c.model.arch = config_dict.ConfigDict()
   c.model.arch.model_type = "qwen2"

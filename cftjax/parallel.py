@@ -41,6 +41,7 @@ LOGICAL_RULES: LogicalRules = (
     ("head_dim", None),
     ("norm", None),
     ("seq", None),
+    ("lora_rank", None),  # LoRA adapters: A [in..., rank], B [rank, out...] shard like their kernel
 )
 
 

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from cftjax import parallel
 from cftjax.config import ConfigError
+from cftjax.models import lora
 
 Array = jax.Array
 Weights = dict[str, Any]
@@ -266,9 +267,11 @@ class Layout:
   """One way to store and apply a layer's weights; `decoder.block` calls the projections.
 
   layer_weights(cfg, layer params, dtype) and head_weights(lm head kernel [hidden, vocab], dtype)
-  re-lay params for this layout (once per `generate` call; norm scales keep their place and dtype).
+  re-lay params for this layout (once per `generate` call; norm scales keep their place and dtype;
+  LoRA adapters are carried over unmerged, in their own layout).
   project_qkv(cfg, attn, x [batch, seq, hidden]) -> q, k, v; project_out(cfg, attn, out) -> [batch,
   seq, hidden]; mlp(mlp weights, x) -> [batch, seq, hidden]; logits(head, x [..., hidden]) -> float32.
+  Each projection adds its LoRA adapter's output where the weights hold one (`lora.add_delta`).
   """
 
   layer_weights: Callable[..., Weights]
@@ -290,21 +293,27 @@ def matmul_2d(x: Array, w: Array) -> Array:
 
 
 @functools.partial(jax.checkpoint, prevent_cse=False)
-def swiglu_down(gate: Array, up: Array, down: Array) -> Array:
-  """(silu(gate) * up) @ down for gate, up [batch, seq, intermediate] and down [intermediate, hidden].
+def swiglu_down(gate: Array, up: Array, down: Array, mlp: Weights | None = None) -> Array:
+  """(silu(gate) * up) @ down for gate, up [batch, seq, intermediate] and down [intermediate, hidden],
+  plus the down adapter of `mlp` (a layer's MLP weights) if it holds one.
 
   Rematerialised on every backend, whatever `model.remat` says: autodiff keeps gate and up (plus
   down) and recomputes silu and the product in one elementwise pass of the backward pass, so a layer
   stores 2 instead of 6 [tokens, intermediate] arrays. No matmul is recomputed.
   """
   hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
-  return matmul_2d(hidden, down)
+  return lora.add_delta(matmul_2d(hidden, down), hidden, mlp or {}, "down")
 
 
 def cast_weights(tree: Weights, dtype) -> Weights:
-  """Kernels and biases in dtype; norm scales (leaves named "scale") as stored."""
+  """Kernels, biases and adapters in dtype; norm scales (leaves named "scale") as stored."""
   return jax.tree_util.tree_map_with_path(
       lambda path, w: w if path[-1].key == "scale" else w.astype(dtype), tree)
+
+
+def _adapters(group: Weights) -> Weights:
+  """The LoRA adapters of a layer's attn or mlp weights."""
+  return {name: w for name, w in group.items() if name.endswith(lora.ADAPTER_SUFFIX)}
 
 
 def _standard_qkv(cfg, attn: Weights, x: Array) -> tuple[Array, Array, Array]:
@@ -312,7 +321,7 @@ def _standard_qkv(cfg, attn: Weights, x: Array) -> tuple[Array, Array, Array]:
     y = jnp.einsum("btd,dnh->btnh", x, attn[f"{name}_kernel"].astype(x.dtype))
     if cfg.attention_bias:
       y = y + attn[f"{name}_bias"].astype(x.dtype)
-    return y
+    return lora.add_delta(y, x, attn, name)
 
   return project("q"), project("k"), project("v")
 
@@ -321,13 +330,13 @@ def _standard_out(cfg, attn: Weights, out: Array) -> Array:
   y = jnp.einsum("btnh,nhd->btd", out, attn["o_kernel"].astype(out.dtype))
   if cfg.o_proj_bias:
     y = y + attn["o_bias"].astype(out.dtype)
-  return y
+  return lora.add_delta(y, out, attn, "o")
 
 
 def _standard_mlp(mlp: Weights, x: Array) -> Array:
-  gate = matmul_2d(x, mlp["gate_kernel"].astype(x.dtype))
-  up = matmul_2d(x, mlp["up_kernel"].astype(x.dtype))
-  return swiglu_down(gate, up, mlp["down_kernel"].astype(x.dtype))
+  gate = lora.add_delta(matmul_2d(x, mlp["gate_kernel"].astype(x.dtype)), x, mlp, "gate")
+  up = lora.add_delta(matmul_2d(x, mlp["up_kernel"].astype(x.dtype)), x, mlp, "up")
+  return swiglu_down(gate, up, mlp["down_kernel"].astype(x.dtype), _adapters(mlp))
 
 
 def _standard_logits(head: Array, x: Array) -> Array:
@@ -357,8 +366,11 @@ def _out_in_layer(cfg, layer: Weights, dtype) -> Weights:
   if cfg.qk_norm:
     out_attn["q_norm"], out_attn["k_norm"] = attn["q_norm"], attn["k_norm"]
   gate_up = jnp.concatenate([_out_in(mlp[f"{name}_kernel"], 1, dtype) for name in ("gate", "up")])
+  out_mlp = {"gate_up": gate_up, "down": _out_in(mlp["down_kernel"], 1, dtype)}
+  out_attn |= cast_weights(_adapters(attn), dtype)
+  out_mlp |= cast_weights(_adapters(mlp), dtype)
   return {"input_norm": layer["input_norm"], "post_attn_norm": layer["post_attn_norm"], "attn": out_attn,
-          "mlp": {"gate_up": gate_up, "down": _out_in(mlp["down_kernel"], 1, dtype)}}
+          "mlp": out_mlp}
 
 
 def linear(x: Array, weight: Array) -> Array:
@@ -378,19 +390,22 @@ def _out_in_qkv(cfg, attn: Weights, x: Array) -> tuple[Array, Array, Array]:
     qkv = qkv + attn["qkv_bias"]
   q, k, v = jnp.split(qkv, [n * hd, (n + kv) * hd], axis=-1)
   lead = x.shape[:-1]
-  return q.reshape(*lead, n, hd), k.reshape(*lead, kv, hd), v.reshape(*lead, kv, hd)
+  q, k, v = q.reshape(*lead, n, hd), k.reshape(*lead, kv, hd), v.reshape(*lead, kv, hd)
+  return lora.add_delta(q, x, attn, "q"), lora.add_delta(k, x, attn, "k"), lora.add_delta(v, x, attn, "v")
 
 
 def _out_in_out(cfg, attn: Weights, out: Array) -> Array:
   y = linear(out.reshape(*out.shape[:-2], -1), attn["o"])
   if cfg.o_proj_bias:
     y = y + attn["o_bias"]
-  return y
+  return lora.add_delta(y, out, attn, "o")
 
 
 def _out_in_mlp(mlp: Weights, x: Array) -> Array:
   gate, up = jnp.split(linear(x, mlp["gate_up"]), 2, axis=-1)
-  return linear(jax.nn.silu(gate) * up, mlp["down"])
+  gate, up = lora.add_delta(gate, x, mlp, "gate"), lora.add_delta(up, x, mlp, "up")
+  hidden = jax.nn.silu(gate) * up
+  return lora.add_delta(linear(hidden, mlp["down"]), hidden, mlp, "down")
 
 
 # Every projection a 2-D [out, in] matrix applied as (W @ x.T).T: at decode batch sizes XLA CPU's dot

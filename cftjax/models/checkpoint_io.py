@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 from cftjax import parallel
 from cftjax.config import RUN_CONFIG_FILE, ConfigError
 from cftjax.models.config import ModelConfig
-from cftjax.models.decoder import abstract_params
+from cftjax.models import lora
+from cftjax.models.decoder import abstract_params, init_params
 from cftjax.tokenizer import NAMED_TEMPLATE_DIR, Tokenizer
 
 CONFIG_FILE = "model_config.json"
@@ -123,9 +124,15 @@ def _init_checkpoint_dir(path: str) -> str:
 
 
 def with_run_settings(model_cfg: ModelConfig, model: Any) -> ModelConfig:
-  """model_cfg with a config `model` section's compute settings: dtype, remat and attention."""
+  """model_cfg with a config `model` section's compute settings: dtype, remat, attention and the
+  LoRA adapters (model.lora)."""
+  adapters = model.get("lora") or {}  # run configs written before model.lora existed: no adapters
   try:  # run configs written before model.attention existed read as "auto"
-    return model_cfg.replace(dtype=model.dtype, remat=model.remat, attention=model.get("attention", "auto"))
+    return model_cfg.replace(
+        dtype=model.dtype, remat=model.remat, attention=model.get("attention", "auto"),
+        lora_rank=adapters.get("rank", 0), lora_alpha=adapters.get("alpha", 16.0),
+        lora_dropout=adapters.get("dropout", 0.0), lora_targets=tuple(adapters.get("targets", ModelConfig.lora_targets)),
+        quantize_base=adapters.get("quantize_base", "none"))
   except ConfigError as e:
     raise ConfigError(f"config.model: {e}") from None
 
@@ -158,6 +165,27 @@ def build_model(model: Any) -> tuple[ModelConfig, Tokenizer]:
 def load_init_params(path: str, shardings: Any) -> Any:
   """The params of the converted model checkpoint in model.init_from, restored onto `shardings`."""
   return load_model_checkpoint(_init_checkpoint_dir(path), shardings=shardings)[1]
+
+
+def fresh_base_params(base_cfg: ModelConfig, seed: int, shardings: Any = None) -> Any:
+  """The params a run of train.seed that starts from no checkpoint draws (`state.create_train_state`
+  initialises them from the first key of PRNGKey(seed) split in two), on `shardings` if given: the
+  base of a LoRA run without model.init_from."""
+  params_rng = jax.random.split(jax.random.PRNGKey(seed))[0]
+  return jax.jit(lambda r: init_params(base_cfg, r), out_shardings=shardings)(params_rng)
+
+
+def lora_base_params(config: Any, base_cfg: ModelConfig, shardings: Any = None) -> Any:
+  """The plain float params a LoRA run of `config` adapts (base_cfg: its model without adapters), on
+  `shardings` (default: the first device): rl.init_from_run's params (as `load_run` selects them;
+  merged when that run trained adapters), else model.init_from's, else `fresh_base_params` of train.seed."""
+  init_run = config.get("rl", {}).get("init_from_run")
+  if init_run:
+    _, params, _ = load_run(init_run)
+    return jax.device_put(params, shardings) if shardings is not None else params
+  if config.model.init_from:
+    return load_init_params(config.model.init_from, shardings)
+  return fresh_base_params(base_cfg, config.train.seed, shardings)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,14 +330,34 @@ def load_run_params(ref: CheckpointRef | str, target: Any) -> tuple[int, Any]:
   return number, restored.params if item == "params" else restored.state["params"]
 
 
+def load_run_adapters(ref: CheckpointRef | str) -> tuple[ModelConfig, Any, Tokenizer]:
+  """(model config with its adapters, adapters (float32, first device), tokenizer) that `ref` selects
+  in a run that trained LoRA adapters (model.lora.rank > 0)."""
+  ref = ref if isinstance(ref, CheckpointRef) else parse_checkpoint_ref(ref)
+  model_cfg, tokenizer = build_model(read_run_config(ref.path).model)
+  if not model_cfg.lora_rank:
+    raise ConfigError(f"{ref.path} trained the whole model (model.lora.rank=0): it has no adapters to "
+                      "export; drop --adapters-only to export its weights")
+  number, adapters = load_run_params(ref, lora.split(params_target(model_cfg, dtype="float32"))[1])
+  log.info("%s: loaded the adapters of step %d", ref, number)
+  return model_cfg, adapters, tokenizer
+
+
 def load_run(ref: CheckpointRef | str, dtype: str | None = None) -> tuple[ModelConfig, Any, Tokenizer]:
   """(model config, params on the first device, tokenizer) of the params `ref` selects in a `cftjax
-  train` run directory, built from the run's own config; `dtype` overrides its compute dtype."""
+  train` run directory, built from the run's own config; `dtype` overrides its compute dtype. The
+  params of a run that trained LoRA adapters are its base with the adapters merged in (`lora.merge`),
+  under its model config without adapters."""
   ref = ref if isinstance(ref, CheckpointRef) else parse_checkpoint_ref(ref)
   config = read_run_config(ref.path)
   model_cfg, tokenizer = build_model(config.model)
-  number, params = load_run_params(ref, params_target(model_cfg, dtype="float32"))  # master params
-  log.info("%s: loaded the params of step %d", ref, number)
+  if model_cfg.lora_rank:
+    _, adapters, _ = load_run_adapters(ref)
+    base = lora.quantize_base(model_cfg, lora_base_params(config, model_cfg.without_lora()))
+    model_cfg, params = model_cfg.without_lora(), lora.merge(model_cfg, lora.combine(base, adapters))
+  else:
+    number, params = load_run_params(ref, params_target(model_cfg, dtype="float32"))  # master params
+    log.info("%s: loaded the params of step %d", ref, number)
   return model_cfg.replace(**({"dtype": dtype} if dtype else {})), params, tokenizer
 
 

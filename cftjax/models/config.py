@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from cftjax.config import ConfigError
-from cftjax.models import attention
+from cftjax.models import attention, lora
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE_SCALING = ("llama3",)
@@ -57,6 +57,11 @@ class ModelConfig:
   unroll_loops: bool = False  # straight-line layers and CE chunks, for cost analysis (see above)
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
+  lora_rank: int = 0  # LoRA adapters on lora_targets (cftjax.models.lora); 0 = none
+  lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
+  lora_dropout: float = 0.0  # dropout on the adapters' input while training
+  lora_targets: tuple[str, ...] = tuple(lora.TARGETS)  # q, k, v, o, gate, up, down
+  quantize_base: str = "none"  # none | int8: how the frozen base's targeted kernels are stored
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -73,9 +78,19 @@ class ModelConfig:
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
     attention.check_config(self.attention, self.dtype)
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a JSON list reads back as a tuple
+    try:
+      lora.check_settings(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets,
+                          self.quantize_base)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
+
+  def without_lora(self) -> "ModelConfig":
+    """This model with no adapters and a plain float base (the base a LoRA run adapts)."""
+    return self.replace(lora_rank=0, lora_dropout=0.0, quantize_base="none")
 
   @property
   def o_proj_bias(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from cftjax.models import checkpoint_io
+from cftjax.models import checkpoint_io, peft_io
 from cftjax.models.hf_io import HF_CONFIG_FILE, load_hf, save_hf
 
 log = logging.getLogger(__name__)
@@ -47,3 +47,18 @@ def export_hf(cfg, params, tokenizer, out_dir: str, max_shard_size: str = "5GB",
   check_out_dir(out_dir, to_hf=True)
   save_hf(cfg, params, out_dir, max_shard_size=max_shard_size, dtype=dtype, tokenizer=tokenizer)
   log.info("exported %s model -> %s", cfg.model_type, os.path.abspath(out_dir))
+
+
+def export_adapters(spec: str, out_dir: str) -> None:
+  """Writes the LoRA adapters that `spec` (RUN_DIR[:best|:latest|:step=N]) selects in a training run
+  (model.lora.rank > 0) as a PEFT adapter directory that `peft.PeftModel.from_pretrained` loads onto
+  the Hugging Face base model, plus the tokenizer files."""
+  ref = checkpoint_io.parse_checkpoint_ref(spec)
+  cfg, adapters, tokenizer = checkpoint_io.load_run_adapters(ref)
+  base = checkpoint_io.read_run_config(ref.path).model.init_from
+  peft_io.save_adapters(cfg, adapters, out_dir, base_model=base)
+  tokenizer.save(out_dir)
+  if cfg.quantize_base != "none":
+    log.warning("the adapters were trained on a %s base; on the float base their outputs differ by the "
+                "base's rounding (docs/benchmarks.md)", cfg.quantize_base)
+  log.info("exported the rank-%d adapters of %s -> %s", cfg.lora_rank, ref, os.path.abspath(out_dir))

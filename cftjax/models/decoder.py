@@ -20,12 +20,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from cftjax import parallel
-from cftjax.models import attention
+from cftjax.models import attention, lora
 from cftjax.models.config import ModelConfig
 
 Array = jax.Array
 KVCache = dict[str, Array]  # {"k": [layers, batch, kv_heads, slots, head_dim], "v": same}
-Spec = tuple[tuple[int, ...], tuple[str, ...], Callable]  # a param's shape, logical axes, initializer
+# A param's shape, logical axes, initializer and optionally its dtype (default cfg.param_dtype).
+Spec = tuple[tuple[int, ...], tuple[str, ...], Callable] | tuple[tuple[int, ...], tuple[str, ...], Callable, Any]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Array:
@@ -148,10 +149,12 @@ def _norm_spec(dim: int, axis: str) -> dict[str, Spec]:
 
 
 def layer_param_specs(cfg: ModelConfig) -> dict[str, Any]:
-  """One layer's params as nested {name: (shape, logical axes, initializer)}, in creation order.
+  """One layer's params as nested {name: Spec}, in creation order.
 
   Attention kernels keep the head axis explicit (q_kernel [embed, heads, head_dim], o_kernel
   [heads, head_dim, embed]) so the heads / kv_heads axes shard over `tensor` without reshapes.
+  With cfg.lora_rank > 0 the targeted kernels get adapters (and an int8 base its scales:
+  `lora.extend_layer_specs`).
   """
   d, n, k, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
   normal, zeros = nn.initializers.normal(0.02), nn.initializers.zeros
@@ -167,8 +170,8 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, Any]:
     attn["o_bias"] = ((d,), ("embed",), zeros)
   mlp = {"gate_kernel": ((d, f), ("embed", "mlp"), normal), "up_kernel": ((d, f), ("embed", "mlp"), normal),
          "down_kernel": ((f, d), ("mlp", "embed"), normal)}
-  return {"input_norm": _norm_spec(d, "norm"), "attn": attn, "post_attn_norm": _norm_spec(d, "norm"),
-          "mlp": mlp}
+  return lora.extend_layer_specs(cfg, {"input_norm": _norm_spec(d, "norm"), "attn": attn,
+                                       "post_attn_norm": _norm_spec(d, "norm"), "mlp": mlp})
 
 
 def declare(module: nn.Module, specs: Mapping[str, Any]) -> dict[str, Any]:
@@ -180,9 +183,9 @@ def declare(module: nn.Module, specs: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(spec, Mapping):
       params[name] = Params(cfg, spec, name=name)()
     else:
-      shape, axes, init = spec
-      params[name] = module.param(name, nn.with_logical_partitioning(init, axes), shape,
-                                  jnp.dtype(cfg.param_dtype))
+      shape, axes, init = spec[:3]
+      dtype = spec[3] if len(spec) > 3 else cfg.param_dtype
+      params[name] = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(dtype))
   return params
 
 
@@ -201,7 +204,9 @@ class Block(nn.Module):
   """One layer's params and `block` over them; `nn.scan` maps it over the stacked layer params.
 
   Without a cache it attends with the configured backend (`segment_ids` [batch, seq] or None); with
-  one (prefill) it writes the layer's K/V at slots = positions and attends over the cache.
+  one (prefill) it writes the layer's K/V at slots = positions and attends over the cache. LoRA
+  adapters apply unmerged (`lora.prepare_layer`); their dropout draws from the "dropout" rng stream
+  when the caller passes one (training).
   """
 
   cfg: ModelConfig
@@ -209,7 +214,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: Array, layer_cache: attention.LayerCache | None, cos: Array, sin: Array,
                segment_ids: Array | None, positions: Array):
-    layer = declare(self, layer_param_specs(self.cfg))
+    cfg = self.cfg
+    dropout_rng = self.make_rng("dropout") if cfg.lora_dropout and self.has_rng("dropout") else None
+    layer = lora.prepare_layer(cfg, declare(self, layer_param_specs(cfg)), jnp.dtype(cfg.dtype), dropout_rng)
     if layer_cache is None:
       attend_rows = attention.backend(self.cfg.attention).attend
       attend = lambda q, k, v, cache: (attend_rows(q, k, v, segment_ids), None)
@@ -252,7 +259,7 @@ class Decoder(nn.Module):
     layers = nn.scan(
         layer,
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         unroll=cfg.num_layers if cfg.unroll_loops else 1,
@@ -310,7 +317,7 @@ def decode_weights(cfg: ModelConfig, decode: attention.Decode, params: dict[str,
       "embedding": params["embedding"],
       "final_norm": params["final_norm"]["scale"],
       "lm_head": layout.head_weights(lm_head_kernel(cfg, params), dtype),
-      "layers": [layout.layer_weights(cfg, layer, dtype) for layer in layers],
+      "layers": [layout.layer_weights(cfg, lora.prepare_layer(cfg, layer, dtype), dtype) for layer in layers],
   }
 
 

@@ -17,7 +17,7 @@ import optax
 from cftjax import config as config_lib
 from cftjax import parallel
 from cftjax.data import pipeline
-from cftjax.models import ModelConfig, abstract_params
+from cftjax.models import ModelConfig
 from cftjax.models import checkpoint_io
 from cftjax.tokenizer import Tokenizer
 from cftjax.train import checkpoint as checkpoint_lib
@@ -35,24 +35,27 @@ Batch = dict[str, jax.Array]  # the CFT batch: losses.CFT_BATCH_KEYS, each [batc
 
 
 def cft_grad_sums(model_cfg: ModelConfig, params: Any, batch: Batch, *, micro_batches: int,
-                  chunk_size: int, z_loss_weight: float = 0.0,
-                  compute_dtype=None) -> tuple[Any, dict[str, jax.Array]]:
+                  chunk_size: int, z_loss_weight: float = 0.0, compute_dtype=None, frozen: Any = None,
+                  rng: jax.Array | None = None) -> tuple[Any, dict[str, jax.Array]]:
   """(summed grads of loss_sum, summed CE statistics) over the global batch, micro-batch by micro-batch.
 
-  Call under jit, inside `parallel.use_mesh`. params: float32 master params (cast to compute_dtype,
-  default model_cfg.dtype, inside the differentiated function, so grads come back in float32).
-  batch: the global CFT batch [B, T]. Divide the results by the global token count once to get the mean loss and its gradient.
+  Call under jit, inside `parallel.use_mesh`. params: float32 master copies of the trained params
+  (cast to compute_dtype, default model_cfg.dtype, inside the differentiated function, so grads come
+  back in float32); frozen: a LoRA model's frozen base (None: params are the whole model); rng: for
+  the adapters' dropout (None: none). batch: the global CFT batch [B, T]. Divide the results by the
+  global token count once to get the mean loss and its gradient.
   """
   losses.check_cft_batch(batch, micro_batches)
 
-  def sums_fn(master_params, micro):
+  def sums_fn(master_params, micro, micro_rng):
     with parallel.activation_sharding():
-      return losses.ce_sums(model_cfg, master_params, micro, chunk_size=chunk_size,
-                            z_loss_weight=z_loss_weight, compute_dtype=compute_dtype)
+      return losses.ce_sums(model_cfg, state_lib.model_params(master_params, frozen), micro,
+                            chunk_size=chunk_size, z_loss_weight=z_loss_weight,
+                            compute_dtype=compute_dtype, dropout_rng=micro_rng)
 
   return state_lib.accumulate_gradients(
       sums_fn, params, {key: batch[key] for key in losses.CFT_BATCH_KEYS}, micro_batches=micro_batches,
-      grad_shardings=parallel.param_shardings(abstract_params(model_cfg)), unroll=model_cfg.unroll_loops)
+      grad_shardings=state_lib.grad_shardings(model_cfg), rng=rng, unroll=model_cfg.unroll_loops)
 
 
 def _mean_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -66,8 +69,9 @@ def make_cft_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, m
                   chunk_size: int = 1024, z_loss_weight: float = 0.0, compute_dtype=None,
                   schedule: optax.Schedule | None = None,
                   ) -> Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, dict[str, jax.Array]]]:
-  """A jitted `step(state, batch) -> (state, metrics)` on the current mesh (`parallel.use_mesh`);
-  the input state is donated.
+  """A jitted `step(state, batch, frozen=None) -> (state, metrics)` on the current mesh
+  (`parallel.use_mesh`); the input state is donated. frozen: the frozen base of a LoRA model
+  (`ModelConfig.lora_rank` > 0; on `state.frozen_shardings`), whose adapters are state.params.
 
   batch: the global CFT batch (global jax.Arrays from `parallel.host_local_to_global`, or numpy on
   one process), [B, T] with B a multiple of micro_batches x the batch shards. The loss is the mean
@@ -79,10 +83,12 @@ def make_cft_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, m
   """
   state_shardings = state_lib.train_state_shardings(model_cfg, tx)
 
-  def step(state: state_lib.TrainState, batch: Batch) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+  def step(state: state_lib.TrainState, batch: Batch, frozen: Any
+           ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
     grad_sums, sums = cft_grad_sums(
         model_cfg, state.params, batch, micro_batches=micro_batches,
-        chunk_size=chunk_size, z_loss_weight=z_loss_weight, compute_dtype=compute_dtype)
+        chunk_size=chunk_size, z_loss_weight=z_loss_weight, compute_dtype=compute_dtype, frozen=frozen,
+        rng=state_lib.dropout_rng(model_cfg, state))
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums["token_count"], 1.0), grad_sums)
     metrics = _mean_metrics(sums)
     if schedule is not None:
@@ -90,8 +96,10 @@ def make_cft_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, m
     new_state, update_metrics = state_lib.apply_update_if_finite(state, grads, metrics["loss"], tx)
     return new_state, metrics | update_metrics
 
-  return jax.jit(parallel.bind(step), in_shardings=(state_shardings, parallel.batch_sharding()),
-                 out_shardings=(state_shardings, parallel.replicated()), donate_argnums=0)
+  jitted = jax.jit(parallel.bind(step),
+                   in_shardings=(state_shardings, parallel.batch_sharding(), state_lib.frozen_shardings(model_cfg)),
+                   out_shardings=(state_shardings, parallel.replicated()), donate_argnums=0)
+  return state_lib.frozen_optional(jitted)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,7 +151,9 @@ class CFTRun(run_lib.RunLoop):
     # An explicit step count repeats the data as needed; otherwise data.num_epochs bounds it.
     self.data = training_batches(config, self.tokenizer,
                                  None if config.train.steps else config.data.num_epochs)
-    self.state = run_lib.initial_state(self, self.tx, config.train.seed, run_lib.model_init_params(config))
+    self.frozen = run_lib.frozen_base(config, self.model_cfg)
+    self.state = run_lib.initial_state(self, self.tx, config.train.seed,
+                                       run_lib.model_init_params(config, self.model_cfg))
     self.step = int(jax.device_get(self.state.step))
     self.cft_step = make_cft_step(
         self.model_cfg, self.tx, micro_batches=config.train.micro_batches,
@@ -164,7 +174,7 @@ class CFTRun(run_lib.RunLoop):
   def train_step(self, log_now: bool) -> dict[str, float]:
     host_batch = next(self.data)
     self.state, step_metrics = self.cft_step(
-        self.state, parallel.host_local_to_global(host_batch))
+        self.state, parallel.host_local_to_global(host_batch), self.frozen)
     self.nonfinite.observe(self.step + 1, float(step_metrics["update_skipped"]))  # waits for the step
     self.meter.add_step(run_lib.count_tokens(host_batch["segment_ids"]) * jax.process_count())
     if not log_now:

@@ -99,27 +99,29 @@ def batch_keys(rl: Any) -> tuple[str, ...]:
 
 
 def _select_keys(jitted: Callable, keys: tuple[str, ...], what: str) -> Callable:
-  """`jitted(first, batch)` called with exactly `keys` of batch (other keys ignored; missing raise);
-  its `.lower(first, batch)` lowers the same program (`cftjax.aot`)."""
-  def call(first: Any, batch: Batch):
+  """`jitted(first, batch, *rest)` called with exactly `keys` of batch (other keys ignored; missing
+  raise); its `.lower(first, batch, *rest)` lowers the same program (`cftjax.aot`)."""
+  def call(first: Any, batch: Batch, *rest):
     missing = [key for key in keys if key not in batch]
     if missing:
       raise ValueError(f"{what} batch is missing {missing}; it needs {list(keys)} "
                        "(build it with cftjax.train.rollout.build_update_batch)")
-    return jitted(first, {key: batch[key] for key in keys})
+    return jitted(first, {key: batch[key] for key in keys}, *rest)
 
-  call.lower = lambda first, batch: jitted.lower(first, {key: batch[key] for key in keys})  # AOT compiles
+  call.lower = lambda first, batch, *rest: jitted.lower(first, {key: batch[key] for key in keys}, *rest)
   return call
 
 
 def grpo_sums(model_cfg: ModelConfig, params: Any, batch: Batch, rl: Any, *, chunk_size: int,
-              compute_dtype=None) -> dict[str, jax.Array]:
+              compute_dtype=None, dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
   """`grpo_loss` sums of one (micro-)batch under the `rl` section's objective (`objective(rl)`), plus
   entropy_sum (masked) and seq_count. Log-probs are of softmax(logits / rl.temperature); rl.dual_clip
   0 is off; rl.max_response_len 0 is rl.max_new_tokens. Token weights: batch["token_weights"] times,
-  with rl.tis_cap, min(exp(old_logp - sampler_logp), rl.tis_cap) on on-policy tokens."""
+  with rl.tis_cap, min(exp(old_logp - sampler_logp), rl.tis_cap) on on-policy tokens. params: the
+  whole model's; dropout_rng: for LoRA dropout (None: none)."""
   logp, entropy = losses.completion_log_probs(model_cfg, params, batch, chunk_size=chunk_size,
-                                              temperature=rl.temperature, compute_dtype=compute_dtype)
+                                              temperature=rl.temperature, compute_dtype=compute_dtype,
+                                              dropout_rng=dropout_rng)
   mask = batch["completion_mask"].astype(jnp.float32)
   refined = batch["refined_mask"]
   weights = batch["token_weights"]
@@ -165,7 +167,8 @@ def make_grpo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, 
                    micro_batches: int = 1, chunk_size: int = 1024,
                    compute_dtype=None, schedule: optax.Schedule | None = None,
                    ) -> Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, dict[str, jax.Array]]]:
-  """A jitted `step(state, batch) -> (state, metrics)`: one optimizer update; the state is donated.
+  """A jitted `step(state, batch, frozen=None) -> (state, metrics)`: one optimizer update; the state
+  is donated. frozen: the frozen base of a LoRA model (its adapters are state.params), else None.
 
   rl: the config's `rl` section (the objective: loss, temperature, eps_low / eps_high, dual_clip,
   aggregation, max_response_len, kl_coef, kl_kind, entropy_coef, tis_cap, refinement.shaping_gamma;
@@ -181,20 +184,22 @@ def make_grpo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, 
   step skip its update: see `state.apply_update_if_finite`) and lr (when a schedule is given).
   """
   state_shardings = state_lib.train_state_shardings(model_cfg, tx)
-  grad_shardings = parallel.param_shardings(abstract_params(model_cfg))
   check_loss_settings(rl)
   keys = batch_keys(rl)
 
-  def sums_fn(master_params, micro):
-    with parallel.activation_sharding():
-      return grpo_sums(model_cfg, master_params, micro, rl, chunk_size=chunk_size,
-                       compute_dtype=compute_dtype)
-
-  def step(state: state_lib.TrainState, batch: Batch) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+  def step(state: state_lib.TrainState, batch: Batch, frozen: Any
+           ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
     parallel.check_batch_divisible(batch["inputs"].shape[0], micro_batches, "GRPO update")
+
+    def sums_fn(master_params, micro, micro_rng):
+      with parallel.activation_sharding():
+        return grpo_sums(model_cfg, state_lib.model_params(master_params, frozen), micro, rl,
+                         chunk_size=chunk_size, compute_dtype=compute_dtype, dropout_rng=micro_rng)
+
     grad_sums, sums = state_lib.accumulate_gradients(
         sums_fn, state.params, batch, micro_batches=micro_batches,
-        grad_shardings=grad_shardings, unroll=model_cfg.unroll_loops)
+        grad_shardings=state_lib.grad_shardings(model_cfg), rng=state_lib.dropout_rng(model_cfg, state),
+        unroll=model_cfg.unroll_loops)
     denominator = sums["denominator"]
     grads = jax.tree.map(lambda g: jnp.where(denominator > 0, g / jnp.maximum(denominator, 1e-9), 0.0),
                          grad_sums)
@@ -204,9 +209,11 @@ def make_grpo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, 
     new_state, update_metrics = state_lib.apply_update_if_finite(state, grads, metrics["loss"], tx)
     return new_state, metrics | update_metrics
 
-  return _select_keys(jax.jit(parallel.bind(step), in_shardings=(state_shardings, _batch_shardings(keys)),
-                              out_shardings=(state_shardings, parallel.replicated()),
-                              donate_argnums=0), keys, "GRPO update")
+  in_shardings = (state_shardings, _batch_shardings(keys), state_lib.frozen_shardings(model_cfg))
+  update = _select_keys(jax.jit(parallel.bind(step), in_shardings=in_shardings,
+                                out_shardings=(state_shardings, parallel.replicated()), donate_argnums=0),
+                        keys, "GRPO update")
+  return state_lib.frozen_optional(update)
 
 
 def make_log_prob_fn(model_cfg: ModelConfig, *, chunk_size: int = 1024,
@@ -292,9 +299,10 @@ def adopt_init_run_model(config: Any) -> None:
 
 def policy_init_params(config: Any, model_cfg: ModelConfig) -> Callable[[Any], Any]:
   """`init_params` for `run.initial_state`: the params rl.init_from_run selects (a checkpoint selector:
-  RUN_DIR is its best if that beats step 0, else its latest), else model.init_from's."""
-  if not config.rl.init_from_run:
-    return run_lib.model_init_params(config)
+  RUN_DIR is its best if that beats step 0, else its latest), else model.init_from's; with LoRA the
+  initial adapters (`run.model_init_params`: that run is then the frozen base)."""
+  if model_cfg.lora_rank or not config.rl.init_from_run:
+    return run_lib.model_init_params(config, model_cfg)
 
   def load(shardings: Any) -> Any:
     target = checkpoint_io.params_target(model_cfg, shardings, dtype="float32")
@@ -306,7 +314,8 @@ def policy_init_params(config: Any, model_cfg: ModelConfig) -> Callable[[Any], A
 
 
 def reference_params(config: Any, model_cfg: ModelConfig) -> Any:
-  """The frozen initial policy (the KL reference), the same params a fresh run starts from."""
+  """The frozen initial policy (the KL reference) of a full fine-tune, the same params a fresh run
+  starts from (a LoRA run needs none: `GRPORun.reference_model_params`)."""
   shardings = parallel.param_shardings(abstract_params(model_cfg))
   params = policy_init_params(config, model_cfg)(shardings)
   if params is not None:
@@ -368,6 +377,7 @@ class GRPORun(run_lib.RunLoop):
     self.tx, self.schedule = state_lib.make_optimizer(config.optim, self.total_steps * self.updates_per_step)
     self.checkpoints = checkpoint_lib.RunCheckpoints.from_config(self.run_dir, config.checkpoint)
     self.data = prompt_batches(config, self.tokenizer)
+    self.frozen = run_lib.frozen_base(config, self.model_cfg)
     self.state = run_lib.initial_state(self, self.tx, config.train.seed,
                                        policy_init_params(config, self.model_cfg))
     self.step = self.checkpoints.latest_step() or 0  # rollout steps (state.step counts updates)
@@ -375,8 +385,8 @@ class GRPORun(run_lib.RunLoop):
     self.update = make_grpo_step(
         self.model_cfg, self.tx, rl=rl,
         micro_batches=config.train.micro_batches, schedule=self.schedule, **step_kwargs)
-    self.ref_params = None
-    if uses_reference(rl):
+    self.ref_params = None  # a full fine-tune's KL reference; a LoRA run's is its base
+    if uses_reference(rl) and self.frozen is None:
       self.ref_params = reference_params(config, self.model_cfg)
     self.score_log_probs = None
     if uses_reference(rl) or rl.recompute_old_logp:
@@ -402,7 +412,7 @@ class GRPORun(run_lib.RunLoop):
       critic_generate, critic_tokenizer = refinement_lib.critic_generator(rl)
     return refinement_lib.Refiner(
         rl, self.tokenizer,
-        refinement_lib.policy_generator(lambda: self.state.params, self.model_cfg, rl, self.tokenizer),
+        refinement_lib.policy_generator(self.model_params, self.model_cfg, rl, self.tokenizer),
         self._score, critic_generate=critic_generate, critic_tokenizer=critic_tokenizer,
         same_rows=_max_over_processes, seed=self.config.train.seed)
 
@@ -419,7 +429,7 @@ class GRPORun(run_lib.RunLoop):
     step_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), self.step)
 
     def sample(prompts, draw):
-      return rollout_lib.sample_groups(self.state.params, self.model_cfg, prompts, rl, self.tokenizer,
+      return rollout_lib.sample_groups(self.model_params(), self.model_cfg, prompts, rl, self.tokenizer,
                                        jax.random.fold_in(step_rng, draw))
 
     draws = iter(range(rl.max_draws))
@@ -453,16 +463,24 @@ class GRPORun(run_lib.RunLoop):
         pad_id=sampling.pad_id(self.tokenizer), longest=longest)
     return _split_rows(batch, rl.mini_batches)
 
+  def reference_model_params(self) -> Any:
+    """The KL reference: the loaded initial policy of a full fine-tune; for a LoRA run its frozen
+    base with the adapters off (B = 0, so every adapter adds exactly zero): no second copy."""
+    if self.frozen is None:
+      return self.ref_params
+    return state_lib.model_params(jax.tree.map(jnp.zeros_like, self.state.params), self.frozen)
+
   def _score_reference_and_old(self, batches: list[dict[str, jax.Array]]) -> float | None:
     """Adds ref_logp / recomputed old_logp to the global batches; returns the recomputed gap."""
     gap_sum, tokens = 0.0, 0.0
+    reference = self.reference_model_params() if uses_reference(self.config.rl) else None
     for batch in batches:
-      if self.ref_params is not None:
-        batch["ref_logp"], _ = self.score_log_probs(self.ref_params, batch)
+      if reference is not None:
+        batch["ref_logp"], _ = self.score_log_probs(reference, batch)
       if self.config.rl.recompute_old_logp:
         if self.config.rl.tis_cap:
           batch["sampler_logp"] = batch["old_logp"]
-        batch["old_logp"], gap = self.score_log_probs(self.state.params, batch)
+        batch["old_logp"], gap = self.score_log_probs(self.model_params(), batch)
         gap_sum += float(gap)
         tokens += float(jnp.sum(batch["completion_mask"]))
     return gap_sum / max(tokens, 1.0) if self.config.rl.recompute_old_logp else None
@@ -485,7 +503,7 @@ class GRPORun(run_lib.RunLoop):
     update_metrics = []
     for _ in range(self.config.rl.ppo_epochs):
       for batch in batches:
-        self.state, step_metrics = self.update(self.state, batch)
+        self.state, step_metrics = self.update(self.state, batch, self.frozen)
         update_metrics.append(step_metrics)
     update_metrics = [{k: float(v) for k, v in m.items()} for m in jax.device_get(update_metrics)]
     for m in update_metrics:

@@ -582,28 +582,34 @@ def _compute_params(model_cfg: ModelConfig, params: Any, compute_dtype: Any) -> 
   return model_cfg.replace(dtype=dtype.name, attention=backend), state_lib.cast_floats(params, dtype)
 
 
-def _final_hidden(model_cfg: ModelConfig, params: Any, batch: dict[str, Array]) -> Array:
+def _final_hidden(model_cfg: ModelConfig, params: Any, batch: dict[str, Array],
+                  dropout_rng: Array | None) -> Array:
+  rngs = None if dropout_rng is None else {"dropout": dropout_rng}
   return Decoder(model_cfg).apply({"params": params}, batch["inputs"], batch["positions"],
-                                  batch["segment_ids"], return_hidden=True)
+                                  batch["segment_ids"], return_hidden=True, rngs=rngs)
 
 
 def ce_sums(model_cfg: ModelConfig, params: Any, batch: dict[str, Array], *, chunk_size: int,
-            z_loss_weight: float = 0.0, compute_dtype: Any = None) -> dict[str, Array]:
+            z_loss_weight: float = 0.0, compute_dtype: Any = None,
+            dropout_rng: Array | None = None) -> dict[str, Array]:
   """`chunked_cross_entropy` sums of one CFT batch ([batch, seq] arrays, `CFT_BATCH_KEYS`).
 
   params (e.g. float32 master params) are cast to compute_dtype (default model_cfg.dtype) inside, so
-  gradients with respect to them come back in their own dtype.
+  gradients with respect to them come back in their own dtype. dropout_rng: drives the LoRA adapters'
+  dropout (model_cfg.lora_dropout; None: no dropout).
   """
   model_cfg, params = _compute_params(model_cfg, params, compute_dtype)
-  return chunked_cross_entropy(_final_hidden(model_cfg, params, batch), lm_head_kernel(model_cfg, params),
-                               batch["targets"], batch["loss_mask"], chunk_size, z_loss_weight,
-                               unroll=model_cfg.unroll_loops)
+  return chunked_cross_entropy(_final_hidden(model_cfg, params, batch, dropout_rng),
+                               lm_head_kernel(model_cfg, params), batch["targets"], batch["loss_mask"],
+                               chunk_size, z_loss_weight, unroll=model_cfg.unroll_loops)
 
 
 def completion_log_probs(model_cfg: ModelConfig, params: Any, batch: dict[str, Array], *, chunk_size: int,
-                         temperature: float, compute_dtype: Any = None) -> tuple[Array, Array]:
+                         temperature: float, compute_dtype: Any = None,
+                         dropout_rng: Array | None = None) -> tuple[Array, Array]:
   """(log p(target) [B, T], entropy [B, T]) of softmax(logits / temperature), float32, chunked, of a
-  batch with inputs, targets, positions and segment_ids; params cast as in `ce_sums`."""
+  batch with inputs, targets, positions and segment_ids; params and dropout_rng as in `ce_sums`."""
   model_cfg, params = _compute_params(model_cfg, params, compute_dtype)
-  return chunked_token_log_probs(_final_hidden(model_cfg, params, batch), lm_head_kernel(model_cfg, params),
-                                 batch["targets"], chunk_size, temperature, unroll=model_cfg.unroll_loops)
+  return chunked_token_log_probs(_final_hidden(model_cfg, params, batch, dropout_rng),
+                                 lm_head_kernel(model_cfg, params), batch["targets"], chunk_size, temperature,
+                                 unroll=model_cfg.unroll_loops)

@@ -26,7 +26,7 @@ from cftjax import config as config_lib
 from cftjax import parallel
 from cftjax.data import pipeline
 from cftjax.models import ModelConfig, abstract_params
-from cftjax.models import attention, checkpoint_io
+from cftjax.models import attention, checkpoint_io, lora, peft_io
 from cftjax.train import losses
 from cftjax.train import checkpoint as checkpoint_lib
 from cftjax.train import run_lock
@@ -154,8 +154,8 @@ def check_run_dir(run_dir: str, config: Any) -> None:
 def initial_state(run: "RunLoop", tx: optax.GradientTransformation, seed: int,
                   init_params: Callable[[Any], Any]) -> state_lib.TrainState:
   """The run's newest complete checkpoint (its data position restored into run.data) if there is
-  one, else a fresh state whose params are `init_params(param shardings)` (None: initialised from
-  `seed`). A damaged newest step is moved to RUN_DIR/corrupt_checkpoints with a one-line warning and
+  one, else a fresh state whose trained params are `init_params(their shardings)` (None:
+  initialised from `seed`). A damaged newest step is moved to RUN_DIR/corrupt_checkpoints with a one-line warning and
   the step before it is restored; with none before it the error is raised."""
   steps = run.checkpoints.complete_steps()
   if steps:
@@ -181,15 +181,37 @@ def initial_state(run: "RunLoop", tx: optax.GradientTransformation, seed: int,
                                       init_params(shardings.params))
 
 
-def model_init_params(config: Any) -> Callable[[Any], Any]:
+def model_init_params(config: Any, model_cfg: ModelConfig) -> Callable[[Any], Any]:
   """`init_params` for `initial_state`: the converted checkpoint in model.init_from, else None
-  (a fresh init)."""
+  (a fresh init); with LoRA (model.lora.rank > 0) the adapters of the PEFT directory in
+  model.lora.init_from, else None (fresh adapters)."""
   def load(shardings: Any) -> Any:
+    if model_cfg.lora_rank:
+      if not config.model.lora.init_from:
+        return None
+      return peft_io.load_adapters(config.model.lora.init_from, model_cfg, shardings)
     if not config.model.init_from:
       return None
     return checkpoint_io.load_init_params(config.model.init_from, shardings)
 
   return load
+
+
+def frozen_base(config: Any, model_cfg: ModelConfig) -> Any:
+  """A LoRA run's frozen base on its shardings (`state.frozen_shardings`): `checkpoint_io.
+  lora_base_params` in model_cfg.param_dtype, its targeted kernels int8 with
+  model.lora.quantize_base="int8". None when the run trains the whole model."""
+  if not model_cfg.lora_rank:
+    return None
+  base_cfg = model_cfg.without_lora()
+  params = checkpoint_io.lora_base_params(config, base_cfg, parallel.param_shardings(abstract_params(base_cfg)))
+  prepare = lambda p: lora.quantize_base(model_cfg, state_lib.cast_floats(p, model_cfg.param_dtype))
+  frozen = jax.jit(prepare, out_shardings=state_lib.frozen_shardings(model_cfg))(params)
+  log.info("LoRA rank %d on %s: %d trained params; frozen base (%s) kept outside the optimizer",
+           model_cfg.lora_rank, ",".join(model_cfg.lora_targets),
+           sum(x.size for x in jax.tree.leaves(state_lib.abstract_master_params(model_cfg))),
+           model_cfg.quantize_base if model_cfg.quantize_base != "none" else model_cfg.param_dtype)
+  return frozen
 
 
 class TrainingDivergedError(RuntimeError):
@@ -450,6 +472,7 @@ class RunLoop:
   step: int
   total_steps: int
   _config_committed: bool = False
+  frozen: Any = None  # a LoRA run's frozen base (`frozen_base`); state.params are then its adapters
 
   def train_step(self, log_now: bool) -> dict[str, float]:
     """Advances one optimizer step (raises StopIteration when the data ends); returns the metrics to log
@@ -478,9 +501,12 @@ class RunLoop:
     if not params_finite(self.state.params):
       return "the params hold NaN/inf"
     return None
+  def model_params(self) -> Any:
+    """The whole model's params now: the trained params, with the frozen base of a LoRA run."""
+    return state_lib.model_params(self.state.params, self.frozen)
 
   def evaluate(self) -> dict[str, float]:
-    metrics = self.evaluator.evaluate(self.state.params)
+    metrics = self.evaluator.evaluate(self.model_params())
     self.writer.write(self.step, metrics, split="eval")
     if self.checkpoints.is_improvement(metrics) and self._unsafe_to_save() is None:
       self.commit_config()

@@ -1,7 +1,11 @@
-"""The train state and how it changes: `TrainState` (step, float32 master params, optimizer state,
-RNG) created on its shardings, the AdamW optimizer and lr schedule from `config.optim`, gradient
-accumulation over micro-batches, and the update that is skipped when the loss or gradients are not
-finite."""
+"""The train state and how it changes: `TrainState` (step, float32 master copies of the trained
+params, optimizer state, RNG) created on its shardings, the AdamW optimizer and lr schedule from
+`config.optim`, gradient accumulation over micro-batches, and the update that is skipped when the
+loss or gradients are not finite.
+
+The trained params are the whole model, or with `ModelConfig.lora_rank` > 0 only the LoRA adapters
+(`trainable_params`): the frozen base then lives outside the state (it is neither in the optimizer
+nor in the checkpoints) and the steps take it as an argument (`model_params` joins the two)."""
 
 from __future__ import annotations
 
@@ -19,9 +23,11 @@ import optax
 from cftjax import parallel
 from cftjax.config import ConfigError
 from cftjax.models import ModelConfig, abstract_params, init_params as init_model_params
+from cftjax.models import lora
 
 class TrainState(flax.struct.PyTreeNode):
-  """step: int32 []; params: float32 master params; opt_state: `tx.init(params)`; rng: a PRNG key."""
+  """step: int32 []; params: float32 master copies of the trained params (`trainable_params`);
+  opt_state: `tx.init(params)`; rng: a PRNG key."""
 
   step: jax.Array
   params: Any
@@ -39,16 +45,54 @@ def as_float32(params: Any) -> Any:
   return cast_floats(params, jnp.float32)
 
 
+def trainable_params(model_cfg: ModelConfig, params: Any) -> Any:
+  """The part of a model's param tree (plain or boxed) that training updates: the LoRA adapters with
+  model_cfg.lora_rank > 0, else all of it."""
+  return lora.split(params)[1] if model_cfg.lora_rank else params
+
+
+def frozen_shardings(model_cfg: ModelConfig) -> Any:
+  """Shardings of the frozen base of a LoRA model (its int8 kernels and scales included), by the
+  logical rules; None without LoRA."""
+  if not model_cfg.lora_rank:
+    return None
+  return parallel.param_shardings(lora.split(abstract_params(model_cfg))[0])
+
+
+def model_params(trained: Any, frozen: Any) -> Any:
+  """The model's whole param tree: the trained params, joined with the frozen base when there is one."""
+  return trained if frozen is None else lora.combine(frozen, trained)
+
+
+def frozen_optional(jitted: Any) -> Callable[..., Any]:
+  """A jitted `step(state, batch, frozen)` callable as `step(state, batch)` when there is no frozen
+  base (a full fine-tune); `.lower(...)` (ahead-of-time compilation) takes the same arguments."""
+  call = lambda state, batch, frozen=None: jitted(state, batch, frozen)
+  call.lower = lambda state, batch, frozen=None: jitted.lower(state, batch, frozen)
+  return call
+
+
+def dropout_rng(model_cfg: ModelConfig, state: TrainState) -> jax.Array | None:
+  """The key of this step's LoRA dropout (model_cfg.lora_dropout > 0), else None."""
+  return jax.random.fold_in(state.rng, state.step) if model_cfg.lora_dropout else None
+
+
 def abstract_master_params(model_cfg: ModelConfig) -> Any:
-  """ShapeDtypeStructs of the unboxed float32 master params."""
+  """ShapeDtypeStructs of the unboxed float32 master copies of the trained params."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                      nn.unbox(abstract_params(model_cfg)))
+                      nn.unbox(trainable_params(model_cfg, abstract_params(model_cfg))))
+
+
+def grad_shardings(model_cfg: ModelConfig) -> Any:
+  """Shardings of the gradients (and master copies) of the trained params."""
+  return parallel.param_shardings(trainable_params(model_cfg, abstract_params(model_cfg)))
 
 
 def train_state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
   """A TrainState of NamedShardings: params and every optimizer-state leaf that mirrors a param by
   the param's logical names (traced through `tx.init` on boxed params), the rest replicated."""
-  boxed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract_params(model_cfg))
+  boxed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                       trainable_params(model_cfg, abstract_params(model_cfg)))
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed,
                       opt_state=jax.eval_shape(tx.init, boxed),
                       rng=jax.eval_shape(lambda key: jax.random.split(key)[1], jax.random.PRNGKey(0)))
@@ -78,9 +122,10 @@ def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
   """A TrainState whose params and optimizer state are created directly in their shardings.
 
   init_params None: fresh params from `rng` (initialised inside one jit with sharded outputs, so no
-  device ever holds the whole model). Otherwise the given unboxed params (numpy or jax arrays, e.g.
-  from `cftjax.models.load_hf`; every process passes the same values) are placed onto the shardings
-  and cast to float32. The state keeps a key split from `rng` for later sampling.
+  device ever holds the whole model; a LoRA model's fresh adapters are drawn from the same key as
+  its fresh base, `checkpoint_io.fresh_base_params`). Otherwise the given unboxed trained params (numpy or jax
+  arrays, e.g. from `cftjax.models.load_hf`; every process passes the same values) are placed onto
+  the shardings and cast to float32. The state keeps a key split from `rng` for later sampling.
   """
   shardings = train_state_shardings(model_cfg, tx)
   params_rng, state_rng = jax.random.split(rng)
@@ -91,8 +136,8 @@ def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
                       rng=state_rng)
 
   if init_params is None:
-    return jax.jit(lambda r, s: new_state(init_model_params(model_cfg, r), s),
-                   out_shardings=shardings)(params_rng, state_rng)
+    fresh = lambda r: trainable_params(model_cfg, init_model_params(model_cfg, r))
+    return jax.jit(lambda r, s: new_state(fresh(r), s), out_shardings=shardings)(params_rng, state_rng)
   _check_same_structure(init_params, abstract_master_params(model_cfg))
   placed = jax.device_put(init_params, shardings.params)
   return jax.jit(new_state, out_shardings=shardings)(placed, state_rng)
@@ -217,9 +262,10 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
 # ------------------------------------------------------------------------------------------------
 # Gradient accumulation.
 
-# sums_fn(params, micro_batch) -> {"loss_sum": scalar, ...float32 scalars}; keys ending in "_min" /
-# "_max" are combined over micro-batches by min / max, all others by addition.
-SumsFn = Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]
+# sums_fn(params, micro_batch, rng) -> {"loss_sum": scalar, ...float32 scalars}; keys ending in "_min" /
+# "_max" are combined over micro-batches by min / max, all others by addition. rng: a key of its own
+# per micro-batch (for dropout), or None.
+SumsFn = Callable[[Any, dict[str, jax.Array], jax.Array | None], dict[str, jax.Array]]
 
 
 def split_micro_batches(batch: Mapping[str, jax.Array], micro_batches: int) -> dict[str, jax.Array]:
@@ -258,29 +304,34 @@ def _identity_sums(shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Arr
 
 
 def accumulate_gradients(sums_fn: SumsFn, params: Any, batch: Mapping[str, jax.Array], *,
-                         micro_batches: int, grad_shardings: Any, unroll: bool = False
+                         micro_batches: int, grad_shardings: Any, rng: jax.Array | None = None,
+                         unroll: bool = False
                          ) -> tuple[Any, dict[str, jax.Array]]:
   """(summed grads of sums_fn's loss_sum, combined statistics) over the micro-batches of `batch`.
 
   Call under jit. params: float32 master params (grads come back float32 in `grad_shardings`).
   batch: global arrays [B, ...], B a multiple of micro_batches x batch shards. Divide by a GLOBAL
-  count once afterwards: the result then equals one pass over the full batch. `unroll` writes the
-  micro-batch loop out as straight-line code (`ModelConfig.unroll_loops`).
+  count once afterwards: the result then equals one pass over the full batch. rng: split into one key
+  per micro-batch for sums_fn (None: sums_fn gets None). `unroll` writes the micro-batch loop out as
+  straight-line code (`ModelConfig.unroll_loops`).
   """
-  def loss_sum(master_params, micro):
-    sums = sums_fn(master_params, micro)
+  def loss_sum(master_params, micro, micro_rng):
+    sums = sums_fn(master_params, micro, micro_rng)
     return sums["loss_sum"], sums
 
-  def add_micro_batch(carry, micro):
+  def add_micro_batch(carry, xs):
     grads, sums = carry
-    micro_grads, micro_sums = jax.grad(loss_sum, has_aux=True)(params, micro)
+    micro, micro_rng = xs
+    micro_grads, micro_sums = jax.grad(loss_sum, has_aux=True)(params, micro, micro_rng)
     grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grads, micro_grads), grad_shardings)
     return (grads, combine_sums(sums, micro_sums)), None
 
   micro = split_micro_batches(batch, micro_batches)
-  sums_shape = jax.eval_shape(loss_sum, params, jax.tree.map(lambda x: x[0], micro))[1]
+  rngs = None if rng is None else jax.random.split(rng, micro_batches)
+  first = jax.tree.map(lambda x: x[0], (micro, rngs))
+  sums_shape = jax.eval_shape(loss_sum, params, *first)[1]
   zero_grads = jax.lax.with_sharding_constraint(
       jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), grad_shardings)
-  (grads, sums), _ = jax.lax.scan(add_micro_batch, (zero_grads, _identity_sums(sums_shape)), micro,
+  (grads, sums), _ = jax.lax.scan(add_micro_batch, (zero_grads, _identity_sums(sums_shape)), (micro, rngs),
                                   unroll=micro_batches if unroll else 1)
   return grads, sums
