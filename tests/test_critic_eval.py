@@ -104,6 +104,7 @@ def models(tmp_path_factory):
 def _suite(out_dir: str, **benchmarks):
   c = suites.base_suite_config("critics")
   c.output_dir, c.batch_size, c.progress_bar, c.grader_workers = out_dir, 2, False, 1
+  c.prompt_buckets = (256,)  # one prompt shape: each generate program compiles once
   for name, entry in benchmarks.items():
     c.benchmarks[name] = entry
   return c
