@@ -1,0 +1,60 @@
+"""Chat models that write text for the data builders: a cftjax checkpoint run in process with the JAX
+sampler, or an OpenAI-compatible endpoint through the official `openai` client. Both answer
+`complete(messages, n, temperature, max_new_tokens, seed)` with n texts, reproducibly for a seed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+
+from cftjax import sampling
+from cftjax.models import checkpoint_io
+
+Messages = Sequence[Mapping[str, str]]
+
+
+class CheckpointChat:
+  """A cftjax model checkpoint or run directory; its tokenizer's chat template renders the messages."""
+
+  def __init__(self, ckpt: str):
+    self.name = ckpt
+    self.cfg, self.params, self.tokenizer = checkpoint_io.load_model(ckpt)
+
+  def complete(self, messages: Messages, n: int, temperature: float, max_new_tokens: int, seed: int) -> list[str]:
+    """n completions of one conversation in one generate call (rng = PRNGKey(seed))."""
+    prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    result = sampling.generate(self.params, self.cfg, [prompt] * n, rng=jax.random.PRNGKey(seed),
+                               max_new_tokens=max_new_tokens, temperature=temperature,
+                               stop_ids=self.tokenizer.eos_ids, pad_id=sampling.pad_id(self.tokenizer))
+    return [self.tokenizer.decode(result.tokens[i, :result.lengths[i]], skip_special_tokens=True)
+            for i in range(n)]
+
+
+class EndpointChat:
+  """An OpenAI-compatible server (`base_url` ending in /v1), e.g. `cftjax serve`; model "" = the first
+  model it lists. Sampling is reproducible where the server honours `seed`."""
+
+  def __init__(self, base_url: str, model: str = "", api_key: str = "EMPTY", timeout_s: float = 600.0):
+    import openai  # pylint: disable=import-outside-toplevel  (only endpoint models need the client)
+    self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=2)
+    self.model = model or self.client.models.list().data[0].id
+    self.name = f"{base_url}#{self.model}"
+
+  def complete(self, messages: Messages, n: int, temperature: float, max_new_tokens: int, seed: int) -> list[str]:
+    response = self.client.chat.completions.create(model=self.model, messages=list(messages), n=n, seed=seed,
+                                                   temperature=temperature, max_tokens=max_new_tokens)
+    return [choice.message.content or "" for choice in sorted(response.choices, key=lambda c: c.index)]
+
+
+def chat_model(spec: Mapping[str, Any], where: str) -> CheckpointChat | EndpointChat:
+  """A model from its config entry: {"ckpt": DIR} or {"endpoint": URL[, "model": NAME]}."""
+  spec = dict(spec)
+  unknown = sorted(set(spec) - {"ckpt", "endpoint", "model", "api_key"})
+  if unknown or bool(spec.get("ckpt")) == bool(spec.get("endpoint")):
+    raise ValueError(f"{where}: expected {{'ckpt': DIR}} or {{'endpoint': 'http://HOST:PORT/v1', 'model': NAME}}, "
+                     f"got {spec}")
+  if spec.get("ckpt"):
+    return CheckpointChat(spec["ckpt"])
+  return EndpointChat(spec["endpoint"], spec.get("model", ""), spec.get("api_key", "EMPTY"))
