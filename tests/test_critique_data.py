@@ -125,6 +125,7 @@ def test_run_labels_rows_and_manifest(setup, tmp_path):
   assert sorted(manifest["sources"]["teachers"]) == ["says_right", "says_wrong"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_same_files(setup, tmp_path):
   config_file, _ = setup
   reference = str(tmp_path / "reference")

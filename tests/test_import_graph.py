@@ -19,8 +19,9 @@ CLOSURE_LIMITS = {"cftjax.train.cft": 23, "cftjax.train.grpo": 32}
 # (importer prefix, imported prefix) pairs that must not occur.
 FORBIDDEN = [
     (low, high) for low in ("cftjax.models", "cftjax.data")
-    for high in ("cftjax.train", "cftjax.eval", "cftjax.rewards", "cftjax.serve", "cftjax.launch", "cftjax.cli")
-] + [("cftjax.serve", "cftjax.train"), ("cftjax.serve", "cftjax.eval"), ("cftjax.eval", "cftjax.train"), ("cftjax.rewards", "cftjax.train"), ("cftjax.rewards", "cftjax.eval"),
+    for high in ("cftjax.train", "cftjax.eval", "cftjax.rewards", "cftjax.serve", "cftjax.datagen", "cftjax.launch",
+                 "cftjax.cli")
+] + [("cftjax.datagen", "cftjax.train"), ("cftjax.datagen", "cftjax.eval"), ("cftjax.serve", "cftjax.train"), ("cftjax.serve", "cftjax.eval"), ("cftjax.eval", "cftjax.train"), ("cftjax.rewards", "cftjax.train"), ("cftjax.rewards", "cftjax.eval"),
      ("cftjax.train", "cftjax.eval"), ("cftjax.train", "cftjax.launch"), ("cftjax.eval", "cftjax.launch")]
 
 
