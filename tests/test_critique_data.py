@@ -91,6 +91,38 @@ def get_config():
   return config_file, problems
 
 
+def test_step_split_and_first_error():
+  assert critique_data.split_steps("a\n\n\n\n b \n\nc\n") == ["a", "b", "c"]
+  assert critique_data.first_error_step([0.5, 0.25, 0.0, 0.0]) == 2
+  assert critique_data.first_error_step([1.0, 0.125]) == -1
+  assert critique_data.first_error_step([0.0]) == 0
+
+
+def test_monte_carlo_step_labels(setup, tmp_path):
+  config_file, problems = setup
+  root = os.path.dirname(config_file)
+  tokenizer_dir = os.path.join(root, "world", "tokenizer")
+  tokenizer = Tokenizer.from_dir(tokenizer_dir)
+  prompt_end = list(critique.render_prompt(CritiqueRecord(question="q"), "math_cot", tokenizer))
+  stepwise = str(tmp_path / "stepwise")
+  save_chain_model(stepwise, tokenizer_dir, prompt_end, "Sum.\n\nSo \\boxed{5}")
+  config = critique_data.base_config()
+  config.input, config.limit = problems, 2
+  config.generators.stepwise = {"ckpt": stepwise}
+  config.samples_per_problem, config.max_new_tokens, config.step_rollouts = 2, 12, 3
+  config.grader_workers, config.progress_bar = 1, False
+  out = str(tmp_path / "out")
+  result = critique_data.run(config, out)
+  rows = _read(os.path.join(out, "steps.jsonl"))
+  # Gold 5: the rollouts from "Sum." all reach \boxed{5} (value 1), and the solution is right: no error.
+  # Gold 2: no rollout from "Sum." is right (value 0): the first step is the first error.
+  assert [(r["id"], r["steps"], r["error_step"], r["label"]) for r in rows] == [
+      ("p0/steps/0", ["Sum.", "So \\boxed{5}"], -1, True), ("p1/steps/0", ["Sum.", "So \\boxed{5}"], 0, False)]
+  work = _read(os.path.join(out, "work.jsonl"))
+  assert [w["candidates"][0]["step_values"] for w in work] == [[1.0, 1.0], [0.0]]
+  assert result["counts"]["step_rows"] == 2 and result["files"]["steps"] == "steps.jsonl"
+
+
 def _read(path: str) -> list[dict]:
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f]
@@ -119,7 +151,8 @@ def test_run_labels_rows_and_manifest(setup, tmp_path):
   assert len(cft) == 10 and all(critique.parse_verdict(r["critique"]) == r["label"] for r in cft)
   manifest = json.load(open(os.path.join(out, "manifest.json"), encoding="utf-8"))
   assert manifest["counts"] == {"candidates": 20, "cft_rows": 10, "critiques": 20, "crl_right": 4, "crl_rows": 10,
-                                "crl_wrong": 6, "problems": 5, "right": 4, "wrong": 6}
+                                "crl_wrong": 6, "problems": 5, "right": 4, "step_rows": 0,
+                                "wrong": 6}
   assert manifest["drops"] == {"duplicate_solution": 10, "verdict_disagrees": 10}
   assert result["counts"] == manifest["counts"] and result["problems_per_min"] > 0
   assert sorted(manifest["sources"]["teachers"]) == ["says_right", "says_wrong"]

@@ -22,9 +22,12 @@ class CheckpointChat:
     self.name = ckpt
     self.cfg, self.params, self.tokenizer = checkpoint_io.load_model(ckpt)
 
-  def complete(self, messages: Messages, n: int, temperature: float, max_new_tokens: int, seed: int) -> list[str]:
-    """n completions of one conversation in one generate call (rng = PRNGKey(seed))."""
+  def complete(self, messages: Messages, n: int, temperature: float, max_new_tokens: int, seed: int,
+               prefix: str = "") -> list[str]:
+    """n completions of one conversation in one generate call (rng = PRNGKey(seed)); with `prefix`,
+    the assistant turn starts with that text and the completions continue it (prefix not included)."""
     prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt) + (list(self.tokenizer.encode(prefix)) if prefix else [])
     result = sampling.generate(self.params, self.cfg, [prompt] * n, rng=jax.random.PRNGKey(seed),
                                max_new_tokens=max_new_tokens, temperature=temperature,
                                stop_ids=self.tokenizer.eos_ids, pad_id=sampling.pad_id(self.tokenizer))

@@ -8,7 +8,8 @@ soon as it is done, so a killed run resumes at the next problem; its randomness 
 seed and the problem's index, so the outputs equal an uninterrupted run's. At the end the work is
 assembled (`assemble`) into OUT/crl.jsonl (labelled candidates, balanced right / wrong per problem),
 OUT/cft.jsonl (critiques whose verdict agrees with the label, deduplicated, capped per problem) and
-OUT/manifest.json (sources, settings, counts, drops by reason).
+OUT/manifest.json (sources, settings, counts, drops by reason). With step_rollouts > 0, OUT/steps.jsonl
+holds step labels of the labelled math candidates (`step_labels`).
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ from ml_collections import config_dict
 from cftjax import config as config_lib
 from cftjax.data import critique, readers
 from cftjax.data.critique import CritiqueRecord
-from cftjax.datagen.chat import chat_model
+from cftjax.datagen.chat import CheckpointChat, chat_model
 from cftjax.rewards import registry
 from cftjax.rewards.grading import MathGrader
 
 log = logging.getLogger(__name__)
 
 WORK_FILE, SETTINGS_FILE, MANIFEST_FILE = "work.jsonl", "settings.json", "manifest.json"
-CRL_FILE, CFT_FILE = "crl.jsonl", "cft.jsonl"
+CRL_FILE, CFT_FILE, STEPS_FILE = "crl.jsonl", "cft.jsonl", "steps.jsonl"
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -59,6 +60,8 @@ def base_config() -> config_dict.ConfigDict:
   c.teacher_max_new_tokens = 1024
   c.verdict_style = "auto"  # how the teachers' verdicts are parsed
   c.cft_max_per_problem = 4  # CFT rows kept per problem (in candidate, then teacher order)
+  c.step_rollouts = 0  # > 0: Monte-Carlo step labels of math candidates, this many rollouts per prefix (DeepCritic: 8)
+  c.step_temperature = 0.7  # the rollouts' temperature (DeepCritic: 0.7)
   c.seed = 0
   c.grader_workers = 2
   c.grader_timeout_s = 5.0
@@ -125,9 +128,9 @@ def filter_critiques(candidates: Sequence[Mapping[str, Any]], critiques: Sequenc
 
 
 def assemble(problems: Sequence[CritiqueRecord], work: Sequence[Mapping[str, Any]], config: Any
-             ) -> tuple[list[CritiqueRecord], list[CritiqueRecord], dict[str, Any]]:
-  """(CRL rows, CFT rows, counts with drops by reason) from the problems' work records."""
-  crl, cft = [], []
+             ) -> tuple[list[CritiqueRecord], list[CritiqueRecord], list[CritiqueRecord], dict[str, Any]]:
+  """(CRL rows, CFT rows, step-label rows, counts with drops by reason) from the problems' work records."""
+  crl, cft, steps = [], [], []
   drops: collections.Counter = collections.Counter()
   counts: collections.Counter = collections.Counter()
   for problem, item in zip(problems, work):
@@ -149,9 +152,23 @@ def assemble(problems: Sequence[CritiqueRecord], work: Sequence[Mapping[str, Any
       cft.append(CritiqueRecord(**base, solution=candidate["solution"], critique=c["critique"],
                                 label=candidate["label"], source="cft", id=f"{problem.id}/cft/{i}"))
     counts["critiques"] += len(item["critiques"])
-  counts.update(problems=len(work), crl_rows=len(crl), cft_rows=len(cft),
+    steps += [CritiqueRecord(**base, solution=cand["solution"], label=cand["label"], steps=tuple(cand["steps"]),
+                             error_step=cand["error_step"], source="steps", id=f"{problem.id}/steps/{j}")
+              for j, cand in enumerate(candidates) if "error_step" in cand]
+  counts.update(problems=len(work), crl_rows=len(crl), cft_rows=len(cft), step_rows=len(steps),
                 crl_right=sum(r.label for r in crl), crl_wrong=sum(not r.label for r in crl))
-  return crl, cft, {"counts": dict(sorted(counts.items())), "drops": dict(sorted((k, v) for k, v in drops.items() if v))}
+  return crl, cft, steps, {"counts": dict(sorted(counts.items())), "drops": dict(sorted((k, v) for k, v in drops.items() if v))}
+
+
+def split_steps(solution: str) -> list[str]:
+  """A solution's steps: its paragraphs (separated by blank lines), stripped, empty ones dropped."""
+  return [step.strip() for step in solution.split("\n\n") if step.strip()]
+
+
+def first_error_step(values: Sequence[float]) -> int:
+  """The 0-based index of the first step whose prefix no rollout completes correctly (value 0), -1 when
+  every prefix has value > 0 (DeepCritic's / Math-Shepherd's hard estimate)."""
+  return next((k for k, value in enumerate(values) if value == 0.0), -1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,6 +183,12 @@ class Builder:
     self.generators = {name: chat_model(spec, f"config.generators.{name}") for name, spec in config.generators.items()}
     self.teachers = {name: chat_model(spec, f"config.teachers.{name}") for name, spec in config.teachers.items()}
     self.grader = MathGrader(config.grader_workers, config.grader_timeout_s)
+    endpoints = sorted(name for name, model in self.generators.items() if not isinstance(model, CheckpointChat))
+    if config.step_rollouts and endpoints:
+      self.grader.close()
+      raise config_lib.ConfigError(f"config.step_rollouts={config.step_rollouts} continues the generators' own "
+                                   f"solutions in process; generators {endpoints} are endpoints (use ckpt "
+                                   "generators or set step_rollouts=0)")
 
   def close(self) -> None:
     self.grader.close()
@@ -194,6 +217,10 @@ class Builder:
     labels = self._labels(problem, [text for text, _ in unique])
     candidates = [{"generator": name, "solution": text, "label": label, "reason": reason}
                   for (text, name), (label, reason) in zip(unique, labels)]
+    if c.step_rollouts and problem.reference_answer is not None:
+      for j, candidate in enumerate(candidates):
+        if candidate["label"] is not None:
+          candidate.update(self.step_labels(problem, messages, candidate, seed=_seed(c.seed, index, 2000 + j)))
     critiques = []
     teacher_template = critique.get_template(c.teacher_template)
     for t, (name, model) in enumerate(sorted(self.teachers.items())):
@@ -206,6 +233,29 @@ class Builder:
                           "verdict": critique.parse_verdict(text, c.verdict_style)})
     return {"index": index, "id": problem.id, "num_samples": len(samples), "candidates": candidates,
             "critiques": critiques}
+
+
+  def step_labels(self, problem: CritiqueRecord, messages: Any, candidate: Mapping[str, Any], seed: int
+                  ) -> dict[str, Any]:
+    """{steps, step_values, error_step} of a labelled candidate: value k is the fraction of step_rollouts
+    continuations of steps[:k+1] (by the candidate's generator, at step_temperature) that math-verify
+    grades right; the last step's value is the candidate's own label. Rollouts stop at the first
+    value 0 (`first_error_step`)."""
+    c = self.config
+    steps, values = split_steps(candidate["solution"]), []
+    model = self.generators[candidate["generator"]]
+    for k in range(len(steps)):
+      if k == len(steps) - 1:
+        values.append(float(candidate["label"]))
+        break
+      prefix = "\n\n".join(steps[:k + 1]) + "\n\n"
+      rollouts = model.complete(messages, c.step_rollouts, c.step_temperature, c.max_new_tokens,
+                                seed=_seed(seed, k), prefix=prefix)
+      grades = self.grader.grade_many([problem.reference_answer] * len(rollouts), [prefix + r for r in rollouts])
+      values.append(sum(ok for ok, _ in grades) / len(grades))
+      if values[-1] == 0.0:
+        break
+    return {"steps": steps, "step_values": values, "error_step": first_error_step(values)}
 
 
 def _seed(*parts: int) -> int:
@@ -299,14 +349,16 @@ def run(config: Any, out_dir: str) -> dict[str, Any]:
   finally:
     builder.close()
   seconds = time.perf_counter() - began
-  crl, cft, stats = assemble(problems, [done[i] for i in range(len(problems))], config)
-  _write_jsonl(os.path.join(out_dir, CRL_FILE), [r.to_dict() for r in crl])
-  _write_jsonl(os.path.join(out_dir, CFT_FILE), [r.to_dict() for r in cft])
+  crl, cft, steps, stats = assemble(problems, [done[i] for i in range(len(problems))], config)
+  files = {"crl": CRL_FILE, "cft": CFT_FILE, **({"steps": STEPS_FILE} if config.step_rollouts else {})}
+  for kind, rows in (("crl", crl), ("cft", cft), ("steps", steps)):
+    if kind in files:
+      _write_jsonl(os.path.join(out_dir, files[kind]), [r.to_dict() for r in rows])
   manifest = {"sources": {"input": settings["input"], "format": config.format,
                           "generators": settings["generators"], "teachers": settings["teachers"]},
               "settings": settings, **stats,
               "input_rows": {"read": len(loaded), "bad": dict(loaded.skipped), "unverifiable": unverifiable},
-              "files": {"crl": CRL_FILE, "cft": CFT_FILE}}
+              "files": files}
   with open(os.path.join(out_dir, MANIFEST_FILE + ".tmp"), "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=2, sort_keys=True)
   os.replace(os.path.join(out_dir, MANIFEST_FILE + ".tmp"), os.path.join(out_dir, MANIFEST_FILE))
