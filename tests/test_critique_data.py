@@ -19,6 +19,7 @@ from cftjax.data import critique, synthetic
 from cftjax.data.critique import CritiqueRecord
 from cftjax.datagen import critique as critique_data
 from cftjax.rewards.grading import MathGrader
+from cftjax.rewards.sandbox import check_isolation
 from cftjax.tokenizer import Tokenizer
 from tests.chain_models import save_chain_model
 
@@ -186,3 +187,30 @@ def test_resume_after_kill_gives_the_same_files(setup, tmp_path):
   for name in ("crl.jsonl", "cft.jsonl", "manifest.json", "work.jsonl"):
     with open(os.path.join(reference, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
       assert a.read() == b.read(), name
+
+
+def test_code_labels_follow_the_sandbox_and_the_pass_rate_rule():
+  check_isolation("bwrap")
+  problem = CritiqueRecord(question="Print twice the number read.", id="code0",
+                           tests={"inputs": ["1\n", "2\n", "3\n", "4\n", "5\n"], "outputs": ["2\n", "4\n", "6\n", "8\n", "10\n"]})
+  program = "```python\nn = int(input())\nprint({})\n```"
+  solutions = [program.format("n * 2"),                    # 5 / 5 tests
+               program.format("n * 2 if n != 5 else 0"),   # 4 / 5 = 0.8, not above the 0.8 rule
+               program.format("n + 2"),                    # 1 / 5 (n = 2)
+               "no code block"]
+  config = critique_data.base_config()
+  config.grader_workers = 1
+  builder = critique_data.Builder(config)
+  try:
+    labels = builder._labels(problem, solutions)  # pylint: disable=protected-access
+  finally:
+    builder.close()
+  assert [label for label, _ in labels] == [True, False, False, False]
+  assert [reason.split(";")[0] for _, reason in labels[:3]] == ["5/5 tests passed", "4/5 tests passed",
+                                                               "1/5 tests passed"]
+  config.label_min_pass_rate = 0.7
+  builder = critique_data.Builder(config)
+  try:
+    assert [label for label, _ in builder._labels(problem, solutions[:2])] == [True, True]  # pylint: disable=protected-access
+  finally:
+    builder.close()
