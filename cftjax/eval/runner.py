@@ -348,8 +348,7 @@ def run_critic_benchmark(critic: Model, actor: Model, prepared: PreparedBenchmar
   records = [done[i] for i in sorted(done)]
   summary = summarize(bench, records)
   seconds = time.perf_counter() - began
-  summary.update(generation_s=seconds, problems_per_min=60 * len(pending) / seconds if pending else 0.0,
-                 tokens_per_s=0.0)
+  summary.update(generation_s=seconds, problems_per_min=60 * len(pending) / seconds if pending else 0.0)
   return summary, records
 
 
@@ -486,8 +485,10 @@ def format_table(summary: Mapping[str, Any]) -> str:
     else:
       keys = [*TABLE_METRICS[s["kind"]], *(k for k in s if k.startswith("maj@"))]
     cells = "  ".join(f"{k} {100 * s[k]:5.1f}" for k in keys)
-    rows.append((name, s["kind"], str(s["num_examples"]), cells, f"{s['tokens_per_s']:.0f}"))
-  header = ("benchmark", "kind", "n", "metrics (%)", "tok/s")
+    speed = (f"{s['problems_per_min']:.1f} problems/min" if "problems_per_min" in s
+             else f"{s['tokens_per_s']:.0f} tok/s")
+    rows.append((name, s["kind"], str(s["num_examples"]), cells, speed))
+  header = ("benchmark", "kind", "n", "metrics (%)", "speed")
   widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
   lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
   if summary.get("math_average") is not None:
