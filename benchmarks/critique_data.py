@@ -5,7 +5,8 @@ is both the generator (--samples candidates per problem at T 1.0) and the teache
 of each distinct candidate); labels by math-verify; problems are the synthetic world's additions. A
 warm-up run of 2 problems compiles the generate programs first; the timed run then builds --problems
 problems into a fresh directory. A random model writes --new-tokens tokens (it rarely stops early), so
-every problem costs about the same: 1 generate call of --samples rows and up to --samples critique calls.
+every problem costs about the same: one generate call of --samples rows for the candidates and one
+call critiquing all distinct candidates.
 
 Usage: python benchmarks/critique_data.py [--problems 16] [--samples 4] [--new-tokens 64]
 """

@@ -1,9 +1,11 @@
 """Chat models that write text for the data builders: a cftjax checkpoint run in process with the JAX
 sampler, or an OpenAI-compatible endpoint through the official `openai` client. Both answer
-`complete(messages, n, temperature, max_new_tokens, seed)` with n texts, reproducibly for a seed."""
+`complete(messages, n, temperature, max_new_tokens, seed)` with n texts, and `complete_each(conversations,
+temperature, max_new_tokens, seed)` with one text per conversation, reproducibly for a seed."""
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,11 +30,26 @@ class CheckpointChat:
     the assistant turn starts with that text and the completions continue it (prefix not included)."""
     prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
     prompt = list(prompt) + (list(self.tokenizer.encode(prefix)) if prefix else [])
-    result = sampling.generate(self.params, self.cfg, [prompt] * n, rng=jax.random.PRNGKey(seed),
+    return self._generate([prompt] * n, temperature, max_new_tokens, seed)
+
+  def complete_each(self, conversations: Sequence[Messages], temperature: float, max_new_tokens: int, seed: int
+                    ) -> list[str]:
+    """One completion of each conversation, all in one generate call (rng = PRNGKey(seed))."""
+    prompts = [self.tokenizer.apply_chat_template(list(m), add_generation_prompt=True, tokenize=True)
+               for m in conversations]
+    return self._generate(prompts, temperature, max_new_tokens, seed) if prompts else []
+
+  def _generate(self, prompts: Sequence[Sequence[int]], temperature: float, max_new_tokens: int, seed: int
+                ) -> list[str]:
+    """Completions of prompts; the batch is padded to a power of two rows (repeating the last prompt) so
+    varying row counts reuse a few compiled programs."""
+    rows = len(prompts)
+    padded = list(prompts) + [prompts[-1]] * ((1 << (rows - 1).bit_length()) - rows)
+    result = sampling.generate(self.params, self.cfg, padded, rng=jax.random.PRNGKey(seed),
                                max_new_tokens=max_new_tokens, temperature=temperature,
                                stop_ids=self.tokenizer.eos_ids, pad_id=sampling.pad_id(self.tokenizer))
     return [self.tokenizer.decode(result.tokens[i, :result.lengths[i]], skip_special_tokens=True)
-            for i in range(n)]
+            for i in range(rows)]
 
 
 class EndpointChat:
@@ -49,6 +66,12 @@ class EndpointChat:
     response = self.client.chat.completions.create(model=self.model, messages=list(messages), n=n, seed=seed,
                                                    temperature=temperature, max_tokens=max_new_tokens)
     return [choice.message.content or "" for choice in sorted(response.choices, key=lambda c: c.index)]
+
+  def complete_each(self, conversations: Sequence[Messages], temperature: float, max_new_tokens: int, seed: int
+                    ) -> list[str]:
+    """One completion of each conversation, the requests sent concurrently (the server batches them)."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(conversations))), "cftjax-chat") as pool:
+      return list(pool.map(lambda m: self.complete(m, 1, temperature, max_new_tokens, seed)[0], conversations))
 
 
 def chat_model(spec: Mapping[str, Any], where: str) -> CheckpointChat | EndpointChat:

@@ -223,14 +223,13 @@ class Builder:
           candidate.update(self.step_labels(problem, messages, candidate, seed=_seed(c.seed, index, 2000 + j)))
     critiques = []
     teacher_template = critique.get_template(c.teacher_template)
+    conversations = [teacher_template.messages(CritiqueRecord(question=problem.question, solution=cand["solution"]),
+                                               with_target=False) for cand in candidates]
     for t, (name, model) in enumerate(sorted(self.teachers.items())):
-      for j, candidate in enumerate(candidates):
-        prompt = teacher_template.messages(CritiqueRecord(question=problem.question, solution=candidate["solution"]),
-                                           with_target=False)
-        [text] = model.complete(prompt, 1, c.teacher_temperature, c.teacher_max_new_tokens,
-                                seed=_seed(c.seed, index, 1000 + t, j))
-        critiques.append({"candidate": j, "teacher": name, "critique": text,
-                          "verdict": critique.parse_verdict(text, c.verdict_style)})
+      texts = model.complete_each(conversations, c.teacher_temperature, c.teacher_max_new_tokens,
+                                  seed=_seed(c.seed, index, 1000 + t))
+      critiques += [{"candidate": j, "teacher": name, "critique": text,
+                     "verdict": critique.parse_verdict(text, c.verdict_style)} for j, text in enumerate(texts)]
     return {"index": index, "id": problem.id, "num_samples": len(samples), "candidates": candidates,
             "critiques": critiques}
 
