@@ -413,11 +413,12 @@ def _needs_grader(benchmarks: Sequence[Benchmark]) -> bool:
 
 
 def load_actors(benchmarks: Sequence[Benchmark], config: Any) -> dict[str, Model]:
-  """{path: loaded model} of every critic-kind benchmark's `actor` checkpoint or run directory."""
+  """{path: loaded model} of every critic-kind benchmark's `actor`: a checkpoint, or a run directory with
+  an optional selector (RUN_DIR:best, :latest, :step=N) as for `--ckpt`."""
   paths = sorted({b.actor for b in benchmarks if b.kind in CRITIC_KINDS and b.actor})
   actors = {}
   for path in paths:
-    if not os.path.isdir(path):
+    if not os.path.isdir(checkpoint_io.parse_checkpoint_ref(path).path):
       raise FileNotFoundError(f"actor {path!r} (config.benchmarks.*.actor) is not a directory; point it at a "
                               "cftjax model checkpoint or a training run directory")
     cfg, params, tokenizer = load_for_eval(path, config)
