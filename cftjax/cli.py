@@ -25,6 +25,7 @@ from cftjax import host_memory
 from cftjax import launch
 from cftjax import sampling
 from cftjax.data import preview, synthetic, tfds_builder
+from cftjax.datagen import critique as critique_data
 from cftjax.eval import runner
 from cftjax.models import checkpoint_io, convert
 from cftjax.serve import server
@@ -194,6 +195,10 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
   build.add_argument("--on-bad-row", default="error", choices=("error", "skip"),
                      help="skip (and count in the log) rows that do not parse, or stop at the first")
   build.add_argument("--overwrite", action="store_true", help="replace OUT/NAME/VERSION if it exists")
+  critique_parser = actions.add_parser(
+      "critique", help="candidates, labels, CRL and CFT rows from a verifiable set (resumable; configs/critique_data_demo.py)")
+  critique_parser.add_argument("--config", required=True, help="a critique-data config (cftjax.datagen.critique.base_config)")
+  critique_parser.add_argument("--out", required=True, help="output directory; rerun with the same one to resume")
   inspect = actions.add_parser("inspect", help="rendered, tokenized examples with the loss mask, length histogram")
   _add_train_arguments(inspect)
   inspect.add_argument("--num", type=int, default=3, help="examples to show")
@@ -208,6 +213,8 @@ def _run_data(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
                                      fmt=args.format, splits=splits, on_bad_row=args.on_bad_row,
                                      overwrite=args.overwrite))
     return 0
+  if args.data_command == "critique":
+    return critique_data.run_command(args, overrides)
   config = config_lib.load_config(args.config, overrides)
   with synthetic.world_for_inspection(config) as config:  # writes nothing into the run
     _, tokenizer = checkpoint_io.build_model(config.model)
@@ -295,7 +302,7 @@ SUBCOMMANDS = (
                _run_generate),
     Subcommand("serve", "an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) over a checkpoint",
                _add_serve_arguments, _run_serve),
-    Subcommand("data", "build a TFDS ArrayRecord dataset or inspect a config's training data",
+    Subcommand("data", "build a TFDS ArrayRecord dataset, build critique data, or inspect a config's training data",
                _add_data_arguments, _run_data, takes_config_overrides=True),
     Subcommand("plot", "PNG curves of a run's metrics", _add_plot_arguments, _run_plot),
     Subcommand("doctor", "check this machine: which code-sandbox isolation is active",

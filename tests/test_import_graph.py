@@ -13,13 +13,15 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "cftjax"
 # Largest transitive import closures allowed (cftjax modules, packages' __init__ included). Both
 # include train.run_lock (the run-dir lock); grpo's includes the code reward's three modules
 # (registry, code_tests: judging, sandbox: isolation) and train.refinement (Critique-GRPO); both
-# models.lora (LoRA adapters, in every forward) and models.peft_io (model.lora.init_from).
-CLOSURE_LIMITS = {"cftjax.train.cft": 23, "cftjax.train.grpo": 31}
+# models.lora (LoRA adapters, in every forward) and models.peft_io (model.lora.init_from); grpo's
+# also rewards.critic (the `critic` reward: a frozen critic as reward).
+CLOSURE_LIMITS = {"cftjax.train.cft": 23, "cftjax.train.grpo": 32}
 # (importer prefix, imported prefix) pairs that must not occur.
 FORBIDDEN = [
     (low, high) for low in ("cftjax.models", "cftjax.data")
-    for high in ("cftjax.train", "cftjax.eval", "cftjax.rewards", "cftjax.serve", "cftjax.launch", "cftjax.cli")
-] + [("cftjax.serve", "cftjax.train"), ("cftjax.serve", "cftjax.eval"), ("cftjax.eval", "cftjax.train"), ("cftjax.rewards", "cftjax.train"), ("cftjax.rewards", "cftjax.eval"),
+    for high in ("cftjax.train", "cftjax.eval", "cftjax.rewards", "cftjax.serve", "cftjax.datagen", "cftjax.launch",
+                 "cftjax.cli")
+] + [("cftjax.datagen", "cftjax.train"), ("cftjax.datagen", "cftjax.eval"), ("cftjax.serve", "cftjax.train"), ("cftjax.serve", "cftjax.eval"), ("cftjax.eval", "cftjax.train"), ("cftjax.rewards", "cftjax.train"), ("cftjax.rewards", "cftjax.eval"),
      ("cftjax.train", "cftjax.eval"), ("cftjax.train", "cftjax.launch"), ("cftjax.eval", "cftjax.launch")]
 
 

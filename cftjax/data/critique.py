@@ -93,6 +93,11 @@ STEP_CRITIQUE_USER = (
     "correct, the answer is -1. End your response with \"**Answer**: \\boxed{{k}}\", where k is "
     "the number of that paragraph (or -1)."
 )
+REFINE_USER = (
+    "{question}\n\nHere is a previous solution to this problem:\n{solution}\n\nA critique of that "
+    "solution:\n{critique}\n\nTaking the critique into account, write a corrected solution step by step "
+    "and put your final answer within \\boxed{{}}."
+)
 MATH_COT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{{}}."
 CODE_USER = (
     "{question}\n\nWrite a complete Python 3 program that solves the problem above, reading from "
@@ -194,6 +199,7 @@ BUILTIN_TEMPLATES = {
     "step_critique": PromptTemplate("step_critique", user=STEP_CRITIQUE_USER, assistant="{critique}"),
     # A row's own prompt and critique as written (DeepCritic `messages` rows).
     "verbatim": PromptTemplate("verbatim", user="{question}", assistant="{critique}"),
+    "refine": PromptTemplate("refine", system=MATH_COT_SYSTEM, user=REFINE_USER),
 }
 
 

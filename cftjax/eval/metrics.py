@@ -4,6 +4,7 @@ All rates are fractions in [0, 1] (multiply by 100 for the papers' percentages).
 from __future__ import annotations
 
 import collections
+import re
 from typing import Hashable, Sequence
 
 
@@ -30,6 +31,20 @@ def majority_vote(answers: Sequence[Hashable | None]) -> Hashable | None:
   if not votes:
     return None
   return max(votes, key=votes.__getitem__)   # first-seen among equals: Counter keeps order
+
+
+_SPACES = re.compile(r"\s+")
+_ANSWER_NOISE = (r"\left", r"\right", r"\!", r"\,", "$", r"\displaystyle")
+
+
+def vote_key(answer: str | None) -> str | None:
+  """A boxed answer normalised for majority voting (spacing and typesetting noise removed)."""
+  if answer is None:
+    return None
+  key = _SPACES.sub("", answer)
+  for noise in _ANSWER_NOISE:
+    key = key.replace(noise, "")
+  return key.replace(r"\dfrac", r"\frac").replace(r"\tfrac", r"\frac").rstrip(".")
 
 
 def maj_at_k(answers: Sequence[Hashable | None], correct_flags: Sequence[bool]) -> float:
@@ -95,3 +110,91 @@ def processbench_f1(pred_steps: Sequence[int | None], labels: Sequence[int]) -> 
   f1 = 2 * error_acc * correct_acc / (error_acc + correct_acc) if error_acc + correct_acc else 0.0
   return {"error_acc": error_acc, "correct_acc": correct_acc, "f1": f1,
           "num_erroneous": float(len(erroneous)), "num_correct": float(len(correct))}
+
+
+PICK_RULES = ("first", "majority")
+
+
+def _majority_index(answers: Sequence[Hashable | None], among: Sequence[int]) -> int | None:
+  """The first index in `among` holding the most frequent non-None answer there (ties: seen first)."""
+  winner = majority_vote([answers[i] for i in among])
+  return None if winner is None else next(i for i in among if answers[i] == winner)
+
+
+def pick_sample(verdicts: Sequence[bool | None], answers: Sequence[Hashable | None], rule: str) -> int:
+  """The sample a critic picks among an actor's samples.
+
+  rule "first": the first sample judged right; "majority": the first sample holding the most frequent
+  answer among those judged right. When no sample is judged right (a missing verdict is not "right"),
+  both fall back to the majority vote over all samples, and to sample 0 when no sample has an answer.
+  """
+  if rule not in PICK_RULES:
+    raise ValueError(f"pick rule {rule!r}; choose one of {PICK_RULES}")
+  if len(verdicts) != len(answers) or not answers:
+    raise ValueError(f"pick_sample: {len(verdicts)} verdicts and {len(answers)} answers; they must match "
+                     "and be non-empty")
+  judged_right = [i for i, v in enumerate(verdicts) if v is True]
+  if judged_right:
+    if rule == "first":
+      return judged_right[0]
+    chosen = _majority_index(answers, judged_right)
+    if chosen is not None:
+      return chosen
+  chosen = _majority_index(answers, range(len(answers)))
+  return 0 if chosen is None else chosen
+
+
+def rerank_metrics(correct: Sequence[Sequence[bool]], verdicts: Sequence[Sequence[bool | None]],
+                   answers: Sequence[Sequence[Hashable | None]], rule: str) -> dict[str, float]:
+  """A critic reranking an actor's samples, over problems (correct[p][i]: sample i of problem p is right).
+
+  pass@1: accuracy of the picked sample (`pick_sample`); actor_pass@1: the mean per-problem fraction of
+  right samples; majority: accuracy of the majority vote over all samples; gain_over_majority and
+  gain_over_actor: pass@1 minus those; oracle: fraction of problems with a right sample; the critic's
+  precision (right samples among those judged right; 0 when none is) and recall (samples judged right
+  among the right ones; 0 when none is right) over every sample; none_judged_right_rate: problems where
+  the critic judged no sample right.
+  """
+  if not (len(correct) == len(verdicts) == len(answers)) or not correct:
+    raise ValueError(f"rerank_metrics: {len(correct)} correct, {len(verdicts)} verdicts, {len(answers)} "
+                     "answers lists; they must match and be non-empty")
+  picked, actor, majority, oracle, none_right = [], [], [], [], []
+  true_positive = judged_right = actually_right = 0
+  for flags, judged, keys in zip(correct, verdicts, answers):
+    if not (len(flags) == len(judged) == len(keys)):
+      raise ValueError("rerank_metrics: a problem's correct, verdicts and answers differ in length")
+    picked.append(float(flags[pick_sample(judged, keys, rule)]))
+    actor.append(sum(flags) / len(flags))
+    majority.append(maj_at_k(list(keys), list(flags)))
+    oracle.append(float(any(flags)))
+    none_right.append(float(not any(v is True for v in judged)))
+    true_positive += sum(bool(f) and v is True for f, v in zip(flags, judged))
+    judged_right += sum(v is True for v in judged)
+    actually_right += sum(bool(f) for f in flags)
+  mean = lambda xs: sum(xs) / len(xs)
+  out = {"pass@1": mean(picked), "actor_pass@1": mean(actor), "majority": mean(majority),
+         "oracle": mean(oracle), "critic_precision": true_positive / judged_right if judged_right else 0.0,
+         "critic_recall": true_positive / actually_right if actually_right else 0.0,
+         "none_judged_right_rate": mean(none_right)}
+  out["gain_over_majority"] = out["pass@1"] - out["majority"]
+  out["gain_over_actor"] = out["pass@1"] - out["actor_pass@1"]
+  return out
+
+
+def refine_metrics(correct_by_round: Sequence[Sequence[bool]]) -> dict[str, float]:
+  """Critique-and-refine accuracy: correct_by_round[p][r] says whether problem p's answer after r
+  refinement rounds is right (round 0: the actor's first answer).
+
+  Returns accuracy_round_<r> for every round, gain (last round minus round 0), and the fractions of
+  problems that went wrong -> right and right -> wrong between round 0 and the last round.
+  """
+  if not correct_by_round or len({len(rounds) for rounds in correct_by_round}) != 1:
+    raise ValueError("refine_metrics: needs problems with the same number (>= 1) of rounds each")
+  n, rounds = len(correct_by_round), len(correct_by_round[0])
+  if rounds < 1:
+    raise ValueError("refine_metrics: needs at least round 0")
+  out = {f"accuracy_round_{r}": sum(bool(p[r]) for p in correct_by_round) / n for r in range(rounds)}
+  out["gain"] = out[f"accuracy_round_{rounds - 1}"] - out["accuracy_round_0"]
+  out["wrong_to_right"] = sum(not p[0] and bool(p[-1]) for p in correct_by_round) / n
+  out["right_to_wrong"] = sum(bool(p[0]) and not p[-1] for p in correct_by_round) / n
+  return out

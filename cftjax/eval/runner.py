@@ -9,9 +9,8 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import jax
@@ -19,12 +18,15 @@ import numpy as np
 import tqdm
 
 from cftjax import config as config_lib
-from cftjax import sampling
 from cftjax.data import critique
 from cftjax.data.critique import CritiqueRecord
+from cftjax.eval import critics
 from cftjax.eval import metrics as metrics_lib
+from cftjax.eval.generation import Completion, Model, generate_completions
+from cftjax.eval.metrics import vote_key
 from cftjax.rewards.grading import MathGrader, extract_boxed
-from cftjax.eval.suites import Benchmark, Example, base_suite_config, critique_example, load_examples
+from cftjax.eval.suites import (CRITIC_KINDS, Benchmark, Example, base_suite_config, critique_example,
+                                load_examples)
 from cftjax.models import ModelConfig
 from cftjax.models import checkpoint_io
 
@@ -33,7 +35,10 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 # The metrics printed in the table, per benchmark kind (pass@k / maj@k are added from `ks`).
 TABLE_METRICS = {"critique": ("accuracy", "balanced_accuracy", "f1_right", "f1_wrong", "missing_rate"),
-                 "processbench": ("f1", "error_acc", "correct_acc", "missing_rate")}
+                 "processbench": ("f1", "error_acc", "correct_acc", "missing_rate"),
+                 "critic_rerank": ("pass@1", "actor_pass@1", "majority", "gain_over_majority",
+                                   "critic_precision", "critic_recall"),
+                 "critique_refine": ("gain", "wrong_to_right", "right_to_wrong")}
 
 
 @dataclasses.dataclass
@@ -42,7 +47,7 @@ class PreparedBenchmark:
 
   bench: Benchmark
   examples: list[Example]
-  prompts: list[np.ndarray]  # each [prompt_len] int32
+  prompts: list[np.ndarray]  # each [prompt_len] int32 (none for the critic kinds: they render per stage)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,78 +89,15 @@ def suite_benchmarks(config: Any) -> list[Benchmark]:
 def prepare(bench: Benchmark, tokenizer: Any, examples: list[Example] | None = None) -> PreparedBenchmark:
   """Loads the examples (unless given) and renders their prompts."""
   examples = load_examples(bench) if examples is None else examples
+  if bench.kind in CRITIC_KINDS:
+    return PreparedBenchmark(bench, examples, [])
   template = bench.prompt_template()
   prompts = [critique.render_prompt(e.record, template, tokenizer) for e in examples]
   return PreparedBenchmark(bench, examples, prompts)
 
 
-def stop_ids(tokenizer: Any, stop_tokens: Sequence[str]) -> list[int]:
-  """The tokenizer's eos ids plus those of `stop_tokens` that are in its vocabulary."""
-  ids = list(tokenizer.eos_ids)
-  for token in stop_tokens:
-    try:
-      ids.append(tokenizer.token_to_id(token))
-    except KeyError:
-      continue
-  return list(dict.fromkeys(ids))
-
-
-# ------------------------------------------------------------------------------------------------
-# Generation.
-
-
-@dataclasses.dataclass(frozen=True)
-class Completion:
-  text: str
-  num_tokens: int  # generated tokens, stop token included
-  truncated: bool  # hit max_new_tokens without a stop token
-
-
-def generate_completions(params: Any, model_cfg: ModelConfig, tokenizer: Any, prompts: Sequence[np.ndarray],
-                         bench: Benchmark, suite: Any) -> Iterator[tuple[list[int], list[Completion], float]]:
-  """Generates for prompts in fixed-size batches, shortest prompts first.
-
-  suite: the eval suite config (batch_size, prompt_buckets, cache_dtype, seed, stop_tokens).
-  Yields (positions into `prompts`, their completions, seconds the batch took). Every call has
-  `suite.batch_size` rows (the last batch repeats its last prompt), so each prompt bucket
-  compiles once. A batch's rng is the suite seed folded with the batch's first position.
-  """
-  order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-  eos = stop_ids(tokenizer, suite.stop_tokens)
-  for start in range(0, len(order), suite.batch_size):
-    positions = order[start:start + suite.batch_size]
-    batch = [prompts[i] for i in positions]
-    batch += [batch[-1]] * (suite.batch_size - len(batch))
-    began = time.perf_counter()
-    result = sampling.generate(
-        params, model_cfg, batch, rng=jax.random.fold_in(jax.random.PRNGKey(suite.seed), positions[0]),
-        max_new_tokens=bench.max_new_tokens, temperature=bench.temperature, top_k=bench.top_k,
-        top_p=bench.top_p, stop_ids=eos, pad_id=sampling.pad_id(tokenizer), cache_dtype=suite.cache_dtype,
-        prompt_buckets=tuple(suite.prompt_buckets) or None)
-    seconds = time.perf_counter() - began
-    completions = [
-        Completion(tokenizer.decode(result.tokens[row, :result.lengths[row]], skip_special_tokens=True),
-                   int(result.lengths[row]), bool(result.truncated[row]))
-        for row in range(len(positions))]
-    yield positions, completions, seconds
-
-
 # ------------------------------------------------------------------------------------------------
 # Scoring one example's samples, and summaries over records.
-
-
-_SPACES = re.compile(r"\s+")
-_ANSWER_NOISE = (r"\left", r"\right", r"\!", r"\,", "$", r"\displaystyle")
-
-
-def vote_key(answer: str | None) -> str | None:
-  """A boxed answer normalised for majority voting (spacing and typesetting noise removed)."""
-  if answer is None:
-    return None
-  key = _SPACES.sub("", answer)
-  for noise in _ANSWER_NOISE:
-    key = key.replace(noise, "")
-  return key.replace(r"\dfrac", r"\frac").replace(r"\tfrac", r"\frac").rstrip(".")
 
 
 def score_samples(bench: Benchmark, examples: Sequence[Example], completions: Sequence[Sequence[Completion]],
@@ -236,7 +178,8 @@ def _processbench_summary(bench: Benchmark, records: Sequence[dict[str, Any]]) -
 
 
 _SUMMARIES: dict[str, Callable[[Benchmark, Sequence[dict[str, Any]]], dict[str, Any]]] = {
-    "math": _math_summary, "critique": _critique_summary, "processbench": _processbench_summary}
+    "math": _math_summary, "critique": _critique_summary, "processbench": _processbench_summary,
+    "critic_rerank": critics.rerank_summary, "critique_refine": critics.refine_summary}
 
 
 def summarize(bench: Benchmark, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -378,6 +321,37 @@ def run_benchmark(params: Any, model_cfg: ModelConfig, tokenizer: Any, prepared:
   return summary, records
 
 
+_CRITIC_RECORDS = {"critic_rerank": critics.rerank_records, "critique_refine": critics.refine_records}
+
+
+def run_critic_benchmark(critic: Model, actor: Model, prepared: PreparedBenchmark, suite: Any,
+                         grader: MathGrader, record_file: RecordFile | None = None
+                         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """A critic-kind benchmark (`cftjax.eval.critics`): the examples not yet in `record_file`, in groups
+  of suite.batch_size, each group through every stage and written when done; (summary, all records)."""
+  bench = prepared.bench
+  done = record_file.load(prepared.examples) if record_file else {}
+  done = {i: r for i, r in done.items() if i < len(prepared.examples)}
+  pending = [i for i in range(len(prepared.examples)) if i not in done]
+  make_records = _CRITIC_RECORDS[bench.kind]
+  began = time.perf_counter()
+  with tqdm.tqdm(total=len(pending), desc=bench.name, unit="problem", disable=not suite.progress_bar,
+                 dynamic_ncols=True) as bar:
+    for start in range(0, len(pending), suite.batch_size):
+      indices = pending[start:start + suite.batch_size]
+      records = make_records(bench, actor, critic, suite, grader, indices,
+                             [prepared.examples[i] for i in indices])
+      done.update(zip(indices, records))
+      if record_file:
+        record_file.append(records)
+      bar.update(len(indices))
+  records = [done[i] for i in sorted(done)]
+  summary = summarize(bench, records)
+  seconds = time.perf_counter() - began
+  summary.update(generation_s=seconds, problems_per_min=60 * len(pending) / seconds if pending else 0.0)
+  return summary, records
+
+
 def _check_prompt_lengths(prepared: PreparedBenchmark, buckets: Sequence[int] | None) -> None:
   if not buckets:
     return
@@ -403,8 +377,13 @@ def _make_records(prepared: PreparedBenchmark, tokenizer: Any, indices: Sequence
 
 def run_suite(params: Any, model_cfg: ModelConfig, tokenizer: Any, prepared: Sequence[PreparedBenchmark],
               suite: Any, grader: MathGrader | None, out_dir: str | None = None,
-              identity: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-  """{benchmark name: summary} for every prepared benchmark; writes records under out_dir if set."""
+              identity: Mapping[str, Any] | None = None, actors: Mapping[str, Model] | None = None
+              ) -> dict[str, dict[str, Any]]:
+  """{benchmark name: summary} for every prepared benchmark; writes records under out_dir if set.
+
+  actors: {bench.actor: loaded actor} for the critic kinds (`load_actors`); the evaluated model acts
+  for a benchmark whose `actor` is "".
+  """
   write = jax.process_index() == 0
   summaries = {}
   for p in prepared:
@@ -412,7 +391,14 @@ def run_suite(params: Any, model_cfg: ModelConfig, tokenizer: Any, prepared: Seq
     if out_dir:
       record_file = RecordFile(out_dir, p.bench, {**(identity or {}), **p.bench.generation_settings()},
                                write=write)
-    summaries[p.bench.name], _ = run_benchmark(params, model_cfg, tokenizer, p, suite, grader, record_file)
+    if p.bench.kind in CRITIC_KINDS:
+      evaluated = Model(params, model_cfg, tokenizer)
+      actor = (actors or {}).get(p.bench.actor) if p.bench.actor else evaluated
+      if actor is None:
+        raise ValueError(f"benchmark {p.bench.name!r}: actor {p.bench.actor!r} was not loaded (load_actors)")
+      summaries[p.bench.name], _ = run_critic_benchmark(evaluated, actor, p, suite, grader, record_file)
+    else:
+      summaries[p.bench.name], _ = run_benchmark(params, model_cfg, tokenizer, p, suite, grader, record_file)
   return summaries
 
 
@@ -423,7 +409,21 @@ def math_average(summaries: Mapping[str, Mapping[str, Any]]) -> float | None:
 
 
 def _needs_grader(benchmarks: Sequence[Benchmark]) -> bool:
-  return any(b.kind == "math" for b in benchmarks)
+  return any(b.kind == "math" or b.kind in CRITIC_KINDS for b in benchmarks)
+
+
+def load_actors(benchmarks: Sequence[Benchmark], config: Any) -> dict[str, Model]:
+  """{path: loaded model} of every critic-kind benchmark's `actor`: a checkpoint, or a run directory with
+  an optional selector (RUN_DIR:best, :latest, :step=N) as for `--ckpt`."""
+  paths = sorted({b.actor for b in benchmarks if b.kind in CRITIC_KINDS and b.actor})
+  actors = {}
+  for path in paths:
+    if not os.path.isdir(checkpoint_io.parse_checkpoint_ref(path).path):
+      raise FileNotFoundError(f"actor {path!r} (config.benchmarks.*.actor) is not a directory; point it at a "
+                              "cftjax model checkpoint or a training run directory")
+    cfg, params, tokenizer = load_for_eval(path, config)
+    actors[path] = Model(params, cfg, tokenizer)
+  return actors
 
 
 def load_for_eval(ckpt_dir: str, config: Any) -> tuple[ModelConfig, Any, Any]:
@@ -461,7 +461,8 @@ def run_eval(config: Any, ckpt_dir: str) -> dict[str, Any]:
   if _needs_grader(benchmarks):
     grader = MathGrader(config.grader_workers, config.grader_timeout_s)
   try:
-    summaries = run_suite(params, model_cfg, tokenizer, prepared, config, grader, out_dir, identity)
+    summaries = run_suite(params, model_cfg, tokenizer, prepared, config, grader, out_dir, identity,
+                          load_actors(benchmarks, config))
   finally:
     if grader is not None:
       grader.close()
@@ -480,11 +481,15 @@ def format_table(summary: Mapping[str, Any]) -> str:
   for name, s in summary["benchmarks"].items():
     if s["kind"] == "math":
       keys = [k for k in s if k.startswith(("pass@", "maj@"))]
+    elif s["kind"] == "critique_refine":
+      keys = [k for k in s if k.startswith("accuracy_round_")] + list(TABLE_METRICS[s["kind"]])
     else:
       keys = [*TABLE_METRICS[s["kind"]], *(k for k in s if k.startswith("maj@"))]
     cells = "  ".join(f"{k} {100 * s[k]:5.1f}" for k in keys)
-    rows.append((name, s["kind"], str(s["num_examples"]), cells, f"{s['tokens_per_s']:.0f}"))
-  header = ("benchmark", "kind", "n", "metrics (%)", "tok/s")
+    speed = (f"{s['problems_per_min']:.1f} problems/min" if "problems_per_min" in s
+             else f"{s['tokens_per_s']:.0f} tok/s")
+    rows.append((name, s["kind"], str(s["num_examples"]), cells, speed))
+  header = ("benchmark", "kind", "n", "metrics (%)", "speed")
   widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
   lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
   if summary.get("math_average") is not None:
@@ -514,13 +519,14 @@ class PeriodicEval:
     benchmarks = suite_benchmarks(suite_cfg)
     self._suite, self._tokenizer, self._model_cfg = suite_cfg, tokenizer, model_cfg
     self._prepared = [prepare(b, tokenizer) for b in benchmarks]
+    self._actors = load_actors(benchmarks, suite_cfg)
     self._grader = (MathGrader(suite_cfg.grader_workers, suite_cfg.grader_timeout_s)
                     if _needs_grader(benchmarks) else None)
 
   def __call__(self, params: Any, step: int) -> dict[str, float]:
     out_dir = os.path.join(self._suite.output_dir, f"step_{step}") if self._suite.output_dir else None
     summaries = run_suite(params, self._model_cfg, self._tokenizer, self._prepared, self._suite,
-                          self._grader, out_dir)
+                          self._grader, out_dir, actors=self._actors)
     return flatten_metrics(summaries)
 
   def close(self) -> None:

@@ -13,12 +13,16 @@ from ml_collections import config_dict
 
 from cftjax.data import critique, readers
 from cftjax.data.critique import CritiqueRecord
+from cftjax.eval import metrics as metrics_lib
 from cftjax.rewards.grading import extract_boxed
 
 log = logging.getLogger(__name__)
 
-KINDS = ("math", "critique", "processbench")
-DEFAULT_TEMPLATES = {"math": "math_cot", "critique": "cft", "processbench": "processbench"}
+KINDS = ("math", "critique", "processbench", "critic_rerank", "critique_refine")
+# Kinds where an actor answers math problems and the evaluated model critiques its answers.
+CRITIC_KINDS = ("critic_rerank", "critique_refine")
+DEFAULT_TEMPLATES = {"math": "math_cot", "critique": "cft", "processbench": "processbench",
+                     "critic_rerank": "cft", "critique_refine": "cft"}
 # Stop tokens of the chat formats (REFERENCE §3), added to the tokenizer's own eos ids when its vocab
 # has them: a base model prompted in ChatML ends its turn with <|im_end|>.
 DEFAULT_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>")
@@ -44,11 +48,18 @@ class Benchmark:
   """One benchmark of a suite; `from_config` validates a config entry into this.
 
   kind: "math" (last \\boxed{} answer graded by math-verify), "critique" (verdict vs correctness
-  label) or "processbench" (earliest wrong step). ks: the k of pass@k / maj@k (each <= n_samples).
+  label), "processbench" (earliest wrong step), "critic_rerank" (an actor samples n_samples answers
+  to each math problem, the evaluated critic judges each, one is picked by `pick`) or
+  "critique_refine" (the actor answers, the critic critiques, the actor refines; `rounds` times).
+  ks: the k of pass@k / maj@k (each <= n_samples).
   step_indexing: how a processbench completion counts steps in its \\boxed{k}: "processbench" (from
   0, the built-in processbench template) or "deepcritic" (from 1, the step_critique template).
   limit: the first `limit` examples only (0 = all). format: row format of a critique file
   (`cftjax.data.readers`; "auto" detects it).
+  template: the evaluated model's prompt; for the critic kinds the critique prompt, while the actor
+  (the checkpoint or run directory `actor`, "" = the evaluated model itself) answers with
+  `actor_template` and refines with `refine_template`; n_samples, temperature, top_p, top_k and
+  max_new_tokens are the actor's, and the critic critiques greedily up to critic_max_new_tokens.
   """
 
   name: str
@@ -65,6 +76,12 @@ class Benchmark:
   step_indexing: str = "processbench"
   limit: int = 0
   format: str = "auto"
+  actor: str = ""
+  actor_template: Any = "math_cot"
+  refine_template: Any = "refine"
+  pick: str = "first"
+  rounds: int = 1
+  critic_max_new_tokens: int = 512
 
   @classmethod
   def from_config(cls, name: str, entry: Mapping[str, Any], where: str) -> "Benchmark":
@@ -76,8 +93,9 @@ class Benchmark:
       raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
     if "ks" in entry:
       entry["ks"] = tuple(int(k) for k in entry["ks"])
-    if isinstance(entry.get("template"), Mapping):
-      entry["template"] = dict(entry["template"])
+    for key in ("template", "actor_template", "refine_template"):
+      if isinstance(entry.get(key), Mapping):
+        entry[key] = dict(entry[key])
     bench = cls(name=name, **entry)
     bench.check(where)
     return bench
@@ -103,6 +121,24 @@ class Benchmark:
       raise ValueError(f"{where}.step_indexing={self.step_indexing!r}; choose one of "
                        f"{sorted(critique.STEP_INDEXING)}")
     self.prompt_template()  # validates the template
+    if self.kind in CRITIC_KINDS:
+      self._check_critic_kind(where)
+
+  def _check_critic_kind(self, where: str) -> None:
+    if self.pick not in metrics_lib.PICK_RULES:
+      raise ValueError(f"{where}.pick={self.pick!r}; choose one of {metrics_lib.PICK_RULES}")
+    if self.rounds < 1:
+      raise ValueError(f"{where}.rounds={self.rounds}; it must be >= 1")
+    if self.critic_max_new_tokens < 1:
+      raise ValueError(f"{where}.critic_max_new_tokens={self.critic_max_new_tokens}; it must be >= 1")
+    if self.kind == "critique_refine" and self.n_samples != 1:
+      raise ValueError(f"{where}.n_samples={self.n_samples}; critique_refine refines one answer per "
+                       "problem (set n_samples=1)")
+    for key in ("actor_template", "refine_template"):
+      try:
+        critique.get_template(getattr(self, key))
+      except ValueError as e:
+        raise ValueError(f"{where}.{key}: {e}") from None
 
   def prompt_template(self) -> critique.PromptTemplate:
     spec = self.template or DEFAULT_TEMPLATES[self.kind]
@@ -114,7 +150,10 @@ class Benchmark:
             "n_samples": self.n_samples, "temperature": self.temperature, "top_p": self.top_p,
             "top_k": self.top_k, "max_new_tokens": self.max_new_tokens,
             "verdict_style": self.verdict_style, "step_indexing": self.step_indexing,
-            "format": self.format}
+            "format": self.format,
+            "actor": os.path.abspath(self.actor) if self.actor else "", "actor_template": self.actor_template,
+            "refine_template": self.refine_template, "pick": self.pick, "rounds": self.rounds,
+            "critic_max_new_tokens": self.critic_max_new_tokens}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +237,7 @@ def load_examples(bench: Benchmark) -> list[Example]:
   if not os.path.exists(bench.path):
     raise FileNotFoundError(f"benchmark {bench.name!r}: {bench.path!r} does not exist; set "
                             f"--config.benchmarks.{bench.name}.path to the benchmark's JSONL file")
-  if bench.kind == "math":
+  if bench.kind == "math" or bench.kind in CRITIC_KINDS:
     examples = read_math_examples(bench.path)
   elif bench.kind == "critique":
     examples = read_critique_examples(bench.path, bench.format)

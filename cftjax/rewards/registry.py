@@ -1,4 +1,4 @@
-"""GRPO rewards: a registry, built-ins (verdict, step, math, code), routing by task, scaling by source.
+"""GRPO rewards: a registry, built-ins (verdict, step, math, code, critic), routing by task, scaling by source.
 A reward that raises scores 0 with the error as its reason (counted, logged); training goes on."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from cftjax.data.critique import (CritiqueRecord, parse_first_wrong_step, parse_verdict,
                                   remove_think)
+from cftjax.rewards.critic import critic_for
 from cftjax.rewards.grading import MathGrader, shared_grader
 from cftjax.rewards.code_tests import run_tests
 from cftjax.rewards.sandbox import Limits, check_isolation
@@ -215,6 +216,22 @@ def code_reward(completions: Sequence[str], records: Sequence[CritiqueRecord],
 
   with concurrent.futures.ThreadPoolExecutor(num_workers, "cftjax-code-reward") as pool:
     return list(pool.map(score, completions, records))
+
+
+@register_reward("critic", batched=True)
+def critic_reward(completions: Sequence[str], records: Sequence[CritiqueRecord], **options) -> list[RewardResult]:
+  """A frozen critic's judgement of each completion as a solution to record.question (<think> blocks
+  removed): its verdict (1 right, 0 wrong or none) or p(right) from its logits.
+
+  options (`cftjax.rewards.critic.critic_for`): ckpt (a cftjax checkpoint or run directory, run in
+  process) or endpoint (an OpenAI-compatible base URL such as `cftjax serve`'s http://HOST:PORT/v1);
+  template (the critique prompt, default "cft"), verdict_style, score ("verdict" | "probability",
+  in process only), max_new_tokens, and batch_size (in process) or model / concurrency / api_key /
+  timeout_s (endpoint).
+  """
+  critic = critic_for(**options)
+  judgements = critic.judge([r.question for r in records], [remove_think(c) for c in completions])
+  return [RewardResult(j.score, j.reason) for j in judgements]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Building training data with models: `cftjax data critique` (candidates, labels, CRL and CFT rows)."""
