@@ -116,6 +116,8 @@ def test_peft_directory_loads_in_peft_and_imports_back(lora_run):
   assert min(jax.tree.leaves(moved)) > 0
 
 
-def test_adapters_only_of_a_full_fine_tune_is_a_clear_error(lora_run, tmp_path):
-  with pytest.raises(ValueError, match="--adapters-only goes with --to-hf"):
-    cli.main(["convert", "--hf-dir", lora_run["hf_dir"], "--out", str(tmp_path / "x"), "--adapters-only"])
+def test_adapters_only_of_a_full_fine_tune_is_a_clear_error(lora_run, tmp_path, capsys):
+  code = cli.main(["convert", "--hf-dir", lora_run["hf_dir"], "--out", str(tmp_path / "x"), "--adapters-only"])
+  assert code == 2
+  assert "--adapters-only goes with --to-hf" in capsys.readouterr().err.strip().splitlines()[-1]
+  assert not (tmp_path / "x").exists()
