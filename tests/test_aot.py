@@ -123,9 +123,13 @@ def test_compile_command_prints_json(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_compile_command_fails_naming_what_to_change_when_the_step_does_not_fit(capsys):
-  """64 rows of 8192 tokens without remat: the TPU compiler refuses (its temporaries exceed HBM)."""
+  """64 rows of 8192 tokens through 2 layers of hidden 2048 without remat: the saved activations
+  (~20 GiB per chip) exceed a v5e chip's 16 GiB."""
   code = cli.main(["compile", "--config", "configs/demo_cft.py", "--topology", TOPOLOGY, "--no-cost",
                    "--config.model.arch.vocab_size=1000", "--config.model.arch.max_position_embeddings=8192",
+                   "--config.model.arch.hidden_size=2048", "--config.model.arch.intermediate_size=8192",
+                   "--config.model.arch.num_layers=2", "--config.model.arch.num_heads=16",
+                   "--config.model.arch.num_kv_heads=16", "--config.model.arch.head_dim=128",
                    "--config.data.max_seq_len=8192", "--config.data.batch_size=64", "--config.model.remat=none"])
   captured = capsys.readouterr()
   assert code == 3
