@@ -144,7 +144,7 @@ def test_eval_batch_that_does_not_split_over_the_devices(world, tmp_path, capsys
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"model.attention": "flash"}, "config.model: attention='flash'; choose one of ('auto', 'xla', 'blocked', 'cpu', 'cudnn')"),
+    ({"model.attention": "flash"}, "config.model: attention='flash'; choose one of ('auto', 'xla', 'blocked', 'cpu', 'cudnn', 'splash')"),
     ({"model.attention": "cudnn"}, "config.model: attention='cudnn' needs dtype bfloat16 or float16"),
     pytest.param({"model.attention": "cudnn", "model.dtype": "bfloat16"},
                  "model.attention='cudnn' runs on GPUs only (JAX's backend here is 'cpu')",
