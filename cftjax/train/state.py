@@ -66,8 +66,10 @@ def model_params(trained: Any, frozen: Any) -> Any:
 
 def frozen_optional(jitted: Any) -> Callable[..., Any]:
   """A jitted `step(state, batch, frozen)` callable as `step(state, batch)` when there is no frozen
-  base (a full fine-tune); `.lower(...)` (ahead-of-time compilation) takes the same arguments."""
+  base (a full fine-tune); `.trace(...)` and `.lower(...)` (ahead-of-time compilation) take the same
+  arguments."""
   call = lambda state, batch, frozen=None: jitted(state, batch, frozen)
+  call.trace = lambda state, batch, frozen=None: jitted.trace(state, batch, frozen)
   call.lower = lambda state, batch, frozen=None: jitted.lower(state, batch, frozen)
   return call
 
