@@ -111,10 +111,12 @@ def test_adapter_loss_equals_the_merged_models_and_dropout_is_off_without_a_key(
   cfg = LORA.replace(lora_dropout=0.3)
   base = init_params(cfg.without_lora(), jax.random.key(0))
   params = lora.combine(base, trained_adapters(cfg))
-  with parallel.use_mesh(mesh_of(1, 1, 1)):
-    adapted = losses.ce_sums(cfg, params, batch, chunk_size=64)
-    merged = losses.ce_sums(cfg.without_lora(), lora.merge(cfg, params), batch, chunk_size=64)
-    dropped = losses.ce_sums(cfg, params, batch, chunk_size=64, dropout_rng=jax.random.key(5))
+  with parallel.use_mesh(mesh_of(1, 1, 1)):  # jitted, as in a step (the sharded CE needs a trace)
+    adapted = jax.jit(lambda p: losses.ce_sums(cfg, p, batch, chunk_size=64))(params)
+    merged = jax.jit(lambda p: losses.ce_sums(cfg.without_lora(), p, batch, chunk_size=64))(
+        lora.merge(cfg, params))
+    dropped = jax.jit(lambda p, key: losses.ce_sums(cfg, p, batch, chunk_size=64, dropout_rng=key))(
+        params, jax.random.key(5))
   np.testing.assert_allclose(adapted["loss_sum"], merged["loss_sum"], rtol=1e-5)
   assert abs(float(dropped["loss_sum"] - adapted["loss_sum"])) > 1e-3
 
