@@ -211,7 +211,7 @@ def test_backend_attention_equals_xla(name, packed):
 
 def test_auto_attention_resolves_per_platform():
   assert [attention.resolve("auto", p) for p in ("cpu", "gpu", "tpu", "other")] == [
-      "cpu", "blocked", "blocked", "xla"]
+      "cpu", "blocked", "splash", "xla"]
   assert attention.resolve("cudnn", "cpu") == "cudnn"
   assert attention.backend("auto") is attention.BACKENDS[attention.resolve("auto", jax.default_backend())]
   assert ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
@@ -221,7 +221,7 @@ def test_auto_attention_resolves_per_platform():
 def test_attention_choices_that_cannot_run_are_named():
   small = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
                head_dim=4)
-  with pytest.raises(ConfigError, match=r"attention='flash'; choose one of \('auto', 'xla', 'blocked', 'cpu', 'cudnn'\)"):
+  with pytest.raises(ConfigError, match=r"attention='flash'; choose one of \('auto', 'xla', 'blocked', 'cpu', 'cudnn', 'splash'\)"):
     ModelConfig(**small, attention="flash")
   with pytest.raises(ConfigError, match="attention='cudnn' needs dtype bfloat16 or float16, got dtype='float32'"):
     ModelConfig(**small, attention="cudnn")
