@@ -76,7 +76,8 @@ def test_param_shardings_follow_rules_and_replicate_what_does_not_divide(monkeyp
   assert attn["k_kernel"].spec == P(None, "fsdp", None, None)  # 2 kv heads: replicated over tensor
   assert shardings["layers"]["mlp"]["down_kernel"].spec == P(None, "tensor", "fsdp")
   assert shardings["embedding"].spec == P("tensor", "fsdp")
-  messages = [r.getMessage() for r in caplog.records]
+  # (abstract_params traces the model, whose 1-row dummy tokens also log a replication: not a param)
+  messages = [r.getMessage() for r in caplog.records if not r.getMessage().startswith("tokens:")]
   assert len(messages) == 2, messages  # k_kernel and v_kernel, once each
   assert "layers/attn/k_kernel: dim 2 (size 2) is not divisible by mesh axis 'tensor' (size 4)" in messages[0]
 
