@@ -101,7 +101,7 @@ def main() -> None:
     finally:
       proc.terminate()
       proc.wait()
-  print(f"\n| concurrent clients | requests/s | generated tokens/s |\n|---|---|---|")
+  print("\n| concurrent clients | requests/s | generated tokens/s |\n|---|---|---|")
   for row in rows:
     print(f"| {row['clients']} | {row['requests_per_s']:.2f} | {row['tokens_per_s']:.1f} |")
 

@@ -17,7 +17,6 @@ MFU = model FLOPs (6 N tokens + attention, PaLM convention) / (estimated seconds
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -34,7 +33,6 @@ import jax.numpy as jnp
 from cftjax import hlo, parallel, sampling
 from cftjax.config import ConfigError
 from cftjax.models import ModelConfig, abstract_params, attention, checkpoint_io
-from cftjax.models.config import REMAT_POLICIES
 from cftjax.train import cft, grpo, losses
 from cftjax.train import run as run_lib
 from cftjax.train import state as state_lib
@@ -446,12 +444,7 @@ def model_config(config: Any, hf_config: str | None = None) -> ModelConfig:
   if hf_config:
     if not os.path.isfile(hf_config):
       raise FileNotFoundError(f"--model-config {hf_config}: no such file (give a Hugging Face config.json)")
-    with open(hf_config) as f:
-      try:
-        fields = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"--model-config {hf_config}: not valid JSON ({e})") from None
-    cfg = ModelConfig.from_hf_dict(fields, where=hf_config, param_dtype=model.param_dtype)
+    cfg = ModelConfig.from_hf_file(hf_config, param_dtype=model.param_dtype)
   elif model.init_from:
     cfg = checkpoint_io.read_model_config(model.init_from)
   elif model.arch.vocab_size is None and not model.tokenizer_dir:

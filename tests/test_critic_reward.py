@@ -5,15 +5,7 @@ RewardComputer."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
@@ -23,6 +15,7 @@ from cftjax.rewards import registry
 from cftjax.rewards.critic import critic_for
 from cftjax.tokenizer import Tokenizer
 from tests.chain_models import save_chain_model
+from tests.served import start_server, stop_server
 
 # The critic's verdict-slot logits: lm_head entries after "Conclusion:" for " right" and " wrong".
 RIGHT_ENTRY, WRONG_ENTRY = 0.15, 0.10
@@ -74,36 +67,12 @@ def test_bad_options_are_named(critics):
   assert style.error and "needs verdict_style in ['cft', 'crl']" in style.reason
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served_wrong_critic(critics):
   _, wrong_critic, _ = critics
-  port = _free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "cftjax.cli", "serve", "--ckpt", wrong_critic, "--port", str(port),
-                           "--batch-window-ms", "200", "--max-batch", "4"],
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  base = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + 180
-  while True:
-    try:
-      with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
-        if json.load(r)["status"] == "ok":
-          break
-    except OSError:
-      pass
-    if proc.poll() is not None or time.monotonic() > deadline:
-      proc.kill()
-      pytest.fail(f"cftjax serve did not come up:\n{proc.stdout.read()}")
-    time.sleep(0.5)
+  base, proc = start_server(wrong_critic, "--batch-window-ms", "200", "--max-batch", "4")
   yield f"{base}/v1"
-  proc.send_signal(signal.SIGTERM)
-  proc.wait(timeout=60)
+  stop_server(proc)
 
 
 def test_endpoint_critic_with_other_rewards(critics, served_wrong_critic):

@@ -14,7 +14,6 @@ import numpy as np
 import optax
 import pytest
 
-from cftjax import config as config_lib
 from cftjax import launch, parallel, sampling
 from cftjax.data import synthetic
 from cftjax.models import Decoder, ModelConfig, init_params, lora

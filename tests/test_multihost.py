@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cftjax.data import synthetic
+from tests.served import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 10
@@ -51,12 +51,6 @@ def workspace(tmp_path_factory):
           "cache": str(root / "jax_cache")}
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _launch(workspace, args: list[str], processes: int, devices: int) -> list[subprocess.Popen]:
   """`python -m cftjax.cli ARGS` as `processes` JAX processes with `devices` CPU devices each."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
@@ -65,7 +59,7 @@ def _launch(workspace, args: list[str], processes: int, devices: int) -> list[su
   for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "CFTJAX_DISTRIBUTED"):
     env.pop(key, None)
   if processes > 1:
-    env |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": str(processes)}
+    env |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": str(processes)}
   command = [sys.executable, "-m", "cftjax.cli", "--log_level=WARNING"] + args
   return [subprocess.Popen(command, cwd=REPO, env=env | {"JAX_PROCESS_ID": str(i)},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -24,6 +19,7 @@ from cftjax.models import checkpoint_io
 from cftjax.models.checkpoint_io import save_model_checkpoint
 from cftjax.serve.engine import Engine, GenerationRequest, SamplingSettings, cut_at_stop_strings, split_to_context
 from cftjax.tokenizer import Tokenizer
+from tests.served import start_server, stop_server
 
 CONTEXT = 96
 PROMPTS = ["What is 1 + 2?", "Is 7 prime?", "Name a colour.", "What is 10 + 20?", "Say hi.", "Count to 3.",
@@ -41,35 +37,11 @@ def checkpoint(tmp_path_factory):
   return str(root / "critic")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(checkpoint):
-  port = _free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.Popen([sys.executable, "-m", "cftjax.cli", "serve", "--ckpt", checkpoint, "--port", str(port),
-                           "--batch-window-ms", "300", "--max-batch", "8"],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  base = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + 180
-  while True:
-    try:
-      if _get(f"{base}/health")["status"] == "ok":
-        break
-    except OSError:
-      pass
-    if proc.poll() is not None or time.monotonic() > deadline:
-      proc.kill()
-      pytest.fail(f"cftjax serve did not come up:\n{proc.stdout.read()}")
-    time.sleep(0.5)
+  base, proc = start_server(checkpoint, "--batch-window-ms", "300", "--max-batch", "8")
   yield base
-  proc.terminate()  # uvicorn shuts down gracefully, then re-raises SIGTERM
-  code = proc.wait(timeout=60)
-  log = proc.stdout.read()
+  code, log = stop_server(proc)
   assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log
 
 

@@ -161,12 +161,17 @@ class ModelConfig:
     where = os.path.join(path, "config.json")
     if not os.path.exists(where):
       raise FileNotFoundError(f"{where} not found: a Hugging Face model directory needs its config.json")
-    with open(where) as f:
+    return cls.from_hf_file(where, **overrides)
+
+  @classmethod
+  def from_hf_file(cls, path: str, **overrides) -> "ModelConfig":
+    """From a Hugging Face config.json at `path` (errors name it)."""
+    with open(path) as f:
       try:
         hf = json.load(f)
       except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: not valid JSON ({e})") from None
-    return cls.from_hf_dict(hf, where=where, **overrides)
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return cls.from_hf_dict(hf, where=path, **overrides)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The `config.json` transformers needs to load the exported weights."""

@@ -22,7 +22,7 @@ A param tree splits into the frozen base and the trainable adapters (`split`) an
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -180,28 +180,35 @@ def quantize_base(cfg: Any, base: dict[str, Any]) -> dict[str, Any]:
   decoder declares them for cfg.quantize_base="int8"; other params unchanged. Call under jit."""
   if cfg.quantize_base != "int8":
     return base
-  layers = {name: dict(group) if isinstance(group, Mapping) else group
-            for name, group in base["layers"].items()}
-  for name in cfg.lora_targets:
-    target = TARGETS[name]
-    group = layers[target.group]
+
+  def to_int8(group: dict[str, Any], target: Any) -> None:
     # Per layer: the leading layers axis is not an input axis.
-    q, scale = jax.vmap(lambda w, n=target.in_dims: quantize(w, n))(group[target.kernel])
+    q, scale = jax.vmap(lambda w: quantize(w, target.in_dims))(group[target.kernel])
     group[target.kernel], group[target.kernel + SCALE_SUFFIX] = q, scale
-  return {**base, "layers": layers}
+
+  return _with_target_groups(cfg, base, to_int8)
 
 
 def dequantize_base(cfg: Any, base: dict[str, Any], dtype: Any = jnp.float32) -> dict[str, Any]:
   """The inverse of `quantize_base` up to rounding: plain float kernels in dtype."""
   if cfg.quantize_base != "int8":
     return base
+
+  def to_float(group: dict[str, Any], target: Any) -> None:
+    scale = group.pop(target.kernel + SCALE_SUFFIX)
+    group[target.kernel] = jax.vmap(lambda q, s: dequantize(q, s, dtype))(group[target.kernel], scale)
+
+  return _with_target_groups(cfg, base, to_float)
+
+
+def _with_target_groups(cfg: Any, base: dict[str, Any], update: Callable[[dict[str, Any], Any], None]
+                        ) -> dict[str, Any]:
+  """A copy of `base` in which `update(group, target)` has edited (in place) a copy of the layer group of
+  each of cfg.lora_targets."""
   layers = {name: dict(group) if isinstance(group, Mapping) else group
             for name, group in base["layers"].items()}
   for name in cfg.lora_targets:
-    target = TARGETS[name]
-    group = layers[target.group]
-    scale = group.pop(target.kernel + SCALE_SUFFIX)
-    group[target.kernel] = jax.vmap(lambda q, s: dequantize(q, s, dtype))(group[target.kernel], scale)
+    update(layers[TARGETS[name].group], TARGETS[name])
   return {**base, "layers": layers}
 
 
