@@ -93,6 +93,11 @@ MATH_CASES = [
     ("3", r"\boxed{\frac{3}", False, "no boxed answer"),   # unbalanced: the box never closes
     ("3", r"\boxed{}", False, "unparsable answer"),
     ("3", r"\fbox{3}", True, "correct"),
+    # The grader reads the answer after <think> blocks, in its worker (remove_think).
+    ("5", r"<think>maybe \boxed{5}</think> so \boxed{3}", False, "wrong answer"),
+    ("5", r"<think>maybe \boxed{3}</think> so \boxed{5}", True, "correct"),
+    ("5", r"<think>still going \boxed{5}", False, "no boxed answer"),
+    ("5", "<think>" * 32768 + r"\boxed{5}", False, "no boxed answer"),
 ]
 
 

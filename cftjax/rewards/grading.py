@@ -1,5 +1,6 @@
-"""Math answer grading: the last \\boxed{} answer checked against the gold one by math-verify,
-run in killable worker processes with a hard per-call time limit."""
+"""Math answer grading: the last \\boxed{} answer outside `<think>` blocks checked against the gold one
+by math-verify, run in killable worker processes with a hard per-call time limit (the trainer only
+passes strings)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import types
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 
-from cftjax.data.critique import last_braced_argument
+from cftjax.data.critique import last_braced_argument, remove_think
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,12 @@ def extract_boxed(text: str) -> str | None:
 
 
 def _grade_in_worker(gold: str, pred_text: str) -> Grade:
-  """Runs math-verify on one pair; called inside a worker process (never in the trainer)."""
+  """Runs math-verify on one pair; called inside a worker process (never in the trainer). The answer
+  is the last boxed one after `remove_think`, so reasoning never counts and its cost stays here."""
   from math_verify import parse, verify   # pylint: disable=import-outside-toplevel
 
   try:
-    answer = extract_boxed(pred_text)
+    answer = extract_boxed(remove_think(pred_text))
     if answer is None:
       return False, "no boxed answer"
     gold_boxed = extract_boxed(gold)

@@ -162,7 +162,8 @@ def step_reward(completion_text: str, record: CritiqueRecord, indexing: str = "p
 @register_reward("math", batched=True)
 def math_reward(completions: Sequence[str], records: Sequence[CritiqueRecord],
                 grader: MathGrader | None = None) -> list[RewardResult]:
-  """1 when the last \\boxed{} answer verifies against record.reference_answer (math-verify)."""
+  """1 when the last \\boxed{} answer outside <think> blocks verifies against
+  record.reference_answer (math-verify, in the grader's worker processes)."""
   golds = []
   for record in records:
     if record.reference_answer is None:
@@ -170,9 +171,8 @@ def math_reward(completions: Sequence[str], records: Sequence[CritiqueRecord],
                        "the math reward needs one")
     golds.append(record.reference_answer)
   grader = grader or shared_grader()
-  answers = [remove_think(c) for c in completions]
   return [RewardResult(float(correct), reason)
-          for correct, reason in grader.grade_many(golds, answers)]
+          for correct, reason in grader.grade_many(golds, completions)]
 
 
 _CODE_BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
