@@ -182,13 +182,13 @@ def generate_program(config: Any, model_cfg: ModelConfig) -> Program:
           jax.ShapeDtypeStruct((), jnp.float32))
   args = args[:3] + tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated())
                           for a in args[3:])
-  # The cost model sees the prefill and one decode step (the decode loop's body counts once).
+  # Prefill of every row's bucket, then max_new_tokens - 1 decode steps at their mean context.
   matmul = 2.0 * run_lib.matmul_params(model_cfg)
-  prefill_attention = 4.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * bucket
-  flops = rows * bucket * (matmul + prefill_attention) + rows * matmul
-  return Program(run, args, flops,
-                 f"{rows} rows, prompt bucket {bucket}, {rl.max_new_tokens} new tokens "
-                 "(cost: prefill + one decode step)")
+  attention_per_slot = 4.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim
+  decode_context = bucket + rl.max_new_tokens / 2
+  flops = (rows * bucket * (matmul + attention_per_slot * bucket / 2)
+           + rows * (rl.max_new_tokens - 1) * (matmul + attention_per_slot * decode_context))
+  return Program(run, args, flops, f"{rows} rows, prompt bucket {bucket}, {rl.max_new_tokens} new tokens")
 
 
 PROGRAMS = {"cft": cft_program, "grpo": grpo_program, "generate": generate_program}
@@ -243,7 +243,7 @@ def _cost(compiled) -> dict[str, float]:
           "seconds": float(cost.get("optimal_seconds", 0.0))}
 
 
-def loop_corrected_cost(config: Any, model_cfg: ModelConfig, objective: str) -> dict[str, float]:
+def _per_layer_extrapolated(config: Any, model_cfg: ModelConfig, objective: str) -> dict[str, float]:
   """Flops, HBM bytes and cost-model seconds per chip of one call, from loop-free compiles of a
   1- and a 2-layer model: C(1) + (layers - 1) x (C(2) - C(1))."""
   build = PROGRAMS[objective]
@@ -253,6 +253,46 @@ def loop_corrected_cost(config: Any, model_cfg: ModelConfig, objective: str) -> 
     costs.append(_cost(_compile(build(config, cfg), LOOP_FREE_COMPILER_OPTIONS)))
   one, two = costs[0], costs[-1]
   return {k: one[k] + (model_cfg.num_layers - 1) * (two[k] - one[k]) for k in one}
+
+
+def _with_new_tokens(config: Any, new_tokens: int) -> Any:
+  config = config.copy_and_resolve_references()
+  config.rl.max_new_tokens = new_tokens
+  return config
+
+
+def loop_corrected_cost(config: Any, model_cfg: ModelConfig, objective: str
+                        ) -> tuple[dict[str, float], dict[str, float] | None]:
+  """(cost of one call, cost of one decode step or None): flops, HBM bytes and cost-model seconds per
+  chip, from loop-free compiles extrapolated over layers (`_per_layer_extrapolated`). For "generate"
+  the cost model counts the decode loop's body (one decode step, the real in-place loop) once:
+  step = C(rl.max_new_tokens) - C(1 new token: prefill and no loop), call = C(1) +
+  (rl.max_new_tokens - 1) x step (every row decoding to the limit)."""
+  if objective != "generate":
+    return _per_layer_extrapolated(config, model_cfg, objective), None
+  first = _per_layer_extrapolated(_with_new_tokens(config, 1), model_cfg, objective)
+  with_loop = _per_layer_extrapolated(config, model_cfg, objective)
+  step = {k: with_loop[k] - first[k] for k in first}
+  return {k: first[k] + (config.rl.max_new_tokens - 1) * step[k] for k in first}, step
+
+
+def decode_roofline_bytes(config: Any, model_cfg: ModelConfig) -> float:
+  """HBM bytes per chip one decode step must read at least: the compute-dtype weights (the embedding
+  table only when tied to the LM head; a lookup reads a few rows) divided over "tensor" (the sampler
+  gathers them over the batch axes once per call), and the KV cache of every row for the prompt
+  bucket + rl.max_new_tokens slots, as its sharding splits it."""
+  rl = config.rl
+  rows = rl.generation_batch_size or config.data.batch_size * rl.group_size
+  slots = sampling.bucket_length(rl.max_prompt_len, tuple(rl.prompt_buckets) or None) + rl.max_new_tokens
+  mesh = parallel.current()[0]
+  weights = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params(model_cfg)))
+  if not model_cfg.tie_embeddings:
+    weights -= model_cfg.vocab_size * model_cfg.hidden_size
+  weight_bytes = weights * jnp.dtype(model_cfg.dtype).itemsize / mesh.shape["tensor"]
+  cache_shape = (model_cfg.num_layers, rows, model_cfg.num_kv_heads, slots, model_cfg.head_dim)
+  cache_shard = parallel.logical_sharding(cache_shape, ("layers", *attention.CACHE_AXES), "kv cache")
+  cache_bytes = 2 * math.prod(cache_shard.shard_shape(cache_shape)) * jnp.dtype(rl.cache_dtype).itemsize
+  return weight_bytes + cache_bytes
 
 
 def attention_flops(model_cfg: ModelConfig, rows: int, seq: int, training: bool) -> float:
@@ -288,6 +328,8 @@ class Report:
   collectives: dict[str, hlo.KindTotal]
   full_vocab_all_reduces: int  # executions per call
   lm_head_gathers: int  # executions per call
+  decode_step: dict[str, float] | None  # generate: flops, bytes, seconds of one decode step per chip
+  decode_roofline_bytes: float  # generate: the least HBM bytes per chip a decode step reads
   compile_seconds: float
   compiler_refused: str = ""  # the TPU compiler's out-of-HBM message when it would not compile
 
@@ -324,6 +366,11 @@ class Report:
                         for k, t in self.collectives.items()},
         "full_vocab_all_reduces": self.full_vocab_all_reduces, "lm_head_gathers": self.lm_head_gathers,
         "compile_seconds": self.compile_seconds, "compiler_refused": self.compiler_refused,
+        **({"decode_step_gb_per_chip": self.decode_step["bytes"] / 1e9,
+            "decode_step_cost_model_seconds": self.decode_step["seconds"],
+            "decode_roofline_gb_per_chip": self.decode_roofline_bytes / 1e9,
+            "decode_step_over_roofline": self.decode_step["bytes"] / self.decode_roofline_bytes}
+           if self.decode_step else {}),
     }
 
 
@@ -349,8 +396,9 @@ def compile_objective(config: Any, model_cfg: ModelConfig, objective: str, devic
                              " ".join(str(e).split())[:300], time.perf_counter() - start), ""
     compile_seconds = time.perf_counter() - start
     text = compiled.as_text()
-    corrected = loop_corrected_cost(config, model_cfg, objective) if cost else dict(flops=0.0, bytes=0.0,
-                                                                                    seconds=0.0)
+    zero = dict(flops=0.0, bytes=0.0, seconds=0.0)
+    corrected, decode_step = loop_corrected_cost(config, model_cfg, objective) if cost else (zero, None)
+    roofline = decode_roofline_bytes(config, model_cfg) if objective == "generate" else 0.0
     vocab_shards = _vocab_shards(model_cfg)
   found = hlo.collectives(text)
   pallas_calls = hlo.count_custom_calls(text, "tpu_custom_call")
@@ -369,7 +417,7 @@ def compile_objective(config: Any, model_cfg: ModelConfig, objective: str, devic
       full_vocab_all_reduces=sum(c.runs for c in hlo.full_vocab_all_reduces(found, model_cfg.vocab_size)),
       lm_head_gathers=sum(c.runs for c in hlo.lm_head_gathers(
           found, model_cfg.hidden_size, model_cfg.vocab_size, vocab_shards, tied=model_cfg.tie_embeddings)),
-      compile_seconds=compile_seconds)
+      decode_step=decode_step, decode_roofline_bytes=roofline, compile_seconds=compile_seconds)
   return report, text
 
 
@@ -389,7 +437,8 @@ def _refused_report(objective: str, topology: str, devices: Sequence[jax.Device]
               "total": arguments + temp},
       hbm_bytes=chip_figures.hbm_bytes, flops=0.0, hbm_traffic=0.0, cost_model_seconds=0.0, pallas_calls=0,
       pallas_seconds=0.0, model_flops=program.model_flops, peak_flops=chip_figures.peak_flops, collectives={},
-      full_vocab_all_reduces=0, lm_head_gathers=0, compile_seconds=compile_seconds, compiler_refused=message)
+      full_vocab_all_reduces=0, lm_head_gathers=0, decode_step=None, decode_roofline_bytes=0.0,
+      compile_seconds=compile_seconds, compiler_refused=message)
 
 
 def _vocab_shards(model_cfg: ModelConfig) -> int:
@@ -482,6 +531,12 @@ def format_report(report: Report) -> str:
         f"(model {report.model_flops / 1e12:.1f} TFLOP over {report.devices} x "
         f"{report.peak_flops / 1e12:.0f} TFLOP/s)",
     ]
+  if report.decode_step:
+    step = report.decode_step
+    lines.append(f"one decode step per chip: {step['bytes'] / 1e9:.3f} GB HBM traffic, "
+                 f"{step['bytes'] / report.decode_roofline_bytes:.2f} x the roofline "
+                 f"{report.decode_roofline_bytes / 1e9:.3f} GB (weights + KV cache); cost model "
+                 f"{step['seconds'] * 1e3:.3f} ms")
   lines.append(f"collectives per call per chip (trip-weighted): {report.collective_bytes / GiB:.2f} GiB")
   for kind, total in report.collectives.items():
     lines.append(f"  {kind:20s} {total.count:6d} x ({total.instructions} in the HLO) {total.bytes / GiB:9.3f} GiB")

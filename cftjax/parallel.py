@@ -232,6 +232,18 @@ def logical_sharding(shape: Sequence[int], names: Sequence[str | None], name: st
   return NamedSharding(mesh, divisible_spec(shape, spec, mesh, name))
 
 
+def without_batch_axes(sharding: NamedSharding) -> NamedSharding:
+  """`sharding` with the mesh axes that split the batch (the "batch" rule: data, FSDP) removed, so
+  the array is whole over them and stays split over the others ("tensor")."""
+  mesh, rules = current()
+  batch_axes = set(mesh_axes(dict(rules).get("batch")))
+  dims = []
+  for axes in sharding.spec:
+    kept = tuple(a for a in mesh_axes(axes) if a not in batch_axes)
+    dims.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+  return NamedSharding(sharding.mesh, PartitionSpec(*dims))
+
+
 def split_axes(shape: Sequence[int], names: Sequence[str | None], name: str = "array") -> tuple[tuple[str, ...], ...]:
   """The mesh axes that split each dim of an array whose dims carry logical `names` (as placed by
   `logical_sharding`): one tuple of axis names per dim."""

@@ -178,7 +178,8 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
       logits, cache = decode_step(cfg, decode, weights, previous, positions, state["cache"])
       return emit(dict(state, cache=cache), logits, rng, temperature, top_p)
 
-    state = jax.lax.while_loop(keep_going, next_token, state)
+    if max_new_tokens > 1:  # (a program without the loop is what `cftjax.aot` subtracts)
+      state = jax.lax.while_loop(keep_going, next_token, state)
     return state["tokens"], state["logprobs"], state["lengths"], ~state["done"]
 
   def run_on_mesh(*args):

@@ -309,8 +309,10 @@ DecodeWeights = dict[str, Any]  # {"embedding", "final_norm", "lm_head", "layers
 
 def decode_weights(cfg: ModelConfig, decode: attention.Decode, params: dict[str, Any]) -> DecodeWeights:
   """Params (plain arrays) re-laid for `decode.layout`, one tree per layer: call once per generation,
-  under jit. The layers are unrolled in `decode_step`, so no step slices stacked weights."""
+  under jit. The layers are unrolled in `decode_step`, so no step slices stacked weights. Under a
+  mesh the weights are first gathered over the batch's mesh axes (`gathered_for_decode`)."""
   dtype, layout = jnp.dtype(cfg.dtype), decode.layout
+  params = gathered_for_decode(cfg, params)
   num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
   layers = [jax.tree.map(lambda p, i=i: p[i], params["layers"]) for i in range(num_layers)]
   return {
@@ -319,6 +321,25 @@ def decode_weights(cfg: ModelConfig, decode: attention.Decode, params: dict[str,
       "lm_head": layout.head_weights(lm_head_kernel(cfg, params), dtype),
       "layers": [layout.layer_weights(cfg, lora.prepare_layer(cfg, layer, dtype), dtype) for layer in layers],
   }
+
+
+def gathered_for_decode(cfg: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
+  """Params as the decode loop reads them: floating weights in cfg.dtype (norm and quantisation scales
+  as stored) and, under a mesh, whole over the mesh axes that split the batch (FSDP), still split
+  over "tensor" (`parallel.without_batch_axes`). One all-gather per weight per `generate` call instead
+  of one per decode step; each chip then holds the compute-dtype weights divided by the tensor axis.
+  Without a mesh: only the cast."""
+  dtype = jnp.dtype(cfg.dtype)
+  keep = lambda path, w: path[-1].key.endswith("scale") or not jnp.issubdtype(w.dtype, jnp.floating)
+  params = jax.tree_util.tree_map_with_path(lambda path, w: w if keep(path, w) else w.astype(dtype), params)
+  if parallel.entered() is None:
+    return params
+
+  def place(path, w, names):
+    sharding = parallel.logical_sharding(w.shape, tuple(names), parallel.path_name(path))
+    return jax.lax.with_sharding_constraint(w, parallel.without_batch_axes(sharding))
+
+  return jax.tree_util.tree_map_with_path(place, params, param_logical_axes(cfg))
 
 
 def decode_caches(decode: attention.Decode, cache: KVCache) -> list[attention.LayerCache]:
