@@ -282,3 +282,18 @@ def test_code_labels_follow_the_sandbox_and_the_pass_rate_rule():
     assert [label for label, _ in builder._labels(problem, solutions[:2])] == [True, True]  # pylint: disable=protected-access
   finally:
     builder.close()
+
+
+def test_rule_teacher_checks_the_boxed_sum_column_by_column():
+  teacher = critique_data._teacher({"rule": "synthetic_addition"}, "config.teachers.rule")  # pylint: disable=protected-access
+  right, wrong, unboxed = teacher.critique_each(
+      "What is 57 + 68?", ["7+8+0=15, 5+6+1=12. \\boxed{125}", "7+8+0=15, 5+6+0=11. \\boxed{115}", "125"])
+  assert right == ("From the right: 7+8+0=15 vs 5 ok, 5+6+1=12 vs 2 ok, carry 1 vs 1 ok. "
+                   "All digits match. Conclusion: right [END]")
+  assert wrong == ("From the right: 7+8+0=15 vs 5 ok, 5+6+1=12 vs 1 no, carry 1 vs 1 ok. "
+                   "A digit does not match. Conclusion: wrong [END]")
+  assert [critique.parse_verdict(t, "cft") for t in (right, wrong, unboxed)] == [True, False, False]
+  with pytest.raises(ValueError, match="synthetic additions only"):
+    teacher.critique_each("What is 2 * 3?", ["\\boxed{6}"])
+  with pytest.raises(ValueError, match="config.teachers.rule.rule='llm'"):
+    critique_data._teacher({"rule": "llm"}, "config.teachers.rule")  # pylint: disable=protected-access
