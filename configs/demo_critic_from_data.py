@@ -17,6 +17,7 @@ def get_config():
   c.train.run_dir = "runs/demo_critic_from_data"
   c.data.synthetic_world = False
   c.data.train_path = "runs/critique_data_demo/cft.array_record"
+  c.model.tokenizer_dir = "runs/demo_critique_grpo/world/tokenizer"  # the generator's world's
   c.data.max_seq_len = 128
   c.train.steps = 500
   c.mesh.fsdp = 1  # one CPU device

@@ -20,7 +20,7 @@ def get_config():
   problems = "runs/demo_critique_grpo/world/rl_math_heldout.jsonl"
   c.benchmarks.rerank = benchmark_entry(problems, "critic_rerank", template="cft", verdict_style="cft",
                                         actor=ACTOR, n_samples=4, temperature=1.0, max_new_tokens=48,
-                                        critic_max_new_tokens=80, pick="first", limit=200)
+                                        critic_max_new_tokens=80, pick="majority", limit=200)
   c.benchmarks.refine = benchmark_entry(problems, "critique_refine", template="cft", verdict_style="cft",
                                         actor=ACTOR, max_new_tokens=48, critic_max_new_tokens=80, rounds=2,
                                         limit=200)
