@@ -19,7 +19,7 @@ def get_config():
   c.data.train_path = "runs/critique_data_demo/cft.array_record"
   c.model.tokenizer_dir = "runs/demo_critique_grpo/world/tokenizer"  # the generator's world's
   c.data.max_seq_len = 128
-  c.train.steps = 500
+  c.train.steps = 1000
   c.mesh.fsdp = 1  # one CPU device
   c.checkpoint.every_steps = 0  # the end only
   c.checkpoint.best_metric = ""
