@@ -45,7 +45,8 @@ def main() -> None:
     result = critique_data.run(config, os.path.join(tmp, "timed"))
   print(json.dumps({"device": str(jax.devices()[0]), "problems": args.problems, "samples": args.samples,
                     "new_tokens": args.new_tokens, "seconds": round(result["seconds"], 2),
-                    "problems_per_min": round(result["problems_per_min"], 2), "counts": result["counts"]}))
+                    "problems_per_min": round(result["problems_per_min"], 2), "counts": result["counts"],
+                    "loadavg": open("/proc/loadavg", encoding="utf-8").read().split()[:3]}))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """`cftjax serve` throughput: requests/s and generated tokens/s at 1, 8 and 32 concurrent clients.
 
 Starts `cftjax serve` in a subprocess on a checkpoint (default: a freshly initialised model the size of
-the CPU demo's, with the demo world's tokenizer, written to a temp dir), warms each batch shape up, then
-has C client threads (the official `openai` client) send greedy chat requests of exactly
---new-tokens tokens (stop ids can end one earlier) back to back for --seconds each.
+the CPU demo's, with the demo world's tokenizer, written to a temp dir), compiles every batch shape the
+measurements can meet first (one request with n = 1, 2, 4, ... up to the most clients, for the
+shortest and the longest prompt: the server pads a batch to a power of two rows), then has C client
+threads (the official `openai` client) send greedy chat requests of exactly --new-tokens tokens (stop
+ids can end one earlier) back to back for --seconds each. The figures exclude compile time.
 
 Usage: python benchmarks/serve.py [--ckpt DIR] [--clients 1 8 32] [--new-tokens 32] [--seconds 20]
 """
@@ -52,6 +54,23 @@ def wait_for(base: str, proc: subprocess.Popen) -> None:
   raise SystemExit(f"cftjax serve exited with {proc.returncode}")
 
 
+def _messages(i: int) -> list[dict[str, str]]:
+  return [{"role": "user", "content": f"Check solution {i}: 2 + 2 = 4."}]
+
+
+def warm_up(client: openai.OpenAI, model: str, max_clients: int, new_tokens: int) -> None:
+  """Compiles each padded batch size (powers of two up to max_clients) for client 0's and the last
+  client's prompt: a request with n choices runs as one batch of n rows."""
+  rows = 1
+  while True:
+    for i in sorted({0, max_clients - 1}):
+      client.chat.completions.create(model=model, messages=_messages(i), n=rows, max_tokens=new_tokens,
+                                     temperature=0)
+    if rows >= max_clients:
+      return
+    rows *= 2
+
+
 def measure(client: openai.OpenAI, model: str, clients: int, new_tokens: int, seconds: float) -> dict:
   stop_at = time.monotonic() + seconds
   counts = {"requests": 0, "tokens": 0}
@@ -59,9 +78,8 @@ def measure(client: openai.OpenAI, model: str, clients: int, new_tokens: int, se
 
   def worker(i: int) -> None:
     while time.monotonic() < stop_at:
-      reply = client.chat.completions.create(
-          model=model, messages=[{"role": "user", "content": f"Check solution {i}: 2 + 2 = 4."}],
-          max_tokens=new_tokens, temperature=0)
+      reply = client.chat.completions.create(model=model, messages=_messages(i), max_tokens=new_tokens,
+                                             temperature=0)
       with lock:
         counts["requests"] += 1
         counts["tokens"] += reply.usage.completion_tokens
@@ -93,9 +111,9 @@ def main() -> None:
       base = f"http://127.0.0.1:{port}"
       wait_for(base, proc)
       client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
+      warm_up(client, "bench", max(args.clients), args.new_tokens)
       rows = []
       for clients in args.clients:
-        measure(client, "bench", clients, args.new_tokens, seconds=5.0)  # compiles the batch shapes it meets
         rows.append(measure(client, "bench", clients, args.new_tokens, args.seconds))
         print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -104,6 +122,7 @@ def main() -> None:
   print("\n| concurrent clients | requests/s | generated tokens/s |\n|---|---|---|")
   for row in rows:
     print(f"| {row['clients']} | {row['requests_per_s']:.2f} | {row['tokens_per_s']:.1f} |")
+  print(f"load average at the end: {open('/proc/loadavg', encoding='utf-8').read().split()[:3]}")
 
 
 if __name__ == "__main__":

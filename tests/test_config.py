@@ -18,7 +18,7 @@ from cftjax.train import state
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFT_CONFIGS = ("demo_cft.py", "one_shot_cft_qwen2_5_math_7b.py", "one_shot_cft_qwen2_5_math_1_5b.py",
                "one_shot_cft_llama3_2_3b.py", "cft_webinstruct_qwen2_5_math_7b.py",
-               "deepcritic_qwen2_5_7b_sft.py")
+               "deepcritic_qwen2_5_7b_sft.py", "demo_critic_from_data.py")
 
 
 @pytest.fixture

@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from cftjax import config as config_lib
-from cftjax.data import critique, synthetic
+from cftjax.data import critique, pipeline, sources, synthetic
 from cftjax.data.critique import CritiqueRecord
 from cftjax.datagen import critique as critique_data
 from cftjax.rewards.grading import MathGrader
 from cftjax.rewards.sandbox import check_isolation
 from cftjax.tokenizer import Tokenizer
 from tests.chain_models import save_chain_model
+from tests.pipeline_helpers import split_config
+from tests.served import start_server, stop_server
 
 
 def test_balance_rule_on_a_fixed_sample():
@@ -99,20 +103,24 @@ def test_step_split_and_first_error():
   assert critique_data.first_error_step([0.0]) == 0
 
 
-def test_monte_carlo_step_labels(setup, tmp_path):
-  config_file, problems = setup
+@pytest.fixture(scope="module")
+def stepwise(setup):
+  """A generator that writes "Sum.", a blank line, then "So \\boxed{5}" (two steps)."""
+  config_file, _ = setup
   root = os.path.dirname(config_file)
   tokenizer_dir = os.path.join(root, "world", "tokenizer")
-  tokenizer = Tokenizer.from_dir(tokenizer_dir)
-  prompt_end = list(critique.render_prompt(CritiqueRecord(question="q"), "math_cot", tokenizer))
-  stepwise = str(tmp_path / "stepwise")
-  save_chain_model(stepwise, tokenizer_dir, prompt_end, "Sum.\n\nSo \\boxed{5}")
+  prompt_end = list(critique.render_prompt(CritiqueRecord(question="q"), "math_cot", Tokenizer.from_dir(tokenizer_dir)))
+  path = os.path.join(root, "stepwise")
+  save_chain_model(path, tokenizer_dir, prompt_end, "Sum.\n\nSo \\boxed{5}")
+  return path
+
+
+def _step_label_run(problems: str, generator: dict, out: str) -> dict:
   config = critique_data.base_config()
   config.input, config.limit = problems, 2
-  config.generators.stepwise = {"ckpt": stepwise}
+  config.generators.stepwise = generator
   config.samples_per_problem, config.max_new_tokens, config.step_rollouts = 2, 12, 3
   config.grader_workers, config.progress_bar = 1, False
-  out = str(tmp_path / "out")
   result = critique_data.run(config, out)
   rows = _read(os.path.join(out, "steps.jsonl"))
   # Gold 5: the rollouts from "Sum." all reach \boxed{5} (value 1), and the solution is right: no error.
@@ -122,6 +130,22 @@ def test_monte_carlo_step_labels(setup, tmp_path):
   work = _read(os.path.join(out, "work.jsonl"))
   assert [w["candidates"][0]["step_values"] for w in work] == [[1.0, 1.0], [0.0]]
   assert result["counts"]["step_rows"] == 2 and result["files"]["steps"] == "steps.jsonl"
+  return result
+
+
+def test_monte_carlo_step_labels(setup, stepwise, tmp_path):
+  _step_label_run(setup[1], {"ckpt": stepwise}, str(tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_monte_carlo_step_labels_through_a_served_endpoint(setup, stepwise, tmp_path):
+  """The same generator behind a real `cftjax serve`: candidates by chat completions, each prefix's
+  rollouts by `continue_final_message`; the same step labels as in process."""
+  base, proc = start_server(stepwise)
+  try:
+    _step_label_run(setup[1], {"endpoint": f"{base}/v1"}, str(tmp_path / "out"))
+  finally:
+    stop_server(proc)
 
 
 def _read(path: str) -> list[dict]:
@@ -129,11 +153,16 @@ def _read(path: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def test_run_labels_rows_and_manifest(setup, tmp_path):
-  config_file, problems = setup
-  config = config_lib.load_config(config_file, [("limit", "5")])
-  out = str(tmp_path / "out")
-  result = critique_data.run(config, out)
+@pytest.fixture(scope="module")
+def five_problems(setup, tmp_path_factory):
+  """(the run's result, its output directory) of the test config on the first five problems."""
+  config = config_lib.load_config(setup[0], [("limit", "5")])
+  out = str(tmp_path_factory.mktemp("five_problems") / "out")
+  return critique_data.run(config, out), out
+
+
+def test_run_labels_rows_and_manifest(five_problems):
+  result, out = five_problems
   work = _read(os.path.join(out, "work.jsonl"))
   labels = [[c["label"] for c in item["candidates"]] for item in work]
   assert labels == [[True, False], [False, True], [True, False], [True, False], [False, False]]
@@ -159,14 +188,45 @@ def test_run_labels_rows_and_manifest(setup, tmp_path):
   assert sorted(manifest["sources"]["teachers"]) == ["says_right", "says_wrong"]
 
 
+def test_array_record_rows_read_by_the_training_pipeline_equal_the_jsonl_rows(setup, five_problems, tmp_path):
+  """A finished run re-assembled as ArrayRecord (no generation: the work is done) holds the JSONL
+  rows: the same records from the pipeline's sources and the same CFT training batches."""
+  _, jsonl_out = five_problems
+  out = str(tmp_path / "out")
+  shutil.copytree(jsonl_out, out)
+  config = config_lib.load_config(setup[0], [("limit", "5"), ("output_format", "array_record")])
+  result = critique_data.run(config, out)
+  assert result["files"] == {"crl": "crl.array_record", "cft": "cft.array_record"}
+  assert result["output_format"] == "array_record" and result["counts"]["cft_rows"] == 10
+  assert sorted(os.listdir(out)) == ["cft.array_record", "crl.array_record", "manifest.json", "settings.json",
+                                     "work.jsonl"]
+  for kind in ("crl", "cft"):
+    jsonl_rows, _ = sources.open_source({"path": os.path.join(jsonl_out, f"{kind}.jsonl")})
+    array_rows, info = sources.open_source({"path": os.path.join(out, f"{kind}.array_record")})
+    assert info.kind == "array_record" and len(array_rows) == len(jsonl_rows) == 10
+    assert [array_rows[i] for i in range(10)] == [jsonl_rows[i] for i in range(10)]
+  tokenizer = Tokenizer.from_dir(os.path.join(os.path.dirname(setup[0]), "world", "tokenizer"))
+  batches = {}
+  for name, path in (("jsonl", os.path.join(jsonl_out, "cft.jsonl")), ("array_record", os.path.join(out, "cft.array_record"))):
+    data, stream = split_config({"template": "cft", "max_seq_len": 96, "packing": False, "sources": [{"path": path}],
+                                 "batch_size": 4, "num_epochs": 1})
+    batches[name] = list(pipeline.make_cft_iterator(data, tokenizer, **stream))
+  assert len(batches["jsonl"]) == 3 and batches["jsonl"][0]["loss_mask"].sum() > 0
+  for a, b in zip(batches["jsonl"], batches["array_record"], strict=True):
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_same_files(setup, tmp_path):
+  """Killed and resumed with ArrayRecord output; both runs then re-assembled as JSONL."""
   config_file, _ = setup
+  array_record = [("output_format", "array_record")]
   reference = str(tmp_path / "reference")
-  critique_data.run(config_lib.load_config(config_file, []), reference)
+  critique_data.run(config_lib.load_config(config_file, array_record), reference)
 
   out = str(tmp_path / "killed")
-  command = [sys.executable, "-m", "cftjax.cli", "data", "critique", "--config", config_file, "--out", out]
+  command = [sys.executable, "-m", "cftjax.cli", "data", "critique", "--config", config_file, "--out", out,
+             "--config.output_format=array_record"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   work_path = os.path.join(out, "work.jsonl")
@@ -184,8 +244,16 @@ def test_resume_after_kill_gives_the_same_files(setup, tmp_path):
   resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr
   assert "problems: 10" in resumed.stdout
-  for name in ("crl.jsonl", "cft.jsonl", "manifest.json", "work.jsonl"):
-    with open(os.path.join(reference, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
+  names = ["crl.array_record", "cft.array_record", "manifest.json", "work.jsonl"]
+  _assert_same_files(reference, out, names)
+  for directory in (reference, out):
+    critique_data.run(config_lib.load_config(config_file, []), directory)
+  _assert_same_files(reference, out, ["crl.jsonl", "cft.jsonl", "manifest.json"])
+
+
+def _assert_same_files(dir_a: str, dir_b: str, names: list[str]) -> None:
+  for name in names:
+    with open(os.path.join(dir_a, name), "rb") as a, open(os.path.join(dir_b, name), "rb") as b:
       assert a.read() == b.read(), name
 
 
@@ -214,3 +282,18 @@ def test_code_labels_follow_the_sandbox_and_the_pass_rate_rule():
     assert [label for label, _ in builder._labels(problem, solutions[:2])] == [True, True]  # pylint: disable=protected-access
   finally:
     builder.close()
+
+
+def test_rule_teacher_checks_the_boxed_sum_column_by_column():
+  teacher = critique_data._teacher({"rule": "synthetic_addition"}, "config.teachers.rule")  # pylint: disable=protected-access
+  right, wrong, unboxed = teacher.critique_each(
+      "What is 57 + 68?", ["7+8+0=15, 5+6+1=12. \\boxed{125}", "7+8+0=15, 5+6+0=11. \\boxed{115}", "125"])
+  assert right == ("From the right: 7+8+0=15 vs 5 ok, 5+6+1=12 vs 2 ok, carry 1 vs 1 ok. "
+                   "All digits match. Conclusion: right [END]")
+  assert wrong == ("From the right: 7+8+0=15 vs 5 ok, 5+6+1=12 vs 1 no, carry 1 vs 1 ok. "
+                   "A digit does not match. Conclusion: wrong [END]")
+  assert [critique.parse_verdict(t, "cft") for t in (right, wrong, unboxed)] == [True, False, False]
+  with pytest.raises(ValueError, match="synthetic additions only"):
+    teacher.critique_each("What is 2 * 3?", ["\\boxed{6}"])
+  with pytest.raises(ValueError, match="config.teachers.rule.rule='llm'"):
+    critique_data._teacher({"rule": "llm"}, "config.teachers.rule")  # pylint: disable=protected-access

@@ -128,6 +128,13 @@ def test_bad_requests_name_the_field(server):
   assert status == 400 and "not valid JSON" in body["error"]["message"]
   status, body = _post(f"{server}/v1/chat/completions", json.dumps({"model": "critic", "messages": []}).encode())
   assert status == 400 and body["error"]["param"] == "messages"
+  with pytest.raises(openai.BadRequestError, match="continue_final_message") as error:  # the last turn is the user's
+    client.chat.completions.create(model="critic", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                   extra_body={"continue_final_message": True, "add_generation_prompt": False})
+  assert error.value.body["param"] == "continue_final_message"
+  with pytest.raises(openai.BadRequestError, match="must be true or false"):
+    client.chat.completions.create(model="critic", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                   extra_body={"add_generation_prompt": "no"})
   assert [m.id for m in client.models.list()] == ["critic"]
 
 

@@ -62,9 +62,18 @@ class EndpointChat:
     self.model = model or self.client.models.list().data[0].id
     self.name = f"{base_url}#{self.model}"
 
-  def complete(self, messages: Messages, n: int, temperature: float, max_new_tokens: int, seed: int) -> list[str]:
-    response = self.client.chat.completions.create(model=self.model, messages=list(messages), n=n, seed=seed,
-                                                   temperature=temperature, max_tokens=max_new_tokens)
+  def complete(self, messages: Messages, n: int, temperature: float, max_new_tokens: int, seed: int,
+               prefix: str = "") -> list[str]:
+    """n completions of one conversation in one request; with `prefix`, the assistant turn starts with
+    that text and the completions continue it (vLLM's `continue_final_message`, which `cftjax serve`
+    also takes; prefix not included)."""
+    messages, extra = list(messages), None
+    if prefix:
+      messages.append({"role": "assistant", "content": prefix})
+      extra = {"continue_final_message": True, "add_generation_prompt": False}
+    response = self.client.chat.completions.create(model=self.model, messages=messages, n=n, seed=seed,
+                                                   temperature=temperature, max_tokens=max_new_tokens,
+                                                   extra_body=extra)
     return [choice.message.content or "" for choice in sorted(response.choices, key=lambda c: c.index)]
 
   def complete_each(self, conversations: Sequence[Messages], temperature: float, max_new_tokens: int, seed: int

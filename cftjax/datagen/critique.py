@@ -9,7 +9,11 @@ seed and the problem's index, so the outputs equal an uninterrupted run's. At th
 assembled (`assemble`) into OUT/crl.jsonl (labelled candidates, balanced right / wrong per problem),
 OUT/cft.jsonl (critiques whose verdict agrees with the label, deduplicated, capped per problem) and
 OUT/manifest.json (sources, settings, counts, drops by reason). With step_rollouts > 0, OUT/steps.jsonl
-holds step labels of the labelled math candidates (`step_labels`).
+holds step labels of the labelled math candidates (`step_labels`). With output_format "array_record"
+the rows go to OUT/crl.array_record, ... instead (one JSON row per record, as
+`cftjax.data.sources.write_array_record` writes them; the trainer's Grain pipeline reads either). The
+output format is not part of a run's settings: rerunning a finished directory with the other format
+re-assembles its rows without generating anything.
 """
 
 from __future__ import annotations
@@ -26,16 +30,18 @@ import tqdm
 from ml_collections import config_dict
 
 from cftjax import config as config_lib
-from cftjax.data import critique, readers
+from cftjax.data import critique, readers, sources
 from cftjax.data.critique import CritiqueRecord
-from cftjax.datagen.chat import CheckpointChat, chat_model
+from cftjax.datagen.chat import CheckpointChat, EndpointChat, chat_model
+from cftjax.datagen.rule_teacher import SyntheticAdditionTeacher, rule_teacher
 from cftjax.rewards import registry
 from cftjax.rewards.grading import MathGrader
 
 log = logging.getLogger(__name__)
 
 WORK_FILE, SETTINGS_FILE, MANIFEST_FILE = "work.jsonl", "settings.json", "manifest.json"
-CRL_FILE, CFT_FILE, STEPS_FILE = "crl.jsonl", "cft.jsonl", "steps.jsonl"
+OUTPUT_FORMATS = {"jsonl": ".jsonl", "array_record": ".array_record"}  # -> the row files' extension
+ROW_KINDS = ("crl", "cft", "steps")
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -45,7 +51,7 @@ def base_config() -> config_dict.ConfigDict:
   c.format = "auto"  # its row format (cftjax.data.readers)
   c.limit = 0  # > 0: the first `limit` problems only (1 with several generators and teachers: One-Shot CFT)
   c.generators = config_dict.ConfigDict()  # name -> {"ckpt": DIR} or {"endpoint": URL, "model": NAME}
-  c.teachers = config_dict.ConfigDict()  # same; none = CRL rows only
+  c.teachers = config_dict.ConfigDict()  # same, or {"rule": "synthetic_addition"} (a rule-based stand-in); none = CRL rows only
   c.samples_per_problem = 8  # candidates per problem from each generator
   c.temperature = 1.0
   c.max_new_tokens = 1024
@@ -63,6 +69,7 @@ def base_config() -> config_dict.ConfigDict:
   c.step_rollouts = 0  # > 0: Monte-Carlo step labels of math candidates, this many rollouts per prefix (DeepCritic: 8)
   c.step_temperature = 0.7  # the rollouts' temperature (DeepCritic: 0.7)
   c.seed = 0
+  c.output_format = "jsonl"  # or "array_record": the row files' format
   c.grader_workers = 2
   c.grader_timeout_s = 5.0
   c.progress_bar = True
@@ -181,14 +188,8 @@ class Builder:
   def __init__(self, config: Any):
     self.config = config
     self.generators = {name: chat_model(spec, f"config.generators.{name}") for name, spec in config.generators.items()}
-    self.teachers = {name: chat_model(spec, f"config.teachers.{name}") for name, spec in config.teachers.items()}
+    self.teachers = {name: _teacher(spec, f"config.teachers.{name}") for name, spec in config.teachers.items()}
     self.grader = MathGrader(config.grader_workers, config.grader_timeout_s)
-    endpoints = sorted(name for name, model in self.generators.items() if not isinstance(model, CheckpointChat))
-    if config.step_rollouts and endpoints:
-      self.grader.close()
-      raise config_lib.ConfigError(f"config.step_rollouts={config.step_rollouts} continues the generators' own "
-                                   f"solutions in process; generators {endpoints} are endpoints (use ckpt "
-                                   "generators or set step_rollouts=0)")
 
   def close(self) -> None:
     self.grader.close()
@@ -226,8 +227,11 @@ class Builder:
     conversations = [teacher_template.messages(CritiqueRecord(question=problem.question, solution=cand["solution"]),
                                                with_target=False) for cand in candidates]
     for t, (name, model) in enumerate(sorted(self.teachers.items())):
-      texts = model.complete_each(conversations, c.teacher_temperature, c.teacher_max_new_tokens,
-                                  seed=_seed(c.seed, index, 1000 + t))
+      if isinstance(model, SyntheticAdditionTeacher):
+        texts = model.critique_each(problem.question, [cand["solution"] for cand in candidates])
+      else:
+        texts = model.complete_each(conversations, c.teacher_temperature, c.teacher_max_new_tokens,
+                                    seed=_seed(c.seed, index, 1000 + t))
       critiques += [{"candidate": j, "teacher": name, "critique": text,
                      "verdict": critique.parse_verdict(text, c.verdict_style)} for j, text in enumerate(texts)]
     return {"index": index, "id": problem.id, "num_samples": len(samples), "candidates": candidates,
@@ -237,7 +241,8 @@ class Builder:
   def step_labels(self, problem: CritiqueRecord, messages: Any, candidate: Mapping[str, Any], seed: int
                   ) -> dict[str, Any]:
     """{steps, step_values, error_step} of a labelled candidate: value k is the fraction of step_rollouts
-    continuations of steps[:k+1] (by the candidate's generator, at step_temperature) that math-verify
+    continuations of steps[:k+1] (by the candidate's generator, in process or through its endpoint's
+    `continue_final_message`, at step_temperature) that math-verify
     grades right; the last step's value is the candidate's own label. Rollouts stop at the first
     value 0 (`first_error_step`)."""
     c = self.config
@@ -257,6 +262,15 @@ class Builder:
     return {"steps": steps, "step_values": values, "error_step": first_error_step(values)}
 
 
+def _teacher(spec: Mapping[str, Any], where: str) -> CheckpointChat | EndpointChat | SyntheticAdditionTeacher:
+  """A teacher from its config entry: a chat model (`chat_model`) or {"rule": NAME}, a rule-based stand-in."""
+  if "rule" in spec:
+    if len(spec) != 1:
+      raise ValueError(f"{where}: a rule teacher takes only 'rule', got {dict(spec)}")
+    return rule_teacher(spec["rule"], where)
+  return chat_model(spec, where)
+
+
 def _seed(*parts: int) -> int:
   """A 31-bit seed from integers (stable across runs and processes)."""
   value = 0
@@ -270,9 +284,11 @@ def _seed(*parts: int) -> int:
 
 
 def _settings(config: Any) -> dict[str, Any]:
+  """What decides a run's work (an earlier run resumes only with the same): the config less its
+  progress bar, grader workers and output format."""
   settings = config.to_dict()
-  settings.pop("progress_bar", None)
-  settings.pop("grader_workers", None)
+  for key in ("progress_bar", "grader_workers", "output_format"):
+    settings.pop(key, None)
   settings["input"] = os.path.abspath(settings["input"])
   return json.loads(json.dumps(settings, default=str))
 
@@ -309,11 +325,30 @@ def _load_work(out_dir: str, settings: dict[str, Any]) -> dict[int, dict[str, An
   return done
 
 
-def _write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
+def _write_rows(path: str, rows: Sequence[dict[str, Any]], output_format: str) -> None:
+  """Rows to `path` as JSONL or ArrayRecord, written beside it and renamed into place when complete."""
   tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
+  if output_format == "jsonl":
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
+  else:
+    sources.write_array_record(rows, tmp)
   os.replace(tmp, path)
+
+
+def _write_outputs(out_dir: str, output_format: str, rows: Mapping[str, Sequence[CritiqueRecord]]
+                   ) -> dict[str, str]:
+  """Writes each kind's rows as OUT/<kind><extension>, removes row files of the other format (so the
+  directory holds what the manifest names), and returns {kind: file name}."""
+  files = {kind: kind + OUTPUT_FORMATS[output_format] for kind in rows}
+  for kind, kind_rows in rows.items():
+    _write_rows(os.path.join(out_dir, files[kind]), [r.to_dict() for r in kind_rows], output_format)
+  for kind in ROW_KINDS:
+    for extension in OUTPUT_FORMATS.values():
+      stale = os.path.join(out_dir, kind + extension)
+      if files.get(kind) != kind + extension and os.path.exists(stale):
+        os.remove(stale)
+  return files
 
 
 def run(config: Any, out_dir: str) -> dict[str, Any]:
@@ -321,6 +356,9 @@ def run(config: Any, out_dir: str) -> dict[str, Any]:
   if not config.input or not os.path.exists(config.input):
     raise FileNotFoundError(f"config.input={config.input!r} does not exist; set it to a verifiable set "
                             "(math rows with answers or code rows with tests)")
+  if config.output_format not in OUTPUT_FORMATS:
+    raise config_lib.ConfigError(f"config.output_format={config.output_format!r} is not one of "
+                                 f"{sorted(OUTPUT_FORMATS)}; set --config.output_format=jsonl")
   if not config.generators:
     raise config_lib.ConfigError("config.generators is empty; add one, e.g. "
                                  "--config.generators.policy.ckpt=DIR (or .endpoint=http://HOST:PORT/v1)")
@@ -334,7 +372,7 @@ def run(config: Any, out_dir: str) -> dict[str, Any]:
   done = _load_work(out_dir, settings)
   pending = [i for i in range(len(problems)) if i not in done]
   began = time.perf_counter()
-  builder = Builder(config)
+  builder = Builder(config) if pending else None  # a finished run only re-assembles its rows
   try:
     with open(os.path.join(out_dir, WORK_FILE), "a", encoding="utf-8") as work_file, \
          tqdm.tqdm(total=len(problems), initial=len(problems) - len(pending), desc="critique data", unit="problem",
@@ -346,18 +384,17 @@ def run(config: Any, out_dir: str) -> dict[str, Any]:
         done[i] = item
         bar.update(1)
   finally:
-    builder.close()
+    if builder is not None:
+      builder.close()
   seconds = time.perf_counter() - began
   crl, cft, steps, stats = assemble(problems, [done[i] for i in range(len(problems))], config)
-  files = {"crl": CRL_FILE, "cft": CFT_FILE, **({"steps": STEPS_FILE} if config.step_rollouts else {})}
-  for kind, rows in (("crl", crl), ("cft", cft), ("steps", steps)):
-    if kind in files:
-      _write_jsonl(os.path.join(out_dir, files[kind]), [r.to_dict() for r in rows])
+  files = _write_outputs(out_dir, config.output_format,
+                         {"crl": crl, "cft": cft, **({"steps": steps} if config.step_rollouts else {})})
   manifest = {"sources": {"input": settings["input"], "format": config.format,
                           "generators": settings["generators"], "teachers": settings["teachers"]},
               "settings": settings, **stats,
               "input_rows": {"read": len(loaded), "bad": dict(loaded.skipped), "unverifiable": unverifiable},
-              "files": files}
+              "output_format": config.output_format, "files": files}
   with open(os.path.join(out_dir, MANIFEST_FILE + ".tmp"), "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=2, sort_keys=True)
   os.replace(os.path.join(out_dir, MANIFEST_FILE + ".tmp"), os.path.join(out_dir, MANIFEST_FILE))

@@ -6,7 +6,11 @@ Contract (the subset of the OpenAI schema served; anything else in a request is 
 - completions: `prompt` is a string, a list of strings, a list of token ids or a list of such lists;
   strings are encoded with the tokenizer's special prefix (e.g. BOS) as the HF tokenizer does.
 - chat: `messages` ([{"role", "content"}], content a string or a list of {"type": "text"} parts) is
-  rendered with the checkpoint's chat template and a generation prompt.
+  rendered with the checkpoint's chat template and a generation prompt. Extensions (vLLM's names):
+  `add_generation_prompt` (default true) and `continue_final_message` (default false; with
+  add_generation_prompt false and a last message from the assistant, the completion continues that
+  message: the earlier messages with a generation prompt, then the last message's text encoded
+  without special tokens).
 - `max_tokens` (completions default 16, chat default: what is left of the context, at most 1024),
   `temperature` (default 1.0; 0 = greedy), `top_p`, `top_k` (extension; 0 = off), `n`, `stop`
   (string or list; cut from the text, finish_reason "stop"), `seed` (rows with a seed run as their own
@@ -32,7 +36,8 @@ from cftjax.serve.engine import Completion, Engine, GenerationRequest, SamplingS
 
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
                      "stream", "user"}
-CHAT_FIELDS = (COMPLETION_FIELDS - {"prompt"}) | {"messages", "max_completion_tokens"}
+CHAT_FIELDS = (COMPLETION_FIELDS - {"prompt"}) | {"messages", "max_completion_tokens", "add_generation_prompt",
+                                                   "continue_final_message"}
 CHAT_DEFAULT_MAX_TOKENS = 1024
 MAX_N = 64
 
@@ -61,6 +66,13 @@ def _integer(body: dict, key: str, default: int | None, low: int) -> int | None:
     return default
   if isinstance(value, bool) or not isinstance(value, int) or value < low:
     raise RequestError(f"'{key}' must be an integer >= {low}, got {value!r}", key)
+  return value
+
+
+def _flag(body: dict, key: str, default: bool) -> bool:
+  value = body.get(key, default)
+  if not isinstance(value, bool):
+    raise RequestError(f"'{key}' must be true or false, got {value!r}", key)
   return value
 
 
@@ -132,8 +144,18 @@ class OpenAIServer:
       if not isinstance(content, str):
         raise RequestError(f"messages[{i}].content must be a string or a list of text parts", "messages")
       plain.append({"role": message["role"], "content": content})
+    generation_prompt = _flag(body, "add_generation_prompt", True)
+    if _flag(body, "continue_final_message", False):
+      if generation_prompt or plain[-1]["role"] != "assistant" or len(plain) < 2:
+        raise RequestError("'continue_final_message' needs 'add_generation_prompt': false and a last message "
+                           "from the assistant after at least one other", "continue_final_message")
+      try:
+        head = self.engine.tokenizer.apply_chat_template(plain[:-1], add_generation_prompt=True)
+      except (ValueError, TypeError, KeyError) as e:
+        raise RequestError(f"'messages' could not be rendered with the chat template: {e}", "messages") from e
+      return list(head) + list(self.engine.tokenizer.encode(plain[-1]["content"]))
     try:
-      return self.engine.tokenizer.apply_chat_template(plain, add_generation_prompt=True)
+      return self.engine.tokenizer.apply_chat_template(plain, add_generation_prompt=generation_prompt)
     except (ValueError, TypeError, KeyError) as e:
       raise RequestError(f"'messages' could not be rendered with the chat template: {e}", "messages") from e
 
