@@ -154,8 +154,8 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
     batch, bucket = prompt_tokens.shape
     variables = {"params": params}
     cache = init_cache(cfg, batch, bucket + max_new_tokens, jnp.dtype(cache_dtype))
-    positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
-    hidden, cache = model.apply(variables, prompt_tokens, positions, cache=cache, return_hidden=True)
+    slots = jnp.arange(bucket + max_new_tokens, dtype=jnp.int32)[None, :]
+    hidden, cache = model.apply(variables, prompt_tokens, cache=cache, return_hidden=True)
     last_hidden = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     weights = decode_weights(cfg, decode, params)  # laid out once per call, not at every decode step
     state = {
@@ -172,10 +172,14 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
       return (state["step"] < max_new_tokens) & ~jnp.all(state["done"])
 
     def next_token(state):
-      # Row b's previous token sits at position prompt_lengths[b] + step - 1 (its cache slot).
-      previous = jax.lax.dynamic_index_in_dim(state["tokens"], state["step"] - 1, axis=1, keepdims=False)
-      positions = prompt_lengths + state["step"] - 1
-      logits, cache = decode_step(cfg, decode, weights, previous, positions, state["cache"])
+      # Row b's previous token is at position prompt_lengths[b] + step - 1; every row's goes to cache
+      # slot bucket + step - 1 (after the prompt bucket), and a row sees its prompt and its new tokens.
+      step = state["step"]
+      previous = jax.lax.dynamic_index_in_dim(state["tokens"], step - 1, axis=1, keepdims=False)
+      slot = bucket + step - 1
+      visible = (slots < prompt_lengths[:, None]) | ((slots >= bucket) & (slots <= slot))
+      logits, cache = decode_step(cfg, decode, weights, previous, prompt_lengths + step - 1, slot, visible,
+                                  state["cache"])
       return emit(dict(state, cache=cache), logits, rng, temperature, top_p)
 
     if max_new_tokens > 1:  # (a program without the loop is what `cftjax.aot` subtracts)

@@ -256,13 +256,22 @@ def test_incremental_decoding_matches_full_forward(hf_pair):
 
   # The sampler's decode path through the dispatch, each decode layout (layers unrolled over
   # per-layer caches): "cpu" ([out, in] weights, fused scores), "xla" (standard weights).
+  # As the sampler lays out rows of different lengths: every row writes decode slot t (after the
+  # prefix "bucket"); row 1 is a 6-token prompt whose slots 6 and 7 hold padding it never sees, then
+  # its decoded tokens, so it must match a forward over tokens[1, :6] followed by tokens[1, 8:].
+  short = np.asarray(model.apply({"params": params}, np.concatenate([tokens[1:, :6], tokens[1:, prefix:]], 1)))
+  slots = np.arange(32)
   for name in ("cpu", "xla"):
     decode = attention.BACKENDS[name].decode
     layer_caches = decode_caches(decode, prefill_cache)
-    step = jax.jit(lambda c, t, p, d=decode: decode_step(cfg, d, decode_weights(cfg, d, params), t, p, c))
+    step = jax.jit(lambda c, t, p, s, v, d=decode: decode_step(cfg, d, decode_weights(cfg, d, params),
+                                                                t, p, s, v, c))
     for t in range(prefix, tokens.shape[1]):
-      logits, layer_caches = step(layer_caches, tokens[:, t], np.full((2,), t, np.int32))
-      np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=1e-4, err_msg=name)
+      visible = np.stack([slots <= t, (slots < 6) | ((slots >= prefix) & (slots <= t))])
+      positions = np.array([t, t - 2], np.int32)
+      logits, layer_caches = step(layer_caches, tokens[:, t], positions, np.int32(t), visible)
+      np.testing.assert_allclose(np.asarray(logits)[0], full[0, t], atol=1e-4, err_msg=name)
+      np.testing.assert_allclose(np.asarray(logits)[1], short[0, t - 2], atol=1e-4, err_msg=name)
 
 
 def test_unsupported_model_type_lists_supported(tmp_path):

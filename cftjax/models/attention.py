@@ -75,42 +75,45 @@ CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 def write_cache(layer_cache: Array, new: Array, start: Array, *, slots_last: bool = False) -> Array:
   """Writes new [batch, seq, kv_heads, head_dim] into one layer's cache [batch, kv_heads, slots, head_dim]
   (with slots_last: [batch, kv_heads, head_dim, slots]) at slots start[b] .. start[b] + seq - 1 of each
-  row b (start: [batch] int32)."""
+  row b (start: [batch] int32), or with a scalar start at the same slots for every row: one in-place
+  update instead of a per-row scatter (which the TPU compiler lowers to a loop over the rows)."""
   new = (new.transpose(0, 2, 3, 1) if slots_last else new.swapaxes(1, 2)).astype(layer_cache.dtype)
+  if jnp.ndim(start) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(layer_cache, new, start, axis=3 if slots_last else 2)
   write_row = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=2 if slots_last else 1)
   return jax.vmap(write_row)(layer_cache, new, start)
 
 
 def cache_attention(q: Array, k: Array, v: Array, cache: LayerCache,
                     positions: Array) -> tuple[Array, LayerCache]:
-  """Writes k, v at slots = positions [batch, seq] (contiguous per row) of one layer's cache {"k", "v"}:
-  [batch, kv_heads, slots, head_dim], then attends q to the slots <= each query's position through
-  `jax.nn.dot_product_attention`. Returns (out [batch, seq, heads, head_dim], the updated cache)."""
-  cache = write_layer_cache(cache, k, v, positions[:, 0])
+  """Writes k, v at slots = positions [batch, seq] (contiguous per row; or [1, seq], the same for every
+  row: one in-place write) of one layer's cache {"k", "v"}: [batch, kv_heads, slots, head_dim], then
+  attends q to the slots <= each query's position through `jax.nn.dot_product_attention`. Returns
+  (out [batch, seq, heads, head_dim], the updated cache)."""
+  cache = write_layer_cache(cache, k, v, positions[0, 0] if positions.shape[0] == 1 else positions[:, 0])
   keys, values = (cache[name].swapaxes(1, 2).astype(q.dtype) for name in ("k", "v"))
   mask = cache_mask(positions, keys.shape[1])
   return jax.nn.dot_product_attention(q, keys, values, mask=mask), cache
 
 
 def write_layer_cache(cache: LayerCache, k: Array, v: Array, start: Array) -> LayerCache:
-  """k, v [batch, seq, kv_heads, head_dim] written at slots start[b] .. of one layer's cache {"k", "v"}
-  [batch, kv_heads, slots, head_dim], which keeps its placement (`CACHE_AXES`)."""
+  """k, v [batch, seq, kv_heads, head_dim] written at slots start[b] .. (or start .. for a scalar) of
+  one layer's cache {"k", "v"} [batch, kv_heads, slots, head_dim], which keeps its placement
+  (`CACHE_AXES`)."""
   write = lambda name, new: nn.with_logical_constraint(write_cache(cache[name], new, start), CACHE_AXES)
   return {"k": write("k", k), "v": write("v", v)}
 
 
-def einsum_decode_attention(q: Array, k: Array, v: Array, cache: LayerCache,
-                            positions: Array) -> tuple[Array, LayerCache]:
-  """One token per row over a cache {"k", "v"} [batch, kv_heads, slots, head_dim]: writes k, v at slot
-  = position, then attends as two batched matmuls on the cache's own layout (float32 scores and
-  softmax over the slots <= position), each KV head's query heads folded into one product."""
+def einsum_decode_attention(q: Array, k: Array, v: Array, cache: LayerCache, slot: Array,
+                            visible: Array) -> tuple[Array, LayerCache]:
+  """One token per row over a cache {"k", "v"} [batch, kv_heads, slots, head_dim]: writes k, v at
+  `slot`, then attends as two batched matmuls on the cache's own layout (float32 scores and softmax
+  over the `visible` slots), each KV head's query heads folded into one product."""
   batch, _, heads, head_dim = q.shape
   kv_heads = k.shape[2]
-  start = positions[:, 0]
-  cache = write_layer_cache(cache, k, v, start)
+  cache = write_layer_cache(cache, k, v, slot)
   q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
   scores = jnp.einsum("bkgh,bksh->bkgs", q, cache["k"].astype(q.dtype), preferred_element_type=jnp.float32)
-  visible = jnp.arange(scores.shape[-1], dtype=jnp.int32)[None, :] <= start[:, None]  # [batch, slots]
   scores = jnp.where(visible[:, None, None, :], scores / math.sqrt(head_dim), -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   out = jnp.einsum("bkgs,bksh->bkgh", probs, cache["v"].astype(q.dtype))
@@ -422,8 +425,8 @@ OUT_IN = Layout(layer_weights=_out_in_layer, head_weights=lambda head, dtype: he
 class Decode:
   """The sampler's decode step. layer_cache turns one layer's prefill cache ({"k", "v"}: [batch,
   kv_heads, slots, head_dim]) into this step's cache layout (once per `generate` call); attend(q, k,
-  v, cache, positions [batch, 1]) writes the token's k, v at slot = position and attends over the
-  slots <= it: (out [batch, 1, heads, head_dim], the updated cache)."""
+  v, cache, slot int32 scalar, visible [batch, slots] bool) writes every row's k, v at cache slot
+  `slot` and attends over its visible slots: (out [batch, 1, heads, head_dim], the updated cache)."""
 
   layout: Layout
   layer_cache: Callable[[LayerCache], LayerCache]
@@ -443,16 +446,14 @@ def _scores(q: Array, keys: Array) -> Array:
   return scores
 
 
-def fused_decode_attention(q: Array, k: Array, v: Array, cache: LayerCache,
-                           positions: Array) -> tuple[Array, LayerCache]:
-  """One token per row over a cache with keys [batch, kv, head_dim, slots] and values [batch, kv,
-  slots, head_dim]; the scores are `_scores`."""
+def fused_decode_attention(q: Array, k: Array, v: Array, cache: LayerCache, slot: Array,
+                           visible: Array) -> tuple[Array, LayerCache]:
+  """`einsum_decode_attention` over a cache with keys [batch, kv, head_dim, slots] and values [batch,
+  kv, slots, head_dim]; the scores are `_scores`."""
   batch, _, heads, head_dim = q.shape
   kv_heads = k.shape[2]
-  start = positions[:, 0]
-  cache = {"k": write_cache(cache["k"], k, start, slots_last=True), "v": write_cache(cache["v"], v, start)}
+  cache = {"k": write_cache(cache["k"], k, slot, slots_last=True), "v": write_cache(cache["v"], v, slot)}
   keys, values = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
-  visible = jnp.arange(keys.shape[-1], dtype=jnp.int32)[None, :] <= start[:, None]  # [batch, slots]
   scores = _scores(q.reshape(batch, kv_heads, heads // kv_heads, head_dim), keys) / math.sqrt(head_dim)
   scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)

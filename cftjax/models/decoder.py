@@ -234,7 +234,8 @@ _REMAT_POLICY = {
 class Decoder(nn.Module):
   """Token ids -> logits [batch, seq, vocab] (float32), or final hidden states with `return_hidden`.
 
-  Call: `Decoder(cfg).apply({"params": p}, tokens, positions, segment_ids, cache=None)`.
+  Call: `Decoder(cfg).apply({"params": p}, tokens, positions, segment_ids, cache=None)`; positions
+  [batch, seq], or [1, seq] when every row has the same (default: 0 .. seq - 1 for every row).
   With a cache, returns `(logits, new_cache)`; see `init_cache` for the slot convention.
   """
 
@@ -246,7 +247,7 @@ class Decoder(nn.Module):
     cfg = self.cfg
     batch, seq = tokens.shape  # tokens: [batch, seq] int32
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+      positions = jnp.arange(seq, dtype=jnp.int32)[None, :]
     normal = nn.initializers.normal
     embedding = declare(self, {"embedding": ((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                                              normal(1.0))})["embedding"]
@@ -353,16 +354,18 @@ def decode_logits(decode: attention.Decode, weights: DecodeWeights, hidden: Arra
 
 
 def decode_step(cfg: ModelConfig, decode: attention.Decode, weights: DecodeWeights, tokens: Array,
-                positions: Array, caches: list[attention.LayerCache]):
+                positions: Array, slot: Array, visible: Array, caches: list[attention.LayerCache]):
   """One token per row through `block`: (next-token logits [batch, vocab] float32, updated caches).
 
-  tokens, positions: [batch] int32; a token's K/V go to cache slot = its position, and it attends to
-  slots <= its position. weights, caches: from `decode_weights` and `decode_caches`.
+  tokens, positions: [batch] int32 (positions give the rotary angles); every row's K/V go to cache
+  slot `slot` (int32 scalar) and each row attends to its `visible` slots ([batch, slots] bool, the
+  new slot included): rows of different lengths share one write position, so the cache is updated
+  in place without a per-row scatter. weights, caches: from `decode_weights` and `decode_caches`.
   """
   positions = positions[:, None]
   x = embed(cfg, weights["embedding"], tokens[:, None])  # [batch, 1, hidden]
   cos, sin = rope_angles(cfg, positions)
-  attend = functools.partial(decode.attend, positions=positions)
+  attend = functools.partial(decode.attend, slot=slot, visible=visible)
   new_caches = []
   for layer, cache in zip(weights["layers"], caches, strict=True):
     x, cache = block(cfg, decode.layout, layer, x, cos, sin, attend, cache)

@@ -79,9 +79,11 @@ def _log_softmax_at(logits: Array, targets: Array, vocab: VocabShard) -> tuple[A
   peak = vocab.max(jnp.max(logits, axis=-1))
   log_z = peak + jnp.log(vocab.sum(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1)))
   local = targets.astype(jnp.int32) - vocab.start(size)
-  here = (local >= 0) & (local < size)
-  picked = jnp.take_along_axis(logits, jnp.clip(local, 0, size - 1)[..., None], axis=-1)[..., 0]
-  return vocab.sum(jnp.where(here, picked, 0.0)) - log_z, log_z
+  # A masked sum, not a gather: its gradient is a select, where a gather's is a scatter-add (which
+  # the TPU cost model prices at a negative time). A target in another slice matches nothing here.
+  is_target = jnp.arange(size, dtype=jnp.int32) == local[..., None]
+  picked = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+  return vocab.sum(picked) - log_z, log_z
 
 
 def _entropy(logits: Array, log_z: Array, vocab: VocabShard) -> Array:
