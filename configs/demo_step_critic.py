@@ -1,14 +1,14 @@
 """Demo: a step-level critic (DeepCritic arXiv 2505.00662, scored as ProcessBench scores) trained by SFT
 then RL on the synthetic world's step-labelled solutions, on a laptop CPU.
 
-The critic reads a two-digit addition answered in three steps (columns from the right, then the boxed
+The critic reads a three-digit addition answered in four steps (columns from the right, then the boxed
 sum) and names the first wrong step, "**Answer**: \\boxed{k}" counted from 1 (-1 = every step right).
 It starts from RUN_DIR/sft_warmstart, trained first with configs/demo_step_critic_sft.py on a fallible
 teacher's step-wise critiques: the teacher often redoes the leading column without its carry, and the
 critic copies that. GRPO then samples 8 critiques for each of 16 training solutions per step and
 rewards those naming exactly the labelled first wrong step (the `step` reward, DeepCritic's
 judgement reward). The before/after table is ProcessBench's F1 (harmonic mean of the accuracy on
-erroneous and on correct solutions) of greedy critiques of the 200 held-out solutions
+erroneous and on correct solutions) of greedy critiques of the 300 held-out solutions
 (configs/eval_demo_step_critic.py), before, every 10 steps and after. Measured in docs/recipes.md.
 
   cftjax train --config configs/demo_step_critic.py
@@ -28,9 +28,9 @@ def get_config():
   c.train.run_dir = RUN_DIR
   c.data.synthetic_world = True
   c.data.world_dir = WORLD_DIR
-  c.data.world.digits = 2  # as configs/demo_step_critic_sft.py
-  c.data.world.num_train = 600
-  c.data.world.num_heldout = 200
+  c.data.world.digits = 3  # as configs/demo_step_critic_sft.py
+  c.data.world.num_train = 4000
+  c.data.world.num_heldout = 300
   c.data.world.teacher_leading_carry_slip = 0.7
   c.data.world.step_solutions = True
   c.data.template = STEP_CRITIC_TEMPLATE
@@ -38,14 +38,15 @@ def get_config():
                      "template": STEP_CRITIC_TEMPLATE, "name": "steps"},)
   c.data.eval_path = WORLD_DIR + "/step_heldout.jsonl"
   c.data.batch_size = 16  # prompts per step
-  c.data.max_seq_len = 128
+  c.data.max_seq_len = 160  # as the warm start
   c.data.packing = False
 
   c.rl.init_from_run = RUN_DIR + "/sft_warmstart"
   c.rl.warmstart_config = "demo_step_critic_sft.py"  # beside this file
   c.rl.group_size = 8
-  c.rl.max_new_tokens = 48  # a critique is 20-43 tokens; prompt (61-63) + completion fit 128
-  c.rl.max_prompt_len = 64
+  c.rl.prompt_buckets = (96,)
+  c.rl.max_new_tokens = 64  # a critique is 22-59 tokens; prompt (83-86) + completion fit 160
+  c.rl.max_prompt_len = 96
   c.rl.temperature = 1.0
   c.rl.rewards.by_task = {"step": "step"}
   c.rl.rewards.options = {"step": {"indexing": "deepcritic"}}

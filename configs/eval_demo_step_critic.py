@@ -1,5 +1,5 @@
 """Demo: ProcessBench-style earliest-error F1 of the step-level critic of configs/demo_step_critic.py
-on the synthetic world's 200 held-out step-labelled solutions (ProcessBench rows, DeepCritic's 1-based
+on the synthetic world's 300 held-out step-labelled solutions (ProcessBench rows, DeepCritic's 1-based
 "\\boxed{k}"), greedy, on a laptop CPU.
 
   cftjax eval --config configs/eval_demo_step_critic.py --ckpt RUN_DIR
@@ -15,7 +15,7 @@ def get_config():
   c = base_suite_config("demo_step_critic")
   c.benchmarks["steps"] = benchmark_entry(f"{WORLD_DIR}/step_heldout_processbench.jsonl",
                                           "processbench", template=dict(STEP_CRITIC_TEMPLATE),
-                                          step_indexing="deepcritic", max_new_tokens=48)
+                                          step_indexing="deepcritic", max_new_tokens=64)
   c.batch_size = 100
   c.tokenizer_dir = WORLD_DIR + "/tokenizer"  # used only when the checkpoint has no tokenizer/
   return c
