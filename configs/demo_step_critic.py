@@ -1,8 +1,8 @@
 """Demo: a step-level critic (DeepCritic arXiv 2505.00662, scored as ProcessBench scores) trained by SFT
 then RL on the synthetic world's step-labelled solutions, on a laptop CPU.
 
-The critic reads a three-digit addition answered in four steps (columns from the right, then the boxed
-sum) and names the first wrong step, "**Answer**: \\boxed{k}" counted from 1 (-1 = every step right).
+The critic reads a three-digit addition answered in four steps (column totals from the right, then
+the boxed sum) and names the first wrong step, "**Answer**: \\boxed{k}" counted from 1 (-1 = every step right).
 It starts from RUN_DIR/sft_warmstart, trained first with configs/demo_step_critic_sft.py on a fallible
 teacher's step-wise critiques: the teacher often redoes the leading column without its carry, and the
 critic copies that. GRPO then samples 8 critiques for each of 16 training solutions per step and
@@ -44,9 +44,9 @@ def get_config():
   c.rl.init_from_run = RUN_DIR + "/sft_warmstart"
   c.rl.warmstart_config = "demo_step_critic_sft.py"  # beside this file
   c.rl.group_size = 8
-  c.rl.prompt_buckets = (96,)
-  c.rl.max_new_tokens = 64  # a critique is 22-59 tokens; prompt (83-86) + completion fit 160
-  c.rl.max_prompt_len = 96
+  c.rl.prompt_buckets = (80,)
+  c.rl.max_new_tokens = 80  # a critique is 26-79 tokens; prompt (65-68) + completion fit 160
+  c.rl.max_prompt_len = 80
   c.rl.temperature = 1.0
   c.rl.rewards.by_task = {"step": "step"}
   c.rl.rewards.options = {"step": {"indexing": "deepcritic"}}

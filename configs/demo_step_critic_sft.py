@@ -2,13 +2,15 @@
 the synthetic world's step-labelled solutions (step_train.jsonl, cftjax.data.synthetic.step_rows), on
 a laptop CPU.
 
-Each row is a three-digit addition answered in four steps (the three columns from the right, then
-the boxed sum), half of them with one slip (a dropped carry, a column total off by one, or a wrong boxed
-digit), and a teacher's deliberate step-wise critique ending in DeepCritic's "**Answer**: \\boxed{k}"
-(the first wrong step from 1, -1 when every step is right). The teacher is fallible: in 70% of its
-critiques of problems with a carry into the leading column it redoes that column without the carry
-(so it names a right leading step as wrong, or passes a leading step that dropped the carry); it is
-right on 77% of the rows. `cftjax train --config configs/demo_step_critic.py` trains this first.
+Each row is a three-digit addition answered in four steps (the total of each column from the right
+with its incoming carry, then the boxed sum), half of them with one slip (a dropped carry, a column
+total off by one, or a wrong boxed digit), and a teacher's deliberate step-wise critique: each step
+redone from the question ("3: 4+3+1=08 vs 07 no") up to the first wrong one, then DeepCritic's
+"**Answer**: \\boxed{k}" (the first wrong step from 1, -1 when every step is right). The teacher is
+fallible: in 70% of its critiques of problems with a carry into the leading column it redoes that
+column without the carry (so it names a right leading step as wrong, or passes a leading step that
+dropped the carry); it is right on 76% of the rows. `cftjax train --config
+configs/demo_step_critic.py` trains this first.
 """
 
 import demo_cft
@@ -31,7 +33,7 @@ def get_config():
   c.data.train_path = WORLD_DIR + "/step_train.jsonl"
   c.data.eval_path = WORLD_DIR + "/step_heldout.jsonl"
   c.data.template = STEP_CRITIC_TEMPLATE
-  c.data.max_seq_len = 160  # a row is 107-145 tokens
+  c.data.max_seq_len = 160  # a row is 93-146 tokens
   c.train.chunk_size = 2560  # = batch_size * max_seq_len: one chunk
   c.model.arch.max_position_embeddings = 256
 

@@ -15,7 +15,7 @@ def get_config():
   c = base_suite_config("demo_step_critic")
   c.benchmarks["steps"] = benchmark_entry(f"{WORLD_DIR}/step_heldout_processbench.jsonl",
                                           "processbench", template=dict(STEP_CRITIC_TEMPLATE),
-                                          step_indexing="deepcritic", max_new_tokens=64)
+                                          step_indexing="deepcritic", max_new_tokens=80)
   c.batch_size = 100
   c.tokenizer_dir = WORLD_DIR + "/tokenizer"  # used only when the checkpoint has no tokenizer/
   return c

@@ -241,19 +241,15 @@ def test_written_world_records_its_arguments(world_dir, tmp_path):
   assert synthetic.written_world_params(str(tmp_path)) is None
 
 
-_STEP = re.compile(r"(\d)\+(\d)\+(\d)=(\d\d)")
-
-
 def _first_wrong_step(a: int, b: int, steps) -> int:
-  """The first wrong step of a column-by-column answer, checked by redoing the arithmetic here."""
+  """The first wrong step of a column-totals answer, checked by redoing the arithmetic here."""
   a_digits, b_digits = str(a)[::-1].ljust(len(steps) - 1, "0"), str(b)[::-1].ljust(len(steps) - 1, "0")
-  carry, digits = 0, []
+  carry = 0
   for i, step in enumerate(steps[:-1]):
-    x, y, carry_in, total = map(int, _STEP.fullmatch(step).groups())
-    if (x, y, carry_in) != (int(a_digits[i]), int(b_digits[i]), carry) or total != x + y + carry:
+    assert re.fullmatch(r"\d\d", step), step
+    if int(step) != int(a_digits[i]) + int(b_digits[i]) + carry:
       return i
-    digits.append(total % 10)
-    carry = total // 10
+    carry = int(step) // 10
   return -1 if steps[-1] == "\\boxed{" + str(a + b) + "}" else len(steps) - 1
 
 

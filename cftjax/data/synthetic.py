@@ -124,8 +124,9 @@ def actor_rows(records: Sequence[CritiqueRecord]) -> list[CritiqueRecord]:
 
 
 # Solutions as steps, for the step-level critic demo (configs/demo_step_critic.py): one step per column
-# from the right ("x+y+carry=TT"), then the boxed sum. A wrong solution has exactly one slip; the
-# steps after it follow from it (carries and digits as written), so only the slipped step is wrong.
+# from the right, its total with the incoming carry ("12"), then the boxed sum. A wrong solution has
+# exactly one slip; the steps after it follow from it (carries and digits as written), so only the
+# slipped step is wrong. Steps show totals only, so a critic must redo each column from the question.
 STEP_ERROR_KINDS = ("dropped_carry", "digit_off", "wrong_box")
 # The step critic demo's prompt: the question and the steps as tagged paragraphs numbered from 1.
 STEP_CRITIC_TEMPLATE = {"user": "{question}\n{steps}", "assistant": "{critique}"}
@@ -140,48 +141,58 @@ def step_solution(a: int, b: int, kind: str | None = None, column: int = 0, delt
   every column right, the boxed sum's digit `column` (from the right) off by `delta`, mod 10. Later
   columns take the carry of the total as written.
   """
-  a_digits, b_digits = str(a)[::-1], str(b)[::-1]
-  num_columns = max(len(a_digits), len(b_digits))
   if kind not in (None,) + STEP_ERROR_KINDS:
     raise ValueError(f"step_solution: unknown kind {kind!r}; use None or one of {STEP_ERROR_KINDS}")
-  steps, digits, carry = [], [], 0
-  for i in range(num_columns):
-    x, y = _digit(a_digits, i), _digit(b_digits, i)
-    carry_in = carry
-    if kind == "dropped_carry" and i == column:
-      if not carry_in:
-        raise ValueError(f"step_solution: column {column} of {a} + {b} receives no carry to drop")
-      carry_in = 0
-    total = x + y + carry_in
-    if kind == "digit_off" and i == column:
-      total = (total + delta) % 20
-    steps.append(f"{x}+{y}+{carry_in}={total:02d}")
-    digits.append(total % 10)
-    carry = total // 10
-  if carry:
-    digits.append(carry)
+  if kind == "dropped_carry" and not _carry_in_columns(a, b)[column]:
+    raise ValueError(f"step_solution: column {column} of {a} + {b} receives no carry to drop")
+  columns = _column_sums(a, b, column if kind == "dropped_carry" else None,
+                         (column, delta) if kind == "digit_off" else None)
+  digits = [total % 10 for *_, total in columns]
+  if columns[-1][3] >= 10:
+    digits.append(columns[-1][3] // 10)
   if kind == "wrong_box":
     digits[column] = (digits[column] + delta) % 10
-  steps.append("\\boxed{" + "".join(map(str, digits[::-1])).lstrip("0").rjust(1, "0") + "}")
-  error_step = -1 if kind is None else (num_columns if kind == "wrong_box" else column)
+  steps = [f"{total:02d}" for *_, total in columns]
+  steps.append("\\boxed{" + (str(int("".join(map(str, digits[::-1]))))) + "}")
+  error_step = -1 if kind is None else (len(columns) if kind == "wrong_box" else column)
   return steps, error_step
+
+
+def _column_sums(a: int, b: int, forget_carry_column: int | None = None,
+                 off_by: tuple[int, int] | None = None) -> list[tuple[int, int, int, int]]:
+  """(x, y, carry in, total) of each column of a + b from the right, each column taking the carry of
+  the total before it; `forget_carry_column` adds 0 there instead, `off_by` = (column, delta) adds
+  delta to that column's total (mod 20)."""
+  a_digits, b_digits = str(a)[::-1], str(b)[::-1]
+  columns, carry = [], 0
+  for i in range(max(len(a_digits), len(b_digits))):
+    x, y = _digit(a_digits, i), _digit(b_digits, i)
+    carry_in = 0 if i == forget_carry_column else carry
+    total = x + y + carry_in
+    if off_by is not None and i == off_by[0]:
+      total = (total + off_by[1]) % 20
+    columns.append((x, y, carry_in, total))
+    carry = total // 10
+  return columns
 
 
 def step_critique(a: int, b: int, steps: Sequence[str], forget_carry_column: int | None = None) -> str:
   """A deliberate step-wise critique of `steps` (as step_solution writes them) ending in the first
   wrong step, DeepCritic's "**Answer**: \\boxed{k}" counted from 1 (-1: every step right).
 
-  Each step is redone and written "k: REDONE ok|no" (REDONE in the step's own form), up to the first
-  "no". `forget_carry_column` (from the right) makes it a fallible teacher's: that column is redone
-  without its incoming carry.
+  Step k is redone from the question and written "k: x+y+carry=TT vs STEP ok|no" for a column,
+  "k: \\boxed{SUM} vs STEP ok|no" for the boxed sum, up to the first "no". `forget_carry_column`
+  (from the right) makes it a fallible teacher's: that column is redone without its incoming carry.
   """
-  redone, _ = step_solution(a, b)
-  if forget_carry_column is not None and _carry_in_columns(a, b)[forget_carry_column]:
-    redone, _ = step_solution(a, b, "dropped_carry", forget_carry_column)
+  columns = _column_sums(a, b, forget_carry_column)
+  digits = [total % 10 for *_, total in columns] + ([1] if columns[-1][3] >= 10 else [])
+  redone = [f"{x}+{y}+{c}={total:02d}" for x, y, c, total in columns]
+  redone.append("\\boxed{" + str(int("".join(map(str, digits[::-1])))) + "}")
   lines, first_wrong = [], -1
   for k, (step, own) in enumerate(zip(steps, redone), start=1):
-    lines.append(f"{k}: {own} {'ok' if step == own else 'no'}")
-    if step != own:
+    right = step == own.rpartition("=")[2] if k <= len(columns) else step == own
+    lines.append(f"{k}: {own} vs {step} {'ok' if right else 'no'}")
+    if not right:
       first_wrong = k
       break
   return "\n".join(lines) + f"\n**Answer**: \\boxed{{{first_wrong}}}"
