@@ -49,7 +49,7 @@ def get_config():
   c.rl.max_prompt_len = 80
   c.rl.temperature = 1.0
   c.rl.rewards.by_task = {"step": "step"}
-  c.rl.rewards.options = {"step": {"indexing": "deepcritic"}}
+  c.rl.rewards.options = {"step": {"indexing": "deepcritic", "partial_credit": 0.0}}
   c.rl.dynamic_sampling = True
   c.rl.max_draws = 2
   c.rl.eps_low = 0.2
