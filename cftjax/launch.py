@@ -77,8 +77,10 @@ def check_init_run_world(config: Any) -> None:
   source = checkpoint_io.read_run_config(grpo.init_run_dir(config)).data
   if source.get("world_dir") != config.data.world_dir:
     return
-  differing = {key: (source.world.get(key), value) for key, value in config.data.world.items()
-               if source.world.get(key) != value}
+  defaults = config_lib.base_config().data.world  # keys a run written before they existed lacks
+  written = {key: source.world.get(key, defaults.get(key)) for key in config.data.world}
+  differing = {key: (written[key], value) for key, value in config.data.world.items()
+               if written[key] != value}
   if differing:
     raise config_lib.ConfigError(
         f"rl.init_from_run={config.rl.init_from_run!r} was trained on {config.data.world_dir} with "

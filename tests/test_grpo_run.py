@@ -286,3 +286,55 @@ def test_critique_grpo_two_step_smoke_run(tmp_path):
     assert row["refine/refinements_added"] == 4.0 and 0 < row["refined_token_fraction"] < 1
     assert 0 < row["token_weight_mean"] <= 2.0 and np.isfinite(row["loss"])
     assert np.isfinite(row["entropy_loss"]) and row["entropy_loss"] < 0
+
+
+STEP_SUITE_CONFIG = '''
+from cftjax.data.synthetic import STEP_CRITIC_TEMPLATE
+from cftjax.eval.suites import base_suite_config, benchmark_entry
+
+def get_config():
+  c = base_suite_config("step_smoke")
+  c.benchmarks["steps"] = benchmark_entry({path!r}, "processbench", template=dict(STEP_CRITIC_TEMPLATE),
+                                          step_indexing="deepcritic", max_new_tokens=6)
+  c.batch_size = 4
+  return c
+'''
+
+
+def test_step_critic_two_step_smoke_run(tmp_path):
+  """Two GRPO steps of a step-level critic (the `step` reward, DeepCritic indexing) on the synthetic
+  world's step-labelled rows, with the ProcessBench-style suite at every eval: finite metrics, both
+  checkpoints, the suite's F1 before and after, a summary."""
+  world = str(tmp_path / "world")
+  synthetic.write_world(world, num_train=40, num_heldout=8, step_solutions=True)
+  suite = tmp_path / "eval_steps.py"
+  suite.write_text(STEP_SUITE_CONFIG.format(path=os.path.join(world, "step_heldout_processbench.jsonl")))
+  run_dir = str(tmp_path / "run")
+  c = smoke_config(world, run_dir, steps=2)
+  c.data.sources = ({"path": os.path.join(world, "rl_step_train.jsonl"), "task": "step",
+                     "template": synthetic.STEP_CRITIC_TEMPLATE, "name": "steps"},)
+  c.data.template = synthetic.STEP_CRITIC_TEMPLATE
+  c.data.eval_template = synthetic.STEP_CRITIC_TEMPLATE
+  c.data.eval_path = os.path.join(world, "step_heldout.jsonl")
+  c.rl.kl_coef = 0.0
+  c.rl.overlong_buffer = 0  # rewards stay the step reward's 0 / 1
+  c.rl.rewards.by_task = {"step": "step"}
+  c.rl.rewards.options = {"step": {"indexing": "deepcritic"}}
+  c.eval.verdict_examples = 0
+  c.eval.suite = str(suite)
+  c.eval.suite_limit = 0
+  c.eval.every_steps = 2
+  summary = launch.train(c)
+  assert (summary["start_step"], summary["steps"]) == (0, 2)
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train_rows] == [1, 2]
+  for row in train_rows:
+    assert 0.0 <= row["reward_mean/steps"] <= 1.0
+    assert all(np.isfinite(row[k]) for k in ("loss", "pg_loss", "entropy", "grad_norm", "reward_mean"))
+  evals = [r for r in rows if "steps/f1" in r]
+  assert [r["step"] for r in evals] == [0, 2]
+  assert all(0.0 <= r["steps/f1"] <= 1.0 and 0.0 <= r["steps/missing_rate"] <= 1.0 for r in evals)
+  assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["1", "2"]
+  assert {"config.json", "metrics.jsonl", "summary.json"} <= set(os.listdir(run_dir))

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cftjax.data import readers, synthetic
-from cftjax.data.critique import get_template, parse_verdict, render_prompt, render_cft
+from cftjax.data.critique import (get_template, parse_first_wrong_step, parse_verdict, render_prompt,
+                                  render_cft)
 from cftjax.tokenizer import Tokenizer
 
 _PROBLEM = re.compile(r"What is (\d+) \+ (\d+)\?")
@@ -238,3 +239,60 @@ def test_written_world_records_its_arguments(world_dir, tmp_path):
   assert params["seed"] == 1 and params["num_train"] == 400
   assert params["teacher_leading_carry_slip"] == 0.0
   assert synthetic.written_world_params(str(tmp_path)) is None
+
+
+def _first_wrong_step(a: int, b: int, steps) -> int:
+  """The first wrong step of a column-totals answer, checked by redoing the arithmetic here."""
+  a_digits, b_digits = str(a)[::-1].ljust(len(steps) - 1, "0"), str(b)[::-1].ljust(len(steps) - 1, "0")
+  carry = 0
+  for i, step in enumerate(steps[:-1]):
+    assert re.fullmatch(r"\d\d", step), step
+    if int(step) != int(a_digits[i]) + int(b_digits[i]) + carry:
+      return i
+    carry = int(step) // 10
+  return -1 if steps[-1] == "\\boxed{" + str(a + b) + "}" else len(steps) - 1
+
+
+def test_step_rows_label_the_first_wrong_step_and_the_exact_teacher_names_it(world):
+  rows = synthetic.step_rows(world["train"], seed=3, teacher_leading_carry_slip=0.0)
+  kinds = collections.Counter()
+  for record, row in zip(world["train"], rows):
+    a, b, _ = _operands(record)
+    assert row.question == record.question and row.task == "step"
+    assert row.error_step == _first_wrong_step(a, b, row.steps), row
+    assert parse_first_wrong_step(row.critique, "deepcritic") == row.error_step
+    assert row.label == (row.error_step == -1)
+    kinds[row.error_step] += 1
+  assert abs(kinds[-1] / len(rows) - 0.5) < 0.01
+  assert all(kinds[k] > 0.05 * len(rows) for k in range(4)), kinds  # 3 columns and the boxed sum
+
+
+def test_step_teacher_slips_only_at_the_leading_carry(world):
+  exact = synthetic.step_rows(world["heldout"], seed=3, teacher_leading_carry_slip=0.0)
+  slipping = synthetic.step_rows(world["heldout"], seed=3, teacher_leading_carry_slip=0.7)
+  slipped = eligible = 0
+  for record, good, bad in zip(world["heldout"], exact, slipping):
+    assert (good.steps, good.error_step) == (bad.steps, bad.error_step)
+    a, b, _ = _operands(record)
+    leading_carry = synthetic.has_leading_carry(a, b)
+    eligible += leading_carry and good.error_step in (-1, 2, 3)  # the check reaches the leading column
+    if good.critique != bad.critique:
+      assert leading_carry
+      assert "+0=" in bad.critique.splitlines()[2] and "+1=" in good.critique.splitlines()[2]
+      slipped += 1
+  assert abs(slipped / eligible - 0.7) < 0.05
+
+
+def test_step_world_files_load_as_step_records(tmp_path):
+  paths = synthetic.write_world(str(tmp_path / "w"), seed=1, num_train=60, num_heldout=20, digits=2,
+                                step_solutions=True)
+  sft = readers.load_records(paths["step_heldout"])
+  bench = readers.load_records(paths["step_heldout_processbench"], "processbench")
+  rl = readers.load_records(paths["rl_step_train"])
+  assert [(r.steps, r.error_step) for r in sft] == [(r.steps, r.error_step) for r in bench]
+  assert all(r.critique is None and r.error_step is not None for r in rl) and len(rl) == 60
+  assert synthetic.written_world_params(str(tmp_path / "w"))["step_solutions"] is True
+  plain = synthetic.write_world(str(tmp_path / "plain"), seed=1, num_train=60, num_heldout=20, digits=2)
+  assert not any(name.startswith(("step_", "rl_step_")) for name in plain)
+  with open(paths["train"], "rb") as f1, open(plain["train"], "rb") as f2:
+    assert f1.read() == f2.read()  # the step rows draw from their own seeds

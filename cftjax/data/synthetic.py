@@ -4,6 +4,7 @@ critiques, RL rows and a small SentencePiece tokenizer, all deterministic by see
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -120,6 +121,118 @@ def actor_rows(records: Sequence[CritiqueRecord]) -> list[CritiqueRecord]:
         question=REFINEMENT_USER.format(question=r.question, solution=slipped, critique=feedback),
         solution=right, reference_answer=str(a + b), source=SOURCE + "_actor", id=r.id + "-refine"))
   return rows
+
+
+# Solutions as steps, for the step-level critic demo (configs/demo_step_critic.py): one step per column
+# from the right, its total with the incoming carry ("12"), then the boxed sum. A wrong solution has
+# exactly one slip; the steps after it follow from it (carries and digits as written), so only the
+# slipped step is wrong. Steps show totals only, so a critic must redo each column from the question.
+STEP_ERROR_KINDS = ("dropped_carry", "digit_off", "wrong_box")
+# The step critic demo's prompt: the question and the steps as tagged paragraphs numbered from 1.
+STEP_CRITIC_TEMPLATE = {"user": "{question}\n{steps}", "assistant": "{critique}"}
+
+
+def step_solution(a: int, b: int, kind: str | None = None, column: int = 0, delta: int = 1
+                  ) -> tuple[list[str], int]:
+  """The steps of a worked answer to "What is a + b?" and its first wrong step (0-based, -1: none).
+
+  kind None: every step right. "dropped_carry": `column` (from the right) adds 0 instead of its
+  incoming carry (it must receive one). "digit_off": `column`'s total is off by `delta`. "wrong_box":
+  every column right, the boxed sum's digit `column` (from the right) off by `delta`, mod 10. Later
+  columns take the carry of the total as written.
+  """
+  if kind not in (None,) + STEP_ERROR_KINDS:
+    raise ValueError(f"step_solution: unknown kind {kind!r}; use None or one of {STEP_ERROR_KINDS}")
+  if kind == "dropped_carry" and not _carry_in_columns(a, b)[column]:
+    raise ValueError(f"step_solution: column {column} of {a} + {b} receives no carry to drop")
+  columns = _column_sums(a, b, column if kind == "dropped_carry" else None,
+                         (column, delta) if kind == "digit_off" else None)
+  digits = [total % 10 for *_, total in columns]
+  if columns[-1][3] >= 10:
+    digits.append(columns[-1][3] // 10)
+  if kind == "wrong_box":
+    digits[column] = (digits[column] + delta) % 10
+  steps = [f"{total:02d}" for *_, total in columns]
+  steps.append("\\boxed{" + (str(int("".join(map(str, digits[::-1]))))) + "}")
+  error_step = -1 if kind is None else (len(columns) if kind == "wrong_box" else column)
+  return steps, error_step
+
+
+def _column_sums(a: int, b: int, forget_carry_column: int | None = None,
+                 off_by: tuple[int, int] | None = None) -> list[tuple[int, int, int, int]]:
+  """(x, y, carry in, total) of each column of a + b from the right, each column taking the carry of
+  the total before it; `forget_carry_column` adds 0 there instead, `off_by` = (column, delta) adds
+  delta to that column's total (mod 20)."""
+  a_digits, b_digits = str(a)[::-1], str(b)[::-1]
+  columns, carry = [], 0
+  for i in range(max(len(a_digits), len(b_digits))):
+    x, y = _digit(a_digits, i), _digit(b_digits, i)
+    carry_in = 0 if i == forget_carry_column else carry
+    total = x + y + carry_in
+    if off_by is not None and i == off_by[0]:
+      total = (total + off_by[1]) % 20
+    columns.append((x, y, carry_in, total))
+    carry = total // 10
+  return columns
+
+
+def step_critique(a: int, b: int, steps: Sequence[str], forget_carry_column: int | None = None) -> str:
+  """A deliberate step-wise critique of `steps` (as step_solution writes them) ending in the first
+  wrong step, DeepCritic's "**Answer**: \\boxed{k}" counted from 1 (-1: every step right).
+
+  Step k is redone from the question and written "k: x+y+carry=TT vs STEP ok|no" for a column,
+  "k: \\boxed{SUM} vs STEP ok|no" for the boxed sum, up to the first "no". `forget_carry_column`
+  (from the right) makes it a fallible teacher's: that column is redone without its incoming carry.
+  """
+  columns = _column_sums(a, b, forget_carry_column)
+  digits = [total % 10 for *_, total in columns] + ([1] if columns[-1][3] >= 10 else [])
+  redone = [f"{x}+{y}+{c}={total:02d}" for x, y, c, total in columns]
+  redone.append("\\boxed{" + str(int("".join(map(str, digits[::-1])))) + "}")
+  lines, first_wrong = [], -1
+  for k, (step, own) in enumerate(zip(steps, redone), start=1):
+    right = step == own.rpartition("=")[2] if k <= len(columns) else step == own
+    lines.append(f"{k}: {own} vs {step} {'ok' if right else 'no'}")
+    if not right:
+      first_wrong = k
+      break
+  return "\n".join(lines) + f"\n**Answer**: \\boxed{{{first_wrong}}}"
+
+
+def step_rows(records: Sequence[CritiqueRecord], seed: int, teacher_leading_carry_slip: float
+              ) -> list[CritiqueRecord]:
+  """Step-labelled rows (task "step") for the problems of `records`: half right, half with one slip
+  (a STEP_ERROR_KINDS kind, drawn uniformly among those the problem allows); `error_step` 0-based,
+  `critique` the (possibly fallible, see step_critique) teacher's."""
+  rng = random.Random(f"{seed}:steps")
+  teacher_rng = random.Random(f"{seed}:step_teacher")
+  labels = [i % 2 == 0 for i in range(len(records))]
+  rng.shuffle(labels)
+  rows = []
+  for r, correct in zip(records, labels):
+    a, b = _operands(r)
+    num_columns = max(len(str(a)), len(str(b)))
+    carried = [i for i in range(num_columns) if _carry_in_columns(a, b)[i]]
+    if correct:
+      steps, error_step = step_solution(a, b)
+    else:
+      kinds = [k for k in STEP_ERROR_KINDS if k != "dropped_carry" or carried]
+      kind = rng.choice(kinds)
+      column = rng.choice(carried) if kind == "dropped_carry" else rng.randrange(
+          len(str(a + b)) if kind == "wrong_box" else num_columns)
+      steps, error_step = step_solution(a, b, kind, column, rng.choice((-1, 1)))
+    leading = num_columns - 1
+    slips = _carry_in_columns(a, b)[leading] and teacher_rng.random() < teacher_leading_carry_slip
+    rows.append(CritiqueRecord(
+        question=r.question, steps=tuple(steps), error_step=error_step, label=error_step == -1,
+        critique=step_critique(a, b, steps, leading if slips else None),
+        reference_answer=r.reference_answer, source=SOURCE + "_step", id=r.id + "-steps", task="step"))
+  return rows
+
+
+def processbench_row(record: CritiqueRecord) -> dict[str, Any]:
+  """A step-labelled record as a ProcessBench row (what the `processbench` eval kind reads)."""
+  return {"id": record.id, "problem": record.question, "steps": list(record.steps),
+          "label": record.error_step, "final_answer_correct": record.error_step == -1}
 
 
 def _digit(reversed_digits: str, i: int) -> int:
@@ -250,8 +363,10 @@ def crl_rows(records: Sequence[CritiqueRecord]) -> list[CritiqueRecord]:
           for r in records]
 
 
-def train_tokenizer(records: Sequence[CritiqueRecord], out_dir: str, vocab_size: int = 384) -> str:
-  """Trains a byte-pair SentencePiece model on chat renderings of `records`; writes `out_dir`.
+def train_tokenizer(records: Sequence[CritiqueRecord], out_dir: str, vocab_size: int = 384,
+                    step_records: Sequence[CritiqueRecord] = ()) -> str:
+  """Trains a byte-pair SentencePiece model on chat renderings of `records` (and of `step_records`
+  with STEP_CRITIC_TEMPLATE); writes `out_dir`.
 
   Digits are always single tokens; the ChatML markers are user-defined symbols. Deterministic for
   the same records. Writes tokenizer.model and tokenizer_config.json (ChatML chat_template).
@@ -261,6 +376,9 @@ def train_tokenizer(records: Sequence[CritiqueRecord], out_dir: str, vocab_size:
   corpus = [_chatml_text(get_template(name).messages(r, with_target=True))
             for r in records[:_TOKENIZER_CORPUS_SIZE] for name in _TOKENIZER_CORPUS_TEMPLATES
             if _has_target_fields(name, r)]
+  step_template = get_template(STEP_CRITIC_TEMPLATE)
+  corpus += [_chatml_text(step_template.messages(r, with_target=True))
+             for r in step_records[:_TOKENIZER_CORPUS_SIZE]]
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size, model_type="bpe",
@@ -297,7 +415,8 @@ def _chatml_text(messages: Sequence[dict[str, str]]) -> str:
 
 def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout: int = 500,
                 digits: int = 3, carry_out: bool = False, vocab_size: int = 384,
-                teacher_leading_carry_slip: float = 0.0) -> dict[str, str]:
+                teacher_leading_carry_slip: float = 0.0, step_solutions: bool = False
+                ) -> dict[str, str]:
   """Writes the world under `out_dir` and returns the paths by name.
 
   Files: train.jsonl, heldout.jsonl (CFT records), rl_math_{split}.jsonl, rl_crl_{split}.jsonl
@@ -305,6 +424,11 @@ def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout:
   .jsonl / _nocarry.jsonl (math rows with / without a carry into the leading column) in cftjax's
   JSONL schema, tokenizer/, and last world.json (these arguments; see written_world_params). Same
   arguments -> same bytes.
+
+  With `step_solutions`, also the step critic demo's rows of the same problems (`step_rows`, the
+  teacher slipping as `teacher_leading_carry_slip` says): step_{split}.jsonl (with critiques),
+  rl_step_{split}.jsonl (without) and step_{split}_processbench.jsonl (ProcessBench rows,
+  `processbench_row`); the tokenizer then learns their renderings too.
   """
   world = make_world(seed, num_train, num_heldout, digits, carry_out, teacher_leading_carry_slip)
   os.makedirs(out_dir, exist_ok=True)
@@ -318,14 +442,26 @@ def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout:
                         math_rows([r for r, c in zip(records, carry) if not c]))):
       paths[name] = os.path.join(out_dir, f"{name}.jsonl")
       _write_text(paths[name], "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
+  steps = {split: step_rows(records, seed, teacher_leading_carry_slip) if step_solutions else []
+           for split, records in world.items()}
+  for split, rows in steps.items():
+    if not rows:
+      continue
+    for name, text in ((f"step_{split}", [r.to_dict() for r in rows]),
+                       (f"rl_step_{split}", [dataclasses.replace(r, critique=None).to_dict()
+                                             for r in rows]),
+                       (f"step_{split}_processbench", [processbench_row(r) for r in rows])):
+      paths[name] = os.path.join(out_dir, f"{name}.jsonl")
+      _write_text(paths[name], "".join(json.dumps(row) + "\n" for row in text))
   paths["tokenizer"] = train_tokenizer(world["train"], os.path.join(out_dir, "tokenizer"),
-                                       vocab_size)
+                                       vocab_size, steps["train"])
   log.info("wrote synthetic world (seed=%d, digits=%d, train=%d, heldout=%d, teacher leading-carry "
            "slip %.2f) to %s", seed, digits, num_train, num_heldout, teacher_leading_carry_slip,
            out_dir)
   params = {"seed": seed, "num_train": num_train, "num_heldout": num_heldout, "digits": digits,
             "carry_out": carry_out, "vocab_size": vocab_size,
-            "teacher_leading_carry_slip": teacher_leading_carry_slip}
+            "teacher_leading_carry_slip": teacher_leading_carry_slip,
+            "step_solutions": step_solutions}
   _write_text(os.path.join(out_dir, WORLD_FILE), json.dumps(params, indent=2) + "\n")
   return paths
 
