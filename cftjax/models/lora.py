@@ -122,7 +122,7 @@ def extend_layer_specs(cfg: Any, specs: dict[str, Any]) -> dict[str, Any]:
     if cfg.quantize_base != "none":
       (q_shape, q_axes, q_dtype), (s_shape, s_axes) = quant.stored_specs(shape, axes, n, cfg.quantize_base)
       group[target.kernel] = (q_shape, q_axes, nn.initializers.zeros, q_dtype)  # filled by quantize_base
-      group[target.kernel + SCALE_SUFFIX] = (s_shape, s_axes, nn.initializers.ones)
+      group[target.kernel + SCALE_SUFFIX] = (s_shape, s_axes, nn.initializers.ones, jnp.float32)
   return specs
 
 

@@ -65,6 +65,14 @@ def frozen_shardings(model_cfg: ModelConfig) -> Any:
   return shardings
 
 
+def abstract_frozen_base(model_cfg: ModelConfig) -> Any:
+  """ShapeDtypeStructs of a LoRA model's frozen base on `frozen_shardings` (an ahead-of-time
+  compile's argument); None without LoRA."""
+  if not model_cfg.lora_rank:
+    return None
+  return parallel.with_shardings(lora.split(nn.unbox(abstract_params(model_cfg)))[0], frozen_shardings(model_cfg))
+
+
 def model_params(trained: Any, frozen: Any) -> Any:
   """The model's whole param tree: the trained params, joined with the frozen base when there is one."""
   return trained if frozen is None else lora.combine(frozen, trained)
