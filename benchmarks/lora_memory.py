@@ -1,5 +1,5 @@
 """Memory of the CFT step for a 7B model (Qwen2.5-7B shape): full fine-tune vs LoRA vs QLoRA (int8
-base), from the compiled program's memory analysis. Nothing is allocated: the train state, the frozen
+and nf4 bases), from the compiled program's memory analysis. Nothing is allocated: the train state, the frozen
 base and the batch are ShapeDtypeStructs carrying their shardings, and the real jitted step
 (`cftjax.train.cft.make_cft_step`) is compiled ahead of time.
 
@@ -18,14 +18,13 @@ import argparse
 import json
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cftjax import parallel
 from cftjax.config import base_config
-from cftjax.models import ModelConfig, abstract_params, lora
+from cftjax.models import ModelConfig
 from cftjax.train import cft, losses
 from cftjax.train import state as state_lib
 
@@ -54,10 +53,7 @@ def measure(cfg: ModelConfig, batch: int, seq: int, chunk: int) -> dict:
   optim.lr = 1e-4
   tx, schedule = state_lib.make_optimizer(optim, total_steps=100)
   state = state_lib.abstract_train_state(cfg, tx, seed=0)
-  frozen = None
-  if cfg.lora_rank:
-    frozen = parallel.with_shardings(lora.split(nn.unbox(abstract_params(cfg)))[0],
-                                     state_lib.frozen_shardings(cfg))
+  frozen = state_lib.abstract_frozen_base(cfg)
   sharding = parallel.batch_sharding()
   batch_arrays = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32,
                                           sharding=sharding) for k in losses.CFT_BATCH_KEYS}
@@ -84,7 +80,7 @@ def main():
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--chunk", type=int, default=1024)
   parser.add_argument("--rank", type=int, default=16)
-  parser.add_argument("--variants", default="full,lora,qlora")
+  parser.add_argument("--variants", default="full,lora,qlora,qlora_nf4")
   args = parser.parse_args()
   if args.topology:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
@@ -95,6 +91,7 @@ def main():
       "full": qwen25_7b(),  # bf16 compute over float32 master params, AdamW on all of them
       "lora": qwen25_7b(lora_rank=args.rank, lora_alpha=2.0 * args.rank),  # bf16 base, all 7 targets
       "qlora": qwen25_7b(lora_rank=args.rank, lora_alpha=2.0 * args.rank, quantize_base="int8"),
+      "qlora_nf4": qwen25_7b(lora_rank=args.rank, lora_alpha=2.0 * args.rank, quantize_base="nf4"),
   }
   mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
   print(f"{len(devices)} x {devices[0].device_kind}; batch {args.batch} x {args.seq} tokens", flush=True)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from cftjax import hlo, parallel, sampling
 from cftjax.config import ConfigError
-from cftjax.models import ModelConfig, abstract_params, attention, checkpoint_io
+from cftjax.models import ModelConfig, attention, checkpoint_io
 from cftjax.train import cft, grpo, losses
 from cftjax.train import run as run_lib
 from cftjax.train import state as state_lib
@@ -127,7 +127,7 @@ def cft_program(config: Any, model_cfg: ModelConfig) -> Program:
                            compute_dtype=config.model.dtype, schedule=schedule)
   batch = _token_batch(losses.CFT_BATCH_KEYS, rows, seq, ("loss_mask",))
   tokens = rows * seq
-  return Program(step, (_abstract_state(model_cfg, tx), batch),
+  return Program(step, (_abstract_state(model_cfg, tx), batch, state_lib.abstract_frozen_base(model_cfg)),
                  run_lib.train_flops_per_token(model_cfg, seq) * tokens,
                  f"{rows} x {seq} tokens, {config.train.micro_batches} micro-batch(es)")
 
@@ -155,14 +155,15 @@ def grpo_program(config: Any, model_cfg: ModelConfig) -> Program:
   keys = grpo.batch_keys(config.rl)
   batch = _token_batch(keys, rows, seq, [k for k in keys if k not in grpo.SCORE_KEYS or k == "completion_mask"])
   tokens = rows * seq
-  return Program(step, (_abstract_state(model_cfg, tx), batch),
+  return Program(step, (_abstract_state(model_cfg, tx), batch, state_lib.abstract_frozen_base(model_cfg)),
                  run_lib.train_flops_per_token(model_cfg, seq) * tokens,
                  f"{rows} x {seq} tokens, {config.train.micro_batches} micro-batch(es)")
 
 
 def generate_program(config: Any, model_cfg: ModelConfig) -> Program:
   """`cftjax.sampling`'s prefill + decode loop for the GRPO rollouts of `config.rl`, on the float32
-  master params in their training shardings (what a GRPO run passes)."""
+  master params in their training shardings (what a GRPO run passes; a LoRA run: its adapters joined
+  to the frozen base)."""
   rl = config.rl
   rows = rl.generation_batch_size or config.data.batch_size * rl.group_size
   parallel.check_batch_divisible(rows, 1, "rl.generation_batch_size (or data.batch_size x rl.group_size)")
@@ -173,8 +174,8 @@ def generate_program(config: Any, model_cfg: ModelConfig) -> Program:
                                     top_k=rl.top_k, top_p=rl.top_p, stop_ids=stop_ids,
                                     cache_dtype=rl.cache_dtype, pad_id=0, mesh=parallel.current()[0],
                                     rules=parallel.current()[1])
-  params = parallel.with_shardings(state_lib.abstract_master_params(model_cfg),
-                                   parallel.param_shardings(abstract_params(model_cfg)))
+  params = parallel.with_shardings(state_lib.abstract_master_params(model_cfg), state_lib.grad_shardings(model_cfg))
+  params = state_lib.model_params(params, state_lib.abstract_frozen_base(model_cfg))
   row_sharding = parallel.batch_sharding(1)
   args = (params, jax.ShapeDtypeStruct((rows, bucket), jnp.int32, sharding=parallel.batch_sharding()),
           jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row_sharding),

@@ -57,7 +57,7 @@ def base_config() -> config_dict.ConfigDict:
   c.model.lora.alpha = 16.0
   c.model.lora.dropout = 0.0  # dropout on the adapters' input while training
   c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # any of these projections
-  c.model.lora.quantize_base = "none"  # none | int8: the frozen base's targeted kernels in int8 (QLoRA)
+  c.model.lora.quantize_base = "none"  # none | int8 | nf4 | int4: the frozen base's targeted kernels (QLoRA)
   c.model.lora.init_from = config_dict.placeholder(str)  # a PEFT adapter dir to continue training
   # model.arch: the architecture of a from-scratch model (ignored with init_from).
   c.model.arch = config_dict.ConfigDict()

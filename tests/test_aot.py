@@ -73,6 +73,20 @@ def test_the_real_programs_compile_for_tpu_and_fit(compiled, objective):
   assert report.collectives["all-gather"].count >= 2  # FSDP gathers the layer weights
 
 
+def test_lora_programs_on_an_nf4_base_compile_with_less_argument_memory(compiled, devices):
+  """LoRA rank 8 on an nf4 base: the CFT step (the frozen base passed beside the adapters-only state,
+  as the GRPO update takes it too) and the sampler (adapters joined to the packed base) compile for
+  TPU, each with fewer argument bytes per chip than the full fine-tune's program."""
+  for objective in ("cft", "generate"):
+    config = tiny_config("grpo" if objective != "cft" else "cft")
+    if objective != "cft":
+      config.data.batch_size = 2
+    config.model.lora.rank, config.model.lora.quantize_base = 8, "nf4"
+    report = aot.compile_objective(config, aot.model_config(config), objective, devices, TOPOLOGY, cost=False)[0]
+    assert report.fits, objective
+    assert report.memory["argument"] < compiled[objective].memory["argument"], objective
+
+
 @pytest.mark.parametrize("objective", aot.OBJECTIVES)
 def test_no_full_vocab_array_is_all_reduced(compiled, objective):
   assert compiled[objective].full_vocab_all_reduces == 0

@@ -13,9 +13,10 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "cftjax"
 # Largest transitive import closures allowed (cftjax modules, packages' __init__ included). Both
 # include train.run_lock (the run-dir lock); grpo's includes the code reward's three modules
 # (registry, code_tests: judging, sandbox: isolation) and train.refinement (Critique-GRPO); both
-# models.lora (LoRA adapters, in every forward) and models.peft_io (model.lora.init_from); grpo's
+# models.lora (LoRA adapters, in every forward), models.quant (its quantized bases) and
+# models.peft_io (model.lora.init_from); grpo's
 # also rewards.critic (the `critic` reward: a frozen critic as reward).
-CLOSURE_LIMITS = {"cftjax.train.cft": 23, "cftjax.train.grpo": 32}
+CLOSURE_LIMITS = {"cftjax.train.cft": 24, "cftjax.train.grpo": 33}
 # (importer prefix, imported prefix) pairs that must not occur.
 FORBIDDEN = [
     (low, high) for low in ("cftjax.models", "cftjax.data")

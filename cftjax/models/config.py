@@ -61,7 +61,7 @@ class ModelConfig:
   lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
   lora_dropout: float = 0.0  # dropout on the adapters' input while training
   lora_targets: tuple[str, ...] = tuple(lora.TARGETS)  # q, k, v, o, gate, up, down
-  quantize_base: str = "none"  # none | int8: how the frozen base's targeted kernels are stored
+  quantize_base: str = "none"  # none | int8 | nf4 | int4: how the frozen base's targeted kernels are stored
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -81,7 +81,7 @@ class ModelConfig:
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a JSON list reads back as a tuple
     try:
       lora.check_settings(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets,
-                          self.quantize_base)
+                          self.quantize_base, dataclasses.asdict(self))
     except ValueError as e:
       raise ConfigError(str(e)) from None
 

@@ -153,7 +153,7 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, Any]:
 
   Attention kernels keep the head axis explicit (q_kernel [embed, heads, head_dim], o_kernel
   [heads, head_dim, embed]) so the heads / kv_heads axes shard over `tensor` without reshapes.
-  With cfg.lora_rank > 0 the targeted kernels get adapters (and an int8 base its scales:
+  With cfg.lora_rank > 0 the targeted kernels get adapters (and a quantized base its codes and scales:
   `lora.extend_layer_specs`).
   """
   d, n, k, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size

@@ -1,5 +1,5 @@
 """Low-rank adapters (LoRA, Hu et al. 2021) on the decoder's projections, and the frozen base stored in
-int8 (QLoRA-style), as a transform of the decoder's param specs and layer weights.
+int8, NF4 or int4 (QLoRA), as a transform of the decoder's param specs and layer weights.
 
 With `ModelConfig.lora_rank` r > 0, every targeted kernel W [in..., out...] of a layer gets an adapter
 {"a": [in..., r], "b": [r, out...]} next to it (`attn/q_lora`, `mlp/down_lora`, ...), stacked on the
@@ -11,9 +11,10 @@ carry logical axis names (the kernel's input axes, "lora_rank", the kernel's out
 shard by the same rules as their kernel (`cftjax.parallel.LOGICAL_RULES`; "lora_rank" is
 replicated). Dropout (`lora_dropout`) drops the adapter's input while training.
 
-With `ModelConfig.quantize_base="int8"` the targeted kernels are stored as int8 with one float scale
-per output channel (symmetric absmax; `quantize`) and dequantized to the compute dtype layer by layer
-inside the scanned block (`prepare_layer`).
+With `ModelConfig.quantize_base` "int8", "nf4" or "int4" the targeted kernels are stored quantized
+(`cftjax.models.quant`: int8 with per-channel scales, or 4-bit codes packed two per uint8 with one
+absmax per block of 64 inputs) and dequantized to the compute dtype layer by layer inside the scanned
+block (`prepare_layer`); no dequantized copy is kept.
 
 A param tree splits into the frozen base and the trainable adapters (`split`) and back (`combine`);
 `merge` folds the adapters into the kernels (the export of a LoRA run).
@@ -29,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cftjax.models import quant
+
 Array = jax.Array
 
 
@@ -41,20 +44,21 @@ class Target:
   kernel: str
   in_dims: int
   hf_module: str
+  inputs: tuple[str, ...]  # the ModelConfig fields that size the kernel's input axes
 
 
 TARGETS = {
-    "q": Target("attn", "q_kernel", 1, "self_attn.q_proj"),
-    "k": Target("attn", "k_kernel", 1, "self_attn.k_proj"),
-    "v": Target("attn", "v_kernel", 1, "self_attn.v_proj"),
-    "o": Target("attn", "o_kernel", 2, "self_attn.o_proj"),
-    "gate": Target("mlp", "gate_kernel", 1, "mlp.gate_proj"),
-    "up": Target("mlp", "up_kernel", 1, "mlp.up_proj"),
-    "down": Target("mlp", "down_kernel", 1, "mlp.down_proj"),
+    "q": Target("attn", "q_kernel", 1, "self_attn.q_proj", ("hidden_size",)),
+    "k": Target("attn", "k_kernel", 1, "self_attn.k_proj", ("hidden_size",)),
+    "v": Target("attn", "v_kernel", 1, "self_attn.v_proj", ("hidden_size",)),
+    "o": Target("attn", "o_kernel", 2, "self_attn.o_proj", ("num_heads", "head_dim")),
+    "gate": Target("mlp", "gate_kernel", 1, "mlp.gate_proj", ("hidden_size",)),
+    "up": Target("mlp", "up_kernel", 1, "mlp.up_proj", ("hidden_size",)),
+    "down": Target("mlp", "down_kernel", 1, "mlp.down_proj", ("intermediate_size",)),
 }
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none",) + quant.FORMATS
 ADAPTER_SUFFIX = "_lora"  # attn/q_lora holds the adapter of attn/q_kernel
-SCALE_SUFFIX = "_scale"  # attn/q_kernel_scale holds the int8 q_kernel's per-channel scales
+SCALE_SUFFIX = "_scale"  # attn/q_kernel_scale: the quantized q_kernel's scales (int8) or block absmax
 RANK_AXIS = "lora_rank"
 
 
@@ -63,8 +67,10 @@ def adapter_name(target: str) -> str:
 
 
 def check_settings(rank: int, alpha: float, dropout: float, targets: tuple[str, ...],
-                   quantize_base: str) -> None:
-  """Raises ValueError naming the setting (model.lora.<key>) that cannot be used."""
+                   quantize_base: str, sizes: Mapping[str, int]) -> None:
+  """Raises ValueError naming the setting (model.lora.<key>) that cannot be used; `sizes`: the
+  model's hidden_size, num_heads, head_dim and intermediate_size (a 4-bit base needs each targeted
+  kernel's input size to be a multiple of its block)."""
   if rank < 0:
     raise ValueError(f"model.lora.rank={rank} must be >= 0 (0 turns LoRA off)")
   if not rank:
@@ -81,6 +87,10 @@ def check_settings(rank: int, alpha: float, dropout: float, targets: tuple[str, 
     raise ValueError(f"model.lora.targets={tuple(targets)}: name one or more of {tuple(TARGETS)}")
   if quantize_base not in QUANTIZATIONS:
     raise ValueError(f"model.lora.quantize_base={quantize_base!r} is not one of {QUANTIZATIONS}")
+  for name in targets:
+    target = TARGETS[name]
+    quant.check_block_inputs(quantize_base, target.kernel, tuple(sizes[f] for f in target.inputs),
+                             " x ".join(target.inputs))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,7 +105,7 @@ def _init_a(fan_in_axes: tuple[int, ...]):
 
 def extend_layer_specs(cfg: Any, specs: dict[str, Any]) -> dict[str, Any]:
   """One layer's param specs ({group: {name: (shape, axes, init[, dtype])}}) with the adapters of
-  cfg.lora_targets and, with cfg.quantize_base="int8", the targeted kernels as int8 plus scales."""
+  cfg.lora_targets and, with a cfg.quantize_base, the targeted kernels' codes plus scales."""
   if not cfg.lora_rank:
     return specs
   specs = {name: dict(group) if isinstance(group, Mapping) else group for name, group in specs.items()}
@@ -109,9 +119,10 @@ def extend_layer_specs(cfg: Any, specs: dict[str, Any]) -> dict[str, Any]:
         "a": (shape[:n] + (r,), axes[:n] + (RANK_AXIS,), _init_a(tuple(range(n)))),
         "b": ((r,) + shape[n:], (RANK_AXIS,) + axes[n:], nn.initializers.zeros),
     }
-    if cfg.quantize_base == "int8":
-      group[target.kernel] = (shape, axes, nn.initializers.zeros, jnp.int8)  # filled by quantize_base
-      group[target.kernel + SCALE_SUFFIX] = (shape[n:], axes[n:], nn.initializers.ones)
+    if cfg.quantize_base != "none":
+      (q_shape, q_axes, q_dtype), (s_shape, s_axes) = quant.stored_specs(shape, axes, n, cfg.quantize_base)
+      group[target.kernel] = (q_shape, q_axes, nn.initializers.zeros, q_dtype)  # filled by quantize_base
+      group[target.kernel + SCALE_SUFFIX] = (s_shape, s_axes, nn.initializers.ones, jnp.float32)
   return specs
 
 
@@ -121,8 +132,8 @@ def extend_layer_specs(cfg: Any, specs: dict[str, Any]) -> dict[str, Any]:
 
 def prepare_layer(cfg: Any, layer: dict[str, Any], dtype: Any, dropout_rng: Array | None = None
                   ) -> dict[str, Any]:
-  """One layer's weights as the block's layouts use them: int8 kernels dequantized to `dtype` (their
-  scales dropped), each adapter's B scaled by alpha / rank, and with `dropout_rng` (training with
+  """One layer's weights as the block's layouts use them: quantized kernels dequantized to `dtype`
+  (their scales dropped), each adapter's B scaled by alpha / rank, and with `dropout_rng` (training with
   cfg.lora_dropout > 0) a key per adapter for dropping its input."""
   if not cfg.lora_rank:
     return layer
@@ -131,9 +142,10 @@ def prepare_layer(cfg: Any, layer: dict[str, Any], dtype: Any, dropout_rng: Arra
   for i, name in enumerate(cfg.lora_targets):
     target = TARGETS[name]
     group = layer[target.group]
-    if cfg.quantize_base == "int8":
+    if cfg.quantize_base != "none":
       scale = group.pop(target.kernel + SCALE_SUFFIX)
-      group[target.kernel] = dequantize(group[target.kernel], scale, dtype)
+      group[target.kernel] = quant.dequantize(group[target.kernel], scale, target.in_dims, cfg.quantize_base,
+                                              dtype)
     adapter = dict(group[adapter_name(name)])
     adapter["b"] = adapter["b"] * scaling
     if dropout_rng is not None and cfg.lora_dropout > 0:
@@ -158,47 +170,51 @@ def add_delta(y: Array, x: Array, weights: Mapping[str, Any], target: str) -> Ar
 
 
 # ------------------------------------------------------------------------------------------------
-# The int8 base.
-
-
-def quantize(kernel: Array, in_dims: int) -> tuple[Array, Array]:
-  """kernel [in..., out...] -> (int8 kernel, float32 scale [out...]): symmetric, one scale per output
-  channel, scale = max |W| over the inputs / 127."""
-  w = kernel.astype(jnp.float32)
-  scale = jnp.max(jnp.abs(w), axis=tuple(range(in_dims)))
-  scale = jnp.where(scale > 0, scale / 127.0, 1.0)
-  return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
-
-
-def dequantize(q: Array, scale: Array, dtype: Any) -> Array:
-  """int8 kernel [in..., out...] times its scale [out...], in dtype."""
-  return q.astype(dtype) * scale.astype(dtype)
+# The quantized base.
 
 
 def quantize_base(cfg: Any, base: dict[str, Any]) -> dict[str, Any]:
-  """The frozen base params (layers stacked) with cfg.lora_targets' kernels int8 + scales, as the
-  decoder declares them for cfg.quantize_base="int8"; other params unchanged. Call under jit."""
-  if cfg.quantize_base != "int8":
+  """The frozen base params (layers stacked) with cfg.lora_targets' kernels quantized (codes + scales),
+  as the decoder declares them for cfg.quantize_base; other params unchanged. Call under jit."""
+  if cfg.quantize_base == "none":
     return base
 
-  def to_int8(group: dict[str, Any], target: Any) -> None:
+  def to_codes(group: dict[str, Any], target: Any) -> None:
     # Per layer: the leading layers axis is not an input axis.
-    q, scale = jax.vmap(lambda w: quantize(w, target.in_dims))(group[target.kernel])
+    q, scale = jax.vmap(lambda w: quant.quantize(w, target.in_dims, cfg.quantize_base))(group[target.kernel])
     group[target.kernel], group[target.kernel + SCALE_SUFFIX] = q, scale
 
-  return _with_target_groups(cfg, base, to_int8)
+  return _with_target_groups(cfg, base, to_codes)
 
 
 def dequantize_base(cfg: Any, base: dict[str, Any], dtype: Any = jnp.float32) -> dict[str, Any]:
   """The inverse of `quantize_base` up to rounding: plain float kernels in dtype."""
-  if cfg.quantize_base != "int8":
+  if cfg.quantize_base == "none":
     return base
 
   def to_float(group: dict[str, Any], target: Any) -> None:
     scale = group.pop(target.kernel + SCALE_SUFFIX)
-    group[target.kernel] = jax.vmap(lambda q, s: dequantize(q, s, dtype))(group[target.kernel], scale)
+    group[target.kernel] = jax.vmap(
+        lambda q, s: quant.dequantize(q, s, target.in_dims, cfg.quantize_base, dtype))(group[target.kernel], scale)
 
   return _with_target_groups(cfg, base, to_float)
+
+
+def check_packed_shardings(cfg: Any, float_base: dict[str, Any], base: dict[str, Any]) -> None:
+  """Raises ValueError when packing a 4-bit base (halving each targeted kernel's last input axis)
+  leaves that axis no longer divisible by the mesh axes that shard the float kernel. `float_base`
+  and `base`: the frozen base's shardings (layers stacked) without and with cfg.quantize_base."""
+  for name in cfg.lora_targets:
+    target = TARGETS[name]
+    dim = target.in_dims  # the packed axis; axis 0 is the layers axis
+    specs = [tuple(tree["layers"][target.group][target.kernel].spec) + (None,) * (dim + 1)
+             for tree in (float_base, base)]
+    if specs[0][dim] != specs[1][dim]:
+      raise ValueError(
+          f"model.lora.quantize_base={cfg.quantize_base!r}: packing two 4-bit codes per byte halves the "
+          f"last input axis of layers/{target.group}/{target.kernel}, which mesh axes {specs[0][dim]} "
+          "then no longer divide; use a mesh whose size along them divides half that axis, or "
+          "quantize_base='int8'")
 
 
 def _with_target_groups(cfg: Any, base: dict[str, Any], update: Callable[[dict[str, Any], Any], None]
@@ -245,7 +261,7 @@ def combine(base: dict[str, Any], adapters: dict[str, Any]) -> dict[str, Any]:
 
 def merge(cfg: Any, params: dict[str, Any]) -> dict[str, Any]:
   """Plain float32 params of the model without adapters: every adapted kernel W + (alpha / r) A B (an
-  int8 base dequantized first)."""
+  quantized base dequantized first)."""
   base, adapters = split(params)
   base = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                       dequantize_base(cfg, base))

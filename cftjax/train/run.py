@@ -199,8 +199,8 @@ def model_init_params(config: Any, model_cfg: ModelConfig) -> Callable[[Any], An
 
 def frozen_base(config: Any, model_cfg: ModelConfig) -> Any:
   """A LoRA run's frozen base on its shardings (`state.frozen_shardings`): `checkpoint_io.
-  lora_base_params` in model_cfg.param_dtype, its targeted kernels int8 with
-  model.lora.quantize_base="int8". None when the run trains the whole model."""
+  lora_base_params` in model_cfg.param_dtype, its targeted kernels quantized with
+  model.lora.quantize_base (int8, nf4, int4). None when the run trains the whole model."""
   if not model_cfg.lora_rank:
     return None
   base_cfg = model_cfg.without_lora()

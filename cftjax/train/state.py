@@ -23,7 +23,7 @@ import optax
 from cftjax import parallel
 from cftjax.config import ConfigError
 from cftjax.models import ModelConfig, abstract_params, init_params as init_model_params
-from cftjax.models import lora
+from cftjax.models import lora, quant
 
 class TrainState(flax.struct.PyTreeNode):
   """step: int32 []; params: float32 master copies of the trained params (`trainable_params`);
@@ -52,11 +52,25 @@ def trainable_params(model_cfg: ModelConfig, params: Any) -> Any:
 
 
 def frozen_shardings(model_cfg: ModelConfig) -> Any:
-  """Shardings of the frozen base of a LoRA model (its int8 kernels and scales included), by the
-  logical rules; None without LoRA."""
+  """Shardings of the frozen base of a LoRA model (its quantized kernels and scales included), by the
+  logical rules; None without LoRA. A 4-bit base whose packed kernels would not shard like the float
+  ones raises ValueError (`lora.check_packed_shardings`)."""
   if not model_cfg.lora_rank:
     return None
-  return parallel.param_shardings(lora.split(abstract_params(model_cfg))[0])
+  shardings = parallel.param_shardings(lora.split(abstract_params(model_cfg))[0])
+  if model_cfg.quantize_base in quant.LEVELS:
+    float_cfg = model_cfg.replace(quantize_base="none")
+    lora.check_packed_shardings(model_cfg, parallel.param_shardings(lora.split(abstract_params(float_cfg))[0]),
+                                shardings)
+  return shardings
+
+
+def abstract_frozen_base(model_cfg: ModelConfig) -> Any:
+  """ShapeDtypeStructs of a LoRA model's frozen base on `frozen_shardings` (an ahead-of-time
+  compile's argument); None without LoRA."""
+  if not model_cfg.lora_rank:
+    return None
+  return parallel.with_shardings(lora.split(nn.unbox(abstract_params(model_cfg)))[0], frozen_shardings(model_cfg))
 
 
 def model_params(trained: Any, frozen: Any) -> Any:
