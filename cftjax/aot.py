@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from cftjax import hlo, parallel, sampling
 from cftjax.config import ConfigError
-from cftjax.models import ModelConfig, attention, checkpoint_io
+from cftjax.models import ModelConfig, abstract_params, attention, checkpoint_io
 from cftjax.train import cft, grpo, losses
 from cftjax.train import run as run_lib
 from cftjax.train import state as state_lib
