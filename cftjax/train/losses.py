@@ -151,15 +151,13 @@ def _map_token_chunks(
     return _local_token_chunks(scaled_stats, hidden, lm_head, targets, chunk_size, logits_dtype,
                                WHOLE_VOCAB, unroll)
   # A vocab split over an axis that also splits the rows would mix different rows' logits: gather it.
-  gather_vocab = tuple(a for a in vocab_axes if a in row_axes)
+  gathers = tuple((axes, dim) for axes, dim in ((embed_axes, 0), (tuple(a for a in vocab_axes if a in row_axes), 1))
+                  if axes)
   vocab = VocabShard(tuple(a for a in vocab_axes if a not in row_axes))
 
   def local(hidden, head, targets):  # this device's rows [b, T, D], head [D / embed, V / vocab]
-    if embed_axes:
-      head = jax.lax.all_gather(head, embed_axes, axis=0, tiled=True)
-    if gather_vocab:
-      head = jax.lax.all_gather(head, gather_vocab, axis=1, tiled=True)
-    return _local_token_chunks(scaled_stats, hidden, head, targets, chunk_size, logits_dtype, vocab, unroll)
+    return _local_token_chunks(scaled_stats, hidden, head, targets, chunk_size, logits_dtype, vocab, unroll,
+                               gathers)
 
   rows = row_axes or None
   return jax.shard_map(local, mesh=parallel.current()[0],
@@ -167,13 +165,33 @@ def _map_token_chunks(
                        out_specs=P(rows, None))(hidden, lm_head, targets)
 
 
+Gathers = tuple[tuple[tuple[str, ...], int], ...]  # (mesh axes, head dim) to all-gather, in order
+
+
+def _gathered(head: Array, gathers: Gathers) -> Array:
+  for axes, dim in gathers:
+    head = jax.lax.all_gather(head, axes, axis=dim, tiled=True)
+  return head
+
+
+def _scattered(d_head: Array, gathers: Gathers) -> Array:
+  """The transpose of `_gathered`: each device's gradient summed over the gathered axes, this
+  device's slice kept (one reduce-scatter per gather)."""
+  for axes, dim in reversed(gathers):
+    d_head = jax.lax.psum_scatter(d_head, axes, scatter_dimension=dim, tiled=True)
+  return d_head
+
+
 def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, chunk_size: int,
-                        logits_dtype, vocab: VocabShard, unroll: bool = False) -> dict[str, Array]:
-  """`_map_token_chunks` on one device's rows: hidden [b, T, D], head [D, V_local], targets [b, T].
+                        logits_dtype, vocab: VocabShard, unroll: bool = False,
+                        gathers: Gathers = ()) -> dict[str, Array]:
+  """`_map_token_chunks` on one device's rows: hidden [b, T, D], head [D, V_local] (inside shard_map:
+  this device's shard, all-gathered over `gathers` here, once), targets [b, T].
 
   Several chunks run as a `lax.map` under a custom VJP: the backward pass recomputes each chunk's
   logits, takes stats_fn's VJP for the logits' cotangent and sums the head gradient in float32 over
-  the chunks (cast to the head's dtype once); a single chunk keeps its logits for plain autodiff.
+  the chunks, then casts it to the head's dtype and reduce-scatters it back to the shard (never an
+  all-reduce of the whole head); a single chunk keeps its logits for plain autodiff.
   """
   batch, seq, _ = hidden.shape
   seq_chunk = max(1, min(seq, chunk_size // batch))
@@ -192,15 +210,16 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
     return jax.lax.scan(chunk_stats, None, (h_chunks, t_chunks), unroll=unroll)[1]
 
   @jax.custom_vjp
-  def chunked(h_chunks, w, t_chunks):
-    return forward(h_chunks, w, t_chunks)
+  def chunked(h_chunks, w_shard, t_chunks):
+    return forward(h_chunks, _gathered(w_shard, gathers), t_chunks)
 
-  def chunked_fwd(h_chunks, w, t_chunks):  # symbolic_zeros: the args come as CustomVJPPrimal
-    h_chunks, w, t_chunks = h_chunks.value, w.value, t_chunks.value
-    return forward(h_chunks, w, t_chunks), (h_chunks, w, t_chunks)
+  def chunked_fwd(h_chunks, w_shard, t_chunks):  # symbolic_zeros: the args come as CustomVJPPrimal
+    h_chunks, w_shard, t_chunks = h_chunks.value, w_shard.value, t_chunks.value
+    w = _gathered(w_shard, gathers)
+    return forward(h_chunks, w, t_chunks), (h_chunks, w, t_chunks, w_shard)
 
   def chunked_bwd(residuals, d_stats):
-    h_chunks, w, t_chunks = residuals
+    h_chunks, w, t_chunks, w_shard = residuals
     # Only the statistics the loss depends on are differentiated (e.g. not a metric's entropy).
     d_stats = {k: d for k, d in d_stats.items() if not isinstance(d, jax.custom_derivatives.SymbolicZero)}
 
@@ -215,11 +234,15 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
     # Under shard_map the sum varies over every mesh axis its terms vary over.
     d_head = parallel.varying_like(jnp.zeros(w.shape, jnp.float32), h_chunks, w, *d_stats.values())
     d_head, d_hidden = jax.lax.scan(body, d_head, (h_chunks, t_chunks, d_stats), unroll=unroll)
-    # Rows on devices that share this head slice (e.g. over "data") add up.
-    return d_hidden, parallel.sum_to_match(d_head.astype(w.dtype), w), None
+    # Reduce-scattered to this device's shard; rows on devices that share it (e.g. over "data") add up.
+    d_shard = _scattered(d_head.astype(w.dtype), gathers)
+    return d_hidden, parallel.sum_to_match(d_shard, w_shard), None
 
   chunked.defvjp(chunked_fwd, chunked_bwd, symbolic_zeros=True)
-  stats = (chunked if num_chunks > 1 else forward)(to_chunks(hidden), head, to_chunks(targets))
+  if num_chunks > 1:
+    stats = chunked(to_chunks(hidden), head, to_chunks(targets))
+  else:
+    stats = forward(to_chunks(hidden), _gathered(head, gathers), to_chunks(targets))
   return {name: jnp.moveaxis(value, 0, 1).reshape(batch, num_chunks * seq_chunk)[:, :seq]
           for name, value in stats.items()}
 
