@@ -6,7 +6,9 @@ What the TPU compiler reports, and how it is corrected:
 - memory per chip (`memory_analysis`) of the real program, against the chip's HBM;
 - flops, HBM bytes and the cost model's step time (`cost_analysis`) count each while-loop body once,
   so they come from loop-free compiles (`ModelConfig.unroll_loops`, windowed einsum off) of a 1- and
-  a 2-layer model of the same shapes: total = C(1) + (layers - 1) x (C(2) - C(1));
+  a 2-layer model of the same shapes: total = C(1) + (layers - 1) x (C(2) - C(1)); for the sampler,
+  whose decode loop has no trip count, one decode step = C(with the loop) - C(one new token, no
+  loop), reported against the step's HBM roofline (`decode_roofline_bytes`);
 - Pallas kernels (`tpu_custom_call`) report no cost: when the program has any, the attention
   FLOPs are added at the chip's MXU peak;
 - collectives come from the real program's optimised HLO, weighted by while-loop trip counts
