@@ -30,8 +30,12 @@ make_venv() {  # make_venv NAME IMPORT_CHECK [PYTHON]
     echo "[setup] $dir is ready"
     return 1
   fi
-  "${3:-$PYTHON}" -m venv "$dir"
-  "$dir/bin/pip" install --quiet --upgrade pip
+  # Called as `make_venv ... || return 0`, where set -e does not apply: stop here on any failure.
+  if ! "${3:-$PYTHON}" -m venv "$dir"; then
+    echo "[setup] '${3:-$PYTHON}' could not create $dir: set PYTHON (or PYTHON312 for the *-tpu venvs) to a working interpreter" >&2
+    exit 2
+  fi
+  "$dir/bin/pip" install --quiet --upgrade pip || exit 1
 }
 
 setup_torch() {
