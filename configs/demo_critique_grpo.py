@@ -21,6 +21,7 @@ Measured in docs/recipes.md.
   cftjax plot runs/demo_critique_grpo
 """
 
+import recipes
 from cftjax.config import base_config
 from cftjax.data.critique import MATH_COT_SYSTEM
 from cftjax.data.synthetic import REFINEMENT_USER
@@ -65,24 +66,5 @@ def get_config():
   c.rl.refinement.num_refinements = 1
   c.rl.refinement.shaping_gamma = 0.1
 
-  c.optim.lr = 1e-4
-  c.optim.schedule = "constant"
-  c.optim.warmup_ratio = 0.0
-  c.optim.b2 = 0.98
-
-  c.train.steps = 30
-  c.train.chunk_size = 2048
-  c.mesh.fsdp = 1  # one CPU device
-
-  c.checkpoint.every_steps = 10
-  c.checkpoint.best_metric = "carry/pass@1"
-  c.checkpoint.best_mode = "max"
-
-  c.eval.every_steps = 10
-  c.eval.loss_batches = 0
-  c.eval.verdict_examples = 0
-  c.eval.suite = "configs/eval_demo_critique_grpo.py"
-  c.eval.suite_limit = 0  # every held-out problem
-
-  c.logging.every_steps = 1
+  recipes.cpu_demo_grpo_schedule(c, suite="configs/eval_demo_critique_grpo.py", best_metric="carry/pass@1")
   return c

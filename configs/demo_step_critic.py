@@ -15,6 +15,7 @@ erroneous and on correct solutions) of greedy critiques of the 300 held-out solu
   cftjax plot runs/demo_step_critic
 """
 
+import recipes
 from cftjax.config import base_config
 from cftjax.data.synthetic import STEP_CRITIC_TEMPLATE
 
@@ -56,23 +57,5 @@ def get_config():
   c.rl.eps_high = 0.28
   c.rl.kl_coef = 0.0
 
-  c.optim.lr = 1e-4
-  c.optim.schedule = "constant"
-  c.optim.warmup_ratio = 0.0
-  c.optim.b2 = 0.98
-
-  c.train.steps = 30
-  c.train.chunk_size = 2048
-  c.mesh.fsdp = 1  # one CPU device
-
-  c.checkpoint.every_steps = 10
-  c.checkpoint.best_metric = "steps/f1"
-  c.checkpoint.best_mode = "max"
-
-  c.eval.every_steps = 10
-  c.eval.loss_batches = 0
-  c.eval.verdict_examples = 0
-  c.eval.suite = "configs/eval_demo_step_critic.py"
-  c.eval.suite_limit = 0  # every held-out solution
-  c.logging.every_steps = 1
+  recipes.cpu_demo_grpo_schedule(c, suite="configs/eval_demo_step_critic.py", best_metric="steps/f1")
   return c

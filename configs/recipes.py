@@ -2,7 +2,8 @@
 `cftjax.config.load_config_file` puts a config file's directory on the import path).
 
 Each returns `cftjax.config.base_config()` with a paper's settings (docs/recipes.md has the sources);
-a config file then sets its model, data and run directory.
+a config file then sets its model, data and run directory. `cpu_demo_grpo_schedule` is the schedule
+the CPU GRPO demos share.
 """
 
 from ml_collections import config_dict
@@ -108,3 +109,25 @@ def paper_crl_recipe(*, init_from: str, rl_path: str, rl_task: str, rl_template:
   c.eval.verdict_style = "crl"
   c.logging.every_steps = 1
   return c
+
+
+def cpu_demo_grpo_schedule(c: config_dict.ConfigDict, *, suite: str, best_metric: str) -> None:
+  """The GRPO schedule of the CPU demos (configs/demo_critique_grpo.py, demo_step_critic.py): 30 steps
+  at a constant lr 1e-4 on one CPU device, the eval suite (every held-out row) and a checkpoint every
+  10 steps, the best by `best_metric` (higher is better)."""
+  c.optim.lr = 1e-4
+  c.optim.schedule = "constant"
+  c.optim.warmup_ratio = 0.0
+  c.optim.b2 = 0.98
+  c.train.steps = 30
+  c.train.chunk_size = 2048
+  c.mesh.fsdp = 1
+  c.checkpoint.every_steps = 10
+  c.checkpoint.best_metric = best_metric
+  c.checkpoint.best_mode = "max"
+  c.eval.every_steps = 10
+  c.eval.loss_batches = 0
+  c.eval.verdict_examples = 0
+  c.eval.suite = suite
+  c.eval.suite_limit = 0
+  c.logging.every_steps = 1
