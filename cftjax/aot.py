@@ -162,14 +162,20 @@ def grpo_program(config: Any, model_cfg: ModelConfig) -> Program:
                  f"{rows} x {seq} tokens, {config.train.micro_batches} micro-batch(es)")
 
 
+def _generation_shape(config: Any) -> tuple[int, int]:
+  """(rows, prompt bucket) of one GRPO rollout call."""
+  rl = config.rl
+  rows = rl.generation_batch_size or config.data.batch_size * rl.group_size
+  return rows, sampling.bucket_length(rl.max_prompt_len, tuple(rl.prompt_buckets) or None)
+
+
 def generate_program(config: Any, model_cfg: ModelConfig) -> Program:
   """`cftjax.sampling`'s prefill + decode loop for the GRPO rollouts of `config.rl`, on the float32
   master params in their training shardings (what a GRPO run passes; a LoRA run: its adapters joined
   to the frozen base)."""
   rl = config.rl
-  rows = rl.generation_batch_size or config.data.batch_size * rl.group_size
+  rows, bucket = _generation_shape(config)
   parallel.check_batch_divisible(rows, 1, "rl.generation_batch_size (or data.batch_size x rl.group_size)")
-  bucket = sampling.bucket_length(rl.max_prompt_len, tuple(rl.prompt_buckets) or None)
   eos = model_cfg.eos_token_id
   stop_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
   run = sampling.generation_program(model_cfg, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
@@ -285,8 +291,8 @@ def decode_roofline_bytes(config: Any, model_cfg: ModelConfig) -> float:
   gathers them over the batch axes once per call), and the KV cache of every row for the prompt
   bucket + rl.max_new_tokens slots, as its sharding splits it."""
   rl = config.rl
-  rows = rl.generation_batch_size or config.data.batch_size * rl.group_size
-  slots = sampling.bucket_length(rl.max_prompt_len, tuple(rl.prompt_buckets) or None) + rl.max_new_tokens
+  rows, bucket = _generation_shape(config)
+  slots = bucket + rl.max_new_tokens
   mesh = parallel.current()[0]
   weights = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params(model_cfg)))
   if not model_cfg.tie_embeddings:

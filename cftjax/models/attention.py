@@ -309,9 +309,10 @@ def swiglu_down(gate: Array, up: Array, down: Array, mlp: Weights | None = None)
 
 
 def cast_weights(tree: Weights, dtype) -> Weights:
-  """Kernels, biases and adapters in dtype; norm scales (leaves named "scale") as stored."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, w: w if path[-1].key == "scale" else w.astype(dtype), tree)
+  """Floating kernels, biases and adapters in dtype; norm scales and quantisation scales (leaves
+  named "scale" or "*_scale") and integer codes as stored."""
+  keep = lambda path, w: path[-1].key.endswith("scale") or not jnp.issubdtype(w.dtype, jnp.floating)
+  return jax.tree_util.tree_map_with_path(lambda path, w: w if keep(path, w) else w.astype(dtype), tree)
 
 
 def _adapters(group: Weights) -> Weights:

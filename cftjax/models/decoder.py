@@ -330,9 +330,7 @@ def gathered_for_decode(cfg: ModelConfig, params: dict[str, Any]) -> dict[str, A
   over "tensor" (`parallel.without_batch_axes`). One all-gather per weight per `generate` call instead
   of one per decode step; each chip then holds the compute-dtype weights divided by the tensor axis.
   Without a mesh: only the cast."""
-  dtype = jnp.dtype(cfg.dtype)
-  keep = lambda path, w: path[-1].key.endswith("scale") or not jnp.issubdtype(w.dtype, jnp.floating)
-  params = jax.tree_util.tree_map_with_path(lambda path, w: w if keep(path, w) else w.astype(dtype), params)
+  params = attention.cast_weights(params, jnp.dtype(cfg.dtype))
   if parallel.entered() is None:
     return params
 

@@ -151,8 +151,8 @@ def _map_token_chunks(
     return _local_token_chunks(scaled_stats, hidden, lm_head, targets, chunk_size, logits_dtype,
                                WHOLE_VOCAB, unroll)
   # A vocab split over an axis that also splits the rows would mix different rows' logits: gather it.
-  gathers = tuple((axes, dim) for axes, dim in ((embed_axes, 0), (tuple(a for a in vocab_axes if a in row_axes), 1))
-                  if axes)
+  vocab_gather = tuple(a for a in vocab_axes if a in row_axes)
+  gathers = tuple((axes, dim) for axes, dim in ((embed_axes, 0), (vocab_gather, 1)) if axes)
   vocab = VocabShard(tuple(a for a in vocab_axes if a not in row_axes))
 
   def local(hidden, head, targets):  # this device's rows [b, T, D], head [D / embed, V / vocab]
