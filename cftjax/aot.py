@@ -327,9 +327,9 @@ class Report:
   attention: str
   memory: dict[str, float]  # bytes per chip by kind (see `_memory`)
   hbm_bytes: float
-  flops: float  # per chip, loop-corrected
-  hbm_traffic: float  # bytes accessed per chip, loop-corrected
-  cost_model_seconds: float  # the compiler's estimate, loop-corrected
+  flops: float | None  # per chip, loop-corrected; None: the cost compiles were skipped
+  hbm_traffic: float | None  # bytes accessed per chip, loop-corrected; None as flops
+  cost_model_seconds: float | None  # the compiler's estimate, loop-corrected; None as flops
   pallas_calls: int  # Pallas kernel launches per call (trip-weighted)
   pallas_seconds: float  # their attention FLOPs at MXU peak (0 without Pallas kernels)
   model_flops: float  # per call, all chips
@@ -347,11 +347,14 @@ class Report:
     return self.memory["total"] <= self.hbm_bytes
 
   @property
-  def estimated_seconds(self) -> float:
-    return self.cost_model_seconds + self.pallas_seconds
+  def estimated_seconds(self) -> float | None:
+    """Cost model plus Pallas kernels at MXU peak; None when the cost compiles were skipped."""
+    return None if self.cost_model_seconds is None else self.cost_model_seconds + self.pallas_seconds
 
   @property
-  def estimated_mfu(self) -> float:
+  def estimated_mfu(self) -> float | None:
+    if self.estimated_seconds is None:
+      return None
     if self.estimated_seconds <= 0:
       return math.nan
     return self.model_flops / (self.estimated_seconds * self.devices * self.peak_flops)
@@ -367,7 +370,8 @@ class Report:
         "attention": self.attention, "fits": self.fits,
         "memory_gib_per_chip": self.memory["total"] / GiB, "hbm_gib_per_chip": self.hbm_bytes / GiB,
         "memory_gib_by_kind": {k: v / GiB for k, v in self.memory.items() if k != "total"},
-        "tflops_per_chip": self.flops / 1e12, "hbm_traffic_gb_per_chip": self.hbm_traffic / 1e9,
+        "tflops_per_chip": None if self.flops is None else self.flops / 1e12,
+        "hbm_traffic_gb_per_chip": None if self.hbm_traffic is None else self.hbm_traffic / 1e9,
         "cost_model_seconds": self.cost_model_seconds, "pallas_calls": self.pallas_calls,
         "pallas_seconds": self.pallas_seconds, "estimated_step_seconds": self.estimated_seconds,
         "estimated_mfu": self.estimated_mfu, "collective_gib_per_step": self.collective_bytes / GiB,
@@ -386,7 +390,7 @@ class Report:
 def compile_objective(config: Any, model_cfg: ModelConfig, objective: str, devices: Sequence[jax.Device],
                       topology: str, cost: bool = True) -> tuple[Report, str]:
   """(report, optimised HLO text) of `objective`'s program for `model_cfg` on a mesh of `devices`
-  by config.mesh; `cost=False` skips the loop-free compiles (cost figures then read 0)."""
+  by config.mesh; `cost=False` skips the loop-free compiles (cost figures and estimates then None)."""
   if objective not in PROGRAMS:
     raise ConfigError(f"objective {objective!r} is not one of {OBJECTIVES}")
   chip_figures = chip(topology)
@@ -405,8 +409,8 @@ def compile_objective(config: Any, model_cfg: ModelConfig, objective: str, devic
                              " ".join(str(e).split())[:300], time.perf_counter() - start), ""
     compile_seconds = time.perf_counter() - start
     text = compiled.as_text()
-    zero = dict(flops=0.0, bytes=0.0, seconds=0.0)
-    corrected, decode_step = loop_corrected_cost(config, model_cfg, objective) if cost else (zero, None)
+    skipped = dict(flops=None, bytes=None, seconds=None)
+    corrected, decode_step = loop_corrected_cost(config, model_cfg, objective) if cost else (skipped, None)
     roofline = decode_roofline_bytes(config, model_cfg) if objective == "generate" else 0.0
     vocab_shards = _vocab_shards(model_cfg)
   found = hlo.collectives(text)
@@ -444,7 +448,7 @@ def _refused_report(objective: str, topology: str, devices: Sequence[jax.Device]
       mesh=dict(mesh.shape), shapes=program.shapes, remat=model_cfg.remat, attention=model_cfg.attention,
       memory={"argument": arguments, "output": 0.0, "alias": 0.0, "temp": temp, "generated_code": 0.0,
               "total": arguments + temp},
-      hbm_bytes=chip_figures.hbm_bytes, flops=0.0, hbm_traffic=0.0, cost_model_seconds=0.0, pallas_calls=0,
+      hbm_bytes=chip_figures.hbm_bytes, flops=None, hbm_traffic=None, cost_model_seconds=None, pallas_calls=0,
       pallas_seconds=0.0, model_flops=program.model_flops, peak_flops=chip_figures.peak_flops, collectives={},
       full_vocab_all_reduces=0, lm_head_gathers=0, decode_step=None, decode_roofline_bytes=0.0,
       compile_seconds=compile_seconds, compiler_refused=message)
@@ -490,7 +494,7 @@ def advice(report: Report, config: Any) -> list[str]:
 
 def best_remat(reports: Sequence[Report]) -> Report | None:
   """The report with the shortest estimated step among those that fit (None if none fits)."""
-  fitting = [r for r in reports if r.fits and r.estimated_seconds > 0]
+  fitting = [r for r in reports if r.fits and (r.estimated_seconds or 0) > 0]
   return min(fitting, key=lambda r: r.estimated_seconds) if fitting else None
 
 
@@ -530,7 +534,9 @@ def format_report(report: Report) -> str:
   ]
   if report.compiler_refused:
     lines.append(f"the TPU compiler refused: {report.compiler_refused}")
-  if report.cost_model_seconds:
+  if report.cost_model_seconds is None:
+    lines.append("cost: not estimated (the loop-free cost compiles were skipped: --no-cost or refused)")
+  else:
     lines += [
         f"per chip per call (loop-corrected): {report.flops / 1e12:.2f} TFLOP, {report.hbm_traffic / 1e9:.1f} GB "
         f"HBM traffic; cost model {report.cost_model_seconds:.4f} s"

@@ -134,11 +134,18 @@ def test_loop_corrected_cost_equals_the_fully_unrolled_program(devices):
   assert scanned["flops"] < 0.6 * unrolled["flops"]  # the scanned program's body counted once
 
 
-def test_compile_command_prints_json(tmp_path, capsys):
+@pytest.fixture
+def hf_config(tmp_path):
+  """A tiny Qwen2 config.json for --model-config."""
   hf = tmp_path / "config.json"
   hf.write_text(json.dumps({"model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": HIDDEN,
                             "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
                             "num_key_value_heads": 2, "max_position_embeddings": 256}))
+  return hf
+
+
+def test_compile_command_prints_json(hf_config, capsys):
+  hf = hf_config
   code = cli.main(["compile", "--config", "configs/demo_cft.py", "--topology", TOPOLOGY, "--model-config",
                    str(hf), "--json", "--config.model.dtype=bfloat16", "--config.train.chunk_size=2048"])
   result = json.loads(capsys.readouterr().out)
@@ -147,6 +154,19 @@ def test_compile_command_prints_json(tmp_path, capsys):
   assert 0 < result["memory_gib_per_chip"] < 1
   assert result["estimated_step_seconds"] > 0 and 0 < result["estimated_mfu"] < 1
   assert result["collective_gib_per_step"] > 0 and result["shapes"].startswith("16 x 128 tokens")
+
+
+def test_no_cost_reports_no_estimates(hf_config, capsys):
+  """--no-cost compiles the real program only: memory and collectives, and null cost figures, never
+  a step time made of the Pallas part alone."""
+  code = cli.main(["compile", "--config", "configs/demo_cft.py", "--topology", TOPOLOGY, "--no-cost", "--json",
+                   "--model-config", str(hf_config), "--config.model.dtype=bfloat16",
+                   "--config.model.attention=splash"])
+  result = json.loads(capsys.readouterr().out)
+  assert code == 0 and result["pallas_calls"] > 0 and result["memory_gib_per_chip"] > 0
+  for key in ("tflops_per_chip", "hbm_traffic_gb_per_chip", "cost_model_seconds", "estimated_step_seconds",
+              "estimated_mfu"):
+    assert result[key] is None, key
 
 
 @pytest.mark.slow
