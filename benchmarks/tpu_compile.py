@@ -50,9 +50,12 @@ def maxtext_topology(topology: str) -> str:
 
 def _run(command: list[str], log_path: str, env: dict[str, str] | None = None) -> tuple[int, str]:
   start = time.time()
+  # Importing jax here set TPU_LIBRARY_PATH to this venv's libtpu; each system must load its own
+  # (an older libtpu fails on a newer jax's Pallas kernels: "unknown attribute code").
+  inherited = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
   with open(log_path, "w") as log:
     proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": REPO_ROOT, **(env or {})})
+                          env={**inherited, "PYTHONPATH": REPO_ROOT, **(env or {})})
   print(f"  [{time.time() - start:6.0f} s] exit {proc.returncode}: {' '.join(command[-6:])}", flush=True)
   with open(log_path, "a") as log:
     log.write("\n--- stdout ---\n" + proc.stdout)

@@ -160,6 +160,9 @@ def _map_token_chunks(
                                gathers)
 
   rows = row_axes or None
+  # The head's gather waits for the hidden states: free to start earlier, the TPU scheduler carries the
+  # gathered head through the decoder's layer loop and, short of HBM, re-gathers it in every layer.
+  hidden, lm_head = jax.lax.optimization_barrier((hidden, lm_head))
   return jax.shard_map(local, mesh=parallel.current()[0],
                        in_specs=(P(rows, None, None), P(embed_axes or None, vocab_axes or None), P(rows, None)),
                        out_specs=P(rows, None))(hidden, lm_head, targets)
