@@ -23,7 +23,7 @@ RUN_CONFIG_FILE = "config.json"
 # other values cannot be resumed. A key ending in "." covers its whole section.
 RESUME_INVARIANT_KEYS = (
     "model.init_from", "model.arch.", "model.param_dtype", "model.lora.rank", "model.lora.targets",
-    "model.lora.quantize_base",
+    "model.lora.quantize_base", "model.lora.modules_to_save",
     "data.train_path", "data.sources", "data.format", "data.template", "data.max_seq_len",
     "data.batch_size", "data.packing", "data.seed", "data.world.",
     "train.seed",
@@ -43,6 +43,14 @@ def base_config() -> config_dict.ConfigDict:
   c.model = config_dict.ConfigDict()
   c.model.init_from = config_dict.placeholder(str)  # converted checkpoint dir; None = from scratch
   c.model.tokenizer_dir = config_dict.placeholder(str)  # None = the tokenizer saved with init_from
+  # Or start from a `cftjax train` run directory (and selector, e.g. RUN_DIR:latest; RUN_DIR alone =
+  # its best params if they beat step 0, else its latest), taking its architecture and tokenizer: the
+  # initial params of a full fine-tune (a GRPO policy), the frozen base of a LoRA run.
+  c.model.init_from_run = ""
+  # a CFT config trained into init_from_run first unless that run finished (a warm start); relative
+  # to the directory of the config file that sets it (on the command line: to the working directory)
+  c.model.warmstart_config = ""
+  c.model.warmstart_steps = 0  # its train.steps (0 = the config's own)
   c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); master weights are float32
   c.model.param_dtype = "float32"  # dtype a fresh model's params are created in (training casts them to float32)
   c.model.remat = "none"  # activation checkpointing: none | minimal | full
@@ -58,6 +66,9 @@ def base_config() -> config_dict.ConfigDict:
   c.model.lora.dropout = 0.0  # dropout on the adapters' input while training
   c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # any of these projections
   c.model.lora.quantize_base = "none"  # none | int8 | nf4 | int4: the frozen base's targeted kernels (QLoRA)
+  # modules trained whole beside the adapters, starting from the base's (PEFT modules_to_save): () or
+  # ("lm_head",), for a base that never wrote some tokens the fine-tune needs (an untied head only)
+  c.model.lora.modules_to_save = ()
   c.model.lora.init_from = config_dict.placeholder(str)  # a PEFT adapter dir to continue training
   # model.arch: the architecture of a from-scratch model (ignored with init_from).
   c.model.arch = config_dict.ConfigDict()
@@ -204,12 +215,6 @@ def base_config() -> config_dict.ConfigDict:
   c.rl.refinement.num_refinements = 1  # k: refinements added to a refined group (correct ones first)
   c.rl.refinement.correct_score = 1.0  # a response is correct when its task score >= this
   c.rl.refinement.shaping_gamma = 0.1  # gamma of the shaped ratio p / (p + gamma)
-  # Initial policy: a cftjax run dir (its best params), else model.init_from / from scratch.
-  c.rl.init_from_run = ""
-  # a CFT config trained into init_from_run first unless that run finished; relative to the directory
-  # of the config file that sets it (on the command line: to the working directory)
-  c.rl.warmstart_config = ""
-  c.rl.warmstart_steps = 0  # its train.steps (0 = the config's own)
 
   # mesh: device mesh axis sizes (cftjax.parallel.make_mesh); -1 = all remaining devices.
   c.mesh = config_dict.ConfigDict()
@@ -258,7 +263,7 @@ def load_config_file(spec: str) -> config_dict.ConfigDict:
 
   While it runs, the file's directory is first on the import path, so a config file can import the
   modules beside it (the recipes in configs/recipes.py). An exception the file raises (a syntax
-  error included) becomes a ConfigError naming the file and line. A relative `rl.warmstart_config`
+  error included) becomes a ConfigError naming the file and line. A relative `model.warmstart_config`
   the file sets is resolved against the file's directory (an override on the command line is
   relative to the working directory, as every other path).
   """
@@ -284,8 +289,8 @@ def load_config_file(spec: str) -> config_dict.ConfigDict:
     raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected a ConfigDict")
   if "train" in config and not config.train.run_dir:  # eval configs have no train section
     config.train.run_dir = os.path.join("runs", module_name.removeprefix("cftjax_config_"))
-  if "rl" in config and config.rl.get("warmstart_config"):
-    config.rl.warmstart_config = _beside(config_dir, config.rl.warmstart_config)
+  if "model" in config and config.model.get("warmstart_config"):
+    config.model.warmstart_config = _beside(config_dir, config.model.warmstart_config)
   return config
 
 

@@ -21,8 +21,8 @@ def get_config():
   c = base_config()
   c.train.objective = "grpo"
   c.train.run_dir = "runs/deepcritic_qwen2_5_7b/rl"
-  c.rl.init_from_run = SFT_RUN_DIR
-  c.rl.warmstart_config = "deepcritic_qwen2_5_7b_sft.py"  # beside this file
+  c.model.init_from_run = SFT_RUN_DIR
+  c.model.warmstart_config = "deepcritic_qwen2_5_7b_sft.py"  # beside this file
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
   c.data.sources = ({"path": "data/deepcritic/prm800k_phase2_train.jsonl", "format": "prm800k",

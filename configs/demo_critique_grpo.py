@@ -47,8 +47,8 @@ def get_config():
   c.data.max_seq_len = 128
   c.data.packing = False
 
-  c.rl.init_from_run = RUN_DIR + "/actor_warmstart"
-  c.rl.warmstart_config = "demo_critique_grpo_sft.py"  # beside this file
+  c.model.init_from_run = RUN_DIR + "/actor_warmstart"
+  c.model.warmstart_config = "demo_critique_grpo_sft.py"  # beside this file
   c.rl.group_size = 8
   c.rl.max_new_tokens = 32  # an answer is 26 tokens
   c.rl.max_prompt_len = 128  # a refinement prompt is ~100 tokens

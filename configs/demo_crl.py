@@ -36,9 +36,9 @@ def get_config():
   c.data.packing = False
   c.data.world.teacher_leading_carry_slip = 0.7  # the fallible teacher of the CFT warm start
 
-  c.rl.init_from_run = RUN_DIR + "/cft_warmstart"
-  c.rl.warmstart_config = "demo_cft.py"  # beside this file
-  c.rl.warmstart_steps = 0  # demo_cft's own 1200 steps: the critic has learned the teacher's slip
+  c.model.init_from_run = RUN_DIR + "/cft_warmstart"
+  c.model.warmstart_config = "demo_cft.py"  # beside this file
+  c.model.warmstart_steps = 0  # demo_cft's own 1200 steps: the critic has learned the teacher's slip
   c.rl.group_size = 8
   c.rl.max_new_tokens = 72  # a critique is 56-58 tokens; prompt (50) + completion fit 128
   c.rl.max_prompt_len = 128

@@ -42,8 +42,8 @@ def get_config():
   c.data.max_seq_len = 160  # as the warm start
   c.data.packing = False
 
-  c.rl.init_from_run = RUN_DIR + "/sft_warmstart"
-  c.rl.warmstart_config = "demo_step_critic_sft.py"  # beside this file
+  c.model.init_from_run = RUN_DIR + "/sft_warmstart"
+  c.model.warmstart_config = "demo_step_critic_sft.py"  # beside this file
   c.rl.group_size = 8
   c.rl.prompt_buckets = (80,)
   c.rl.max_new_tokens = 80  # a critique is 26-79 tokens; prompt (65-68) + completion fit 160

@@ -248,17 +248,17 @@ def get_config():
   c.data.world_dir = {str(tmp_path / "world")!r}
   c.data.world.num_train = 20
   c.data.world.num_heldout = 4
-  c.rl.init_from_run = {str(tmp_path / "warm")!r}
-  c.rl.warmstart_config = "missing_cft.py"
+  c.model.init_from_run = {str(tmp_path / "warm")!r}
+  c.model.warmstart_config = "missing_cft.py"
   return c
 """)
   code, line = run_cli(capsys, ["train", "--config", config_file])
   assert code == 2
-  assert f"rl.warmstart_config={str(tmp_path / 'missing_cft.py')!r}: no such config file" in line
+  assert f"model.warmstart_config={str(tmp_path / 'missing_cft.py')!r}: no such config file" in line
   assert "relative to that file's directory" in line and "fix the path" in line
   assert sorted(os.listdir(tmp_path)) in (["crl.py"], ["__pycache__", "crl.py"])
 
-  code, line = run_cli(capsys, ["train", "--config", config_file, "--config.rl.warmstart_config=cft.py"])
+  code, line = run_cli(capsys, ["train", "--config", config_file, "--config.model.warmstart_config=cft.py"])
   assert code == 2 and f"no such config file (relative to the working directory {os.getcwd()})" in line
   assert not any(os.path.exists(tmp_path / d) for d in ("run", "world", "warm"))
 

@@ -112,14 +112,14 @@ def test_warmstart_config_is_relative_to_the_config_file_that_sets_it(tmp_path):
   config_file.write_text("from cftjax.config import base_config\n\n"
                          "def get_config():\n"
                          "  c = base_config()\n"
-                         "  c.rl.warmstart_config = '../cft/warm.py:0.5'\n"
+                         "  c.model.warmstart_config = '../cft/warm.py:0.5'\n"
                          "  return c\n")
   config = config_lib.load_config(str(config_file))
-  assert config.rl.warmstart_config == str(tmp_path / "cft" / "warm.py") + ":0.5"
-  override = config_lib.load_config(str(config_file), [("rl.warmstart_config", "cft.py")])
-  assert override.rl.warmstart_config == "cft.py"  # the command line: relative to the working directory
+  assert config.model.warmstart_config == str(tmp_path / "cft" / "warm.py") + ":0.5"
+  override = config_lib.load_config(str(config_file), [("model.warmstart_config", "cft.py")])
+  assert override.model.warmstart_config == "cft.py"  # the command line: relative to the working directory
   shipped = config_lib.load_config(os.path.join(REPO, "configs", "demo_crl.py"))
-  assert shipped.rl.warmstart_config == os.path.join(REPO, "configs", "demo_cft.py")
+  assert shipped.model.warmstart_config == os.path.join(REPO, "configs", "demo_cft.py")
 
 
 def test_deepcritic_recipe_runs_sft_then_rl_with_the_step_reward():
@@ -127,8 +127,8 @@ def test_deepcritic_recipe_runs_sft_then_rl_with_the_step_reward():
   assert (sft.optim.lr, sft.data.num_epochs, sft.data.max_seq_len, sft.data.batch_size) == (1e-5, 3, 16384, 16)
   assert (sft.optim.schedule, sft.optim.warmup_ratio, sft.data.format) == ("cosine", 0.1, "deepcritic")
   rl = config_lib.load_config(os.path.join(REPO, "configs", "deepcritic_qwen2_5_7b.py"))
-  assert rl.rl.warmstart_config == os.path.join(REPO, "configs", "deepcritic_qwen2_5_7b_sft.py")
-  assert rl.rl.init_from_run == sft.train.run_dir
+  assert rl.model.warmstart_config == os.path.join(REPO, "configs", "deepcritic_qwen2_5_7b_sft.py")
+  assert rl.model.init_from_run == sft.train.run_dir
   spec, = pipeline.source_specs(pipeline.train_sources(rl.data))
   assert (spec["format"], spec["task"], spec["template"]) == ("prm800k", "step", "step_critique")
   with RewardComputer(rl.rl.rewards) as rewards:

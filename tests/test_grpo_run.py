@@ -204,7 +204,7 @@ def get_config():
 
 
 def test_grpo_warm_starts_from_a_cft_config_and_its_run_dir_evaluates(tmp_path):
-  """rl.warmstart_config trains the CFT run first (in the GRPO run's world); the GRPO run starts from
+  """model.warmstart_config trains the CFT run first (in the GRPO run's world); the GRPO run starts from
   its best params, and `cftjax eval` loads the GRPO run dir with the CFT run's architecture."""
   cft_config = tmp_path / "tiny_cft.py"
   cft_config.write_text(TINY_CFT_CONFIG)
@@ -222,9 +222,9 @@ def test_grpo_warm_starts_from_a_cft_config_and_its_run_dir_evaluates(tmp_path):
   c.data.eval_path = os.path.join(world, "heldout.jsonl")
   c.rl.rewards.options.verdict.style = "cft"
   c.eval.verdict_style = "cft"
-  c.rl.init_from_run = str(tmp_path / "cft")
-  c.rl.warmstart_config = str(cft_config)
-  c.rl.warmstart_steps = 4
+  c.model.init_from_run = str(tmp_path / "cft")
+  c.model.warmstart_config = str(cft_config)
+  c.model.warmstart_steps = 4
   c.checkpoint.best_metric = "verdict_accuracy"
   c.checkpoint.best_mode = "max"
   summary = launch.train(c)
@@ -255,7 +255,7 @@ def test_grpo_warm_starts_from_a_cft_config_and_its_run_dir_evaluates(tmp_path):
   with open(cft_config_path, "w") as f:
     json.dump(record, f)
   c.train.run_dir = str(tmp_path / "grpo_again")
-  with pytest.raises(config_lib.ConfigError, match="rl.init_from_run=.*other data.world settings"):
+  with pytest.raises(config_lib.ConfigError, match="model.init_from_run=.*other data.world settings"):
     launch.train(c)
 
 

@@ -1,7 +1,8 @@
 """LoRA and the int8 base (`model.lora`): untrained adapters leave the logits exactly the base's, a step
 changes only adapters (the optimizer holds nothing for the base) and gives the same result on every
-mesh, the adapters' loss equals the merged model's, int8 numerics against the float base, and GRPO with
-a KL term scores its reference on the base without loading reference params."""
+mesh, the adapters' loss equals the merged model's, int8 numerics against the float base, GRPO with
+a KL term scores its reference on the base without loading reference params, and a CFT run's frozen
+base is the warm start it trains first (model.init_from_run, model.warmstart_config)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ import numpy as np
 import optax
 import pytest
 
+from cftjax import config as config_lib
 from cftjax import launch, parallel, sampling
 from cftjax.data import synthetic
-from cftjax.models import Decoder, ModelConfig, init_params, lora
+from cftjax.config import ConfigError
+from cftjax.models import Decoder, ModelConfig, checkpoint_io, init_params, lora
 from cftjax.models.checkpoint_io import fresh_base_params
 from cftjax.train import cft, grpo, losses
+from cftjax.train import run as run_lib
 from cftjax.train import state as state_lib
 from tests.test_cft_step import CFG, make_batch, mesh_of
 from tests.test_grpo_run import smoke_config
@@ -105,6 +109,36 @@ def test_a_step_trains_only_the_adapters_on_every_mesh():
     assert tuple(shardings["b"].spec) == (None, None, "tensor", None)
 
 
+def test_modules_to_save_train_a_copy_of_the_lm_head_and_the_base_keeps_its_own():
+  """model.lora.modules_to_save = ("lm_head",) (PEFT's modules_to_save): the trained lm_head starts as
+  the base's copy (logits exactly the base's), the optimizer holds moments for it and the adapters,
+  a step moves it while the frozen base keeps the original, which the adapters-off params (GRPO's KL
+  reference) use; a tied head is refused."""
+  cfg = LORA.replace(lora_modules_to_save=("lm_head",))
+  tx = optax.adam(1e-2)
+  with parallel.use_mesh(mesh_of(1, 8, 1)):
+    frozen = jax.device_put(fresh_base_params(cfg.without_lora(), 0), state_lib.frozen_shardings(cfg))
+    state = state_lib.create_train_state(cfg, tx, jax.random.key(0), frozen=frozen)
+    start = jax.device_get(state.params)
+    state, _ = cft.make_cft_step(cfg, tx, chunk_size=40)(state, make_batch(), frozen)
+    trained, frozen = jax.device_get((state.params, frozen))
+  base_logits = Decoder(cfg.without_lora()).apply({"params": frozen}, TOKENS)
+  np.testing.assert_array_equal(start["lm_head"], frozen["lm_head"])
+  np.testing.assert_array_equal(Decoder(cfg).apply({"params": lora.combine(frozen, start)}, TOKENS),
+                                base_logits)
+  assert jax.tree.structure(state.opt_state[0].mu) == jax.tree.structure(trained)
+  assert set(trained) == {"layers", "lm_head"}
+  assert float(np.abs(trained["lm_head"] - frozen["lm_head"]).max()) > 1e-3
+  np.testing.assert_array_equal(
+      Decoder(cfg).apply({"params": lora.combine(frozen, lora.adapters_off(trained))}, TOKENS), base_logits)
+  merged = lora.merge(cfg, lora.combine(frozen, trained))
+  np.testing.assert_array_equal(merged["lm_head"], trained["lm_head"])
+  with pytest.raises(ConfigError, match=r"model.lora.modules_to_save=\('lm_head',\) needs an untied lm_head"):
+    cfg.replace(tie_embeddings=True)
+  with pytest.raises(ConfigError, match=r"model.lora.modules_to_save=\('embedding',\): only \('lm_head',\)"):
+    LORA.replace(lora_modules_to_save=("embedding",))
+
+
 def test_adapter_loss_equals_the_merged_models_and_dropout_is_off_without_a_key():
   batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
   cfg = LORA.replace(lora_dropout=0.3)
@@ -161,3 +195,60 @@ def test_grpo_with_lora_and_kl_loads_no_reference_params(tmp_path, monkeypatch):
   assert config.rl.kl_coef > 0
   assert all(np.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows)
   assert rows[0]["kl"] < 1e-2
+
+
+WARM_START_CONFIG = """
+from cftjax.config import base_config
+
+def get_config():
+  c = base_config()
+  c.data.synthetic_world = True
+  c.data.max_seq_len = 128
+  c.data.batch_size = 8
+  c.data.packing = False
+  for key, value in dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=16, max_position_embeddings=128).items():
+    c.model.arch[key] = value
+  c.optim.lr = 1e-3
+  c.train.steps = 5
+  c.train.chunk_size = 512
+  c.checkpoint.async_save = False
+  c.eval.at_start = False
+  c.eval.loss_batches = 1
+  c.eval.batch_size = 8
+  c.eval.verdict_examples = 0
+  c.logging.tensorboard = False
+  c.logging.progress_bar = False
+  return c
+"""
+
+
+def test_lora_cft_trains_its_warm_start_first_and_adapts_that_runs_params(tmp_path):
+  """model.init_from_run + model.warmstart_config on a CFT LoRA run (configs/demo_cft_lora.py): the
+  CFT warm start is trained first in the run's world, the run takes its architecture, and its frozen
+  base is exactly the selected params of that run, so with B = 0 the first held-out loss is the warm
+  start's last one."""
+  warm_config = tmp_path / "warm.py"
+  warm_config.write_text(WARM_START_CONFIG)
+  world, base_dir, run_dir = (str(tmp_path / name) for name in ("world", "base", "lora"))
+  c = config_lib.load_config(str(warm_config), [
+      ("train.run_dir", run_dir), ("train.steps", "2"), ("eval.at_start", "True"),
+      ("data.world_dir", world), ("data.world.num_train", "40"), ("data.world.num_heldout", "8"),
+      ("model.arch.hidden_size", "64"), ("model.lora.rank", "4"), ("optim.lr", "2e-2"),
+      ("model.init_from_run", base_dir + ":latest"), ("model.warmstart_config", str(warm_config)),
+      ("model.warmstart_steps", "3")])
+  summary = launch.train(c)
+
+  base_summary = run_lib.read_summary(base_dir)
+  assert (base_summary["steps"], summary["steps"]) == (3, 2)
+  run_config = checkpoint_io.read_run_config(run_dir)
+  assert run_config.model.arch.hidden_size == 32  # the warm start's, not this config's 64
+  assert checkpoint_io.read_run_config(base_dir).data.world_dir == world
+  base_cfg, base_params, _ = checkpoint_io.load_run(base_dir + ":latest")
+  frozen = checkpoint_io.lora_base_params(run_config, base_cfg)
+  jax.tree.map(np.testing.assert_array_equal, frozen, base_params)
+  np.testing.assert_allclose(summary["initial_eval"]["eval_loss"],
+                             base_summary["final_eval"]["eval_loss"], rtol=1e-6)
+  _, merged, _ = checkpoint_io.load_run(run_dir)  # base + the trained adapters
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(merged), jax.tree.leaves(base_params))) > 1e-4

@@ -1,5 +1,6 @@
-"""A LoRA CFT run on a converted Hugging Face model, exported two ways and checked against the libraries
-that own the formats: `cftjax convert --to-hf` (adapters merged) loaded by transformers, and
+"""A LoRA CFT run on a converted Hugging Face model (adapters alone, and adapters with the lm_head
+trained whole: model.lora.modules_to_save), exported two ways and checked against the libraries that
+own the formats: `cftjax convert --to-hf` (adapters merged) loaded by transformers, and
 `--adapters-only` (a PEFT directory) loaded by peft onto the HF base, both giving cftjax's logits with
 the adapters (float32); the PEFT directory imported back (`model.lora.init_from`) continues training."""
 
@@ -25,9 +26,11 @@ TOKENS = (np.arange(2 * 20).reshape(2, 20) * 13 % 600).astype(np.int64)
 ATOL = 1e-4  # float32, transformers vs cftjax
 
 
-def lora_config(tmp_path, ckpt: str, world: str, run_dir: str, steps: int):
+def lora_config(tmp_path, ckpt: str, world: str, run_dir: str, steps: int,
+                modules_to_save: tuple[str, ...] = ()):
   c = base_config()
   c.model.init_from = ckpt
+  c.model.lora.modules_to_save = modules_to_save
   c.model.lora.rank = 4
   c.model.lora.alpha = 8.0
   c.model.lora.targets = ("q", "v", "o", "gate", "down")
@@ -55,8 +58,8 @@ def lora_config(tmp_path, ckpt: str, world: str, run_dir: str, steps: int):
   return c
 
 
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=[(), ("lm_head",)], ids=["adapters", "lm_head"])
+def lora_run(tmp_path_factory, request):
   root = tmp_path_factory.mktemp("lora_export")
   hf_model = make_hf_model("qwen2_untied_bias", vocab_size=640)
   hf_dir = root / "hf"
@@ -67,9 +70,9 @@ def lora_run(tmp_path_factory):
   world = str(root / "world")
   synthetic.write_world(world, num_train=40, num_heldout=8)
   run_dir = str(root / "run")
-  summary = launch.train(lora_config(root, ckpt, world, run_dir, steps=3))
+  summary = launch.train(lora_config(root, ckpt, world, run_dir, steps=3, modules_to_save=request.param))
   return {"root": root, "hf_dir": str(hf_dir), "ckpt": ckpt, "world": world, "run": run_dir,
-          "summary": summary}
+          "summary": summary, "modules_to_save": request.param}
 
 
 def cftjax_logits(run_dir: str) -> np.ndarray:
@@ -77,6 +80,8 @@ def cftjax_logits(run_dir: str) -> np.ndarray:
   cfg, adapters, _ = checkpoint_io.load_run_adapters(run_dir)
   base = checkpoint_io.load_init_params(checkpoint_io.read_run_config(run_dir).model.init_from, None)
   assert max(float(np.abs(a["b"]).max()) for g in adapters["layers"].values() for a in g.values()) > 1e-3
+  for module in cfg.lora_modules_to_save:  # trained whole: moved away from the base's copy
+    assert float(np.abs(adapters[module] - base[module]).max()) > 1e-3
   return np.asarray(Decoder(cfg).apply({"params": lora.combine(base, adapters)}, TOKENS.astype(np.int32)))
 
 
@@ -97,6 +102,7 @@ def test_peft_directory_loads_in_peft_and_imports_back(lora_run):
     config = json.load(f)
   assert (config["r"], config["lora_alpha"]) == (4, 8.0)
   assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "o_proj", "q_proj", "v_proj"]
+  assert config["modules_to_save"] == (list(lora_run["modules_to_save"]) or None)
   base = transformers.AutoModelForCausalLM.from_pretrained(lora_run["hf_dir"], torch_dtype="float32")
   adapted = peft.PeftModel.from_pretrained(base, out).eval()
   np.testing.assert_allclose(hf_logits(adapted, TOKENS), cftjax_logits(lora_run["run"]), atol=ATOL)
@@ -104,7 +110,8 @@ def test_peft_directory_loads_in_peft_and_imports_back(lora_run):
   # Import it back and continue: the new run starts where the first ended (same held-out loss) and
   # its adapters keep moving.
   run_dir = str(lora_run["root"] / "continued")
-  config = lora_config(lora_run["root"], lora_run["ckpt"], lora_run["world"], run_dir, steps=2)
+  config = lora_config(lora_run["root"], lora_run["ckpt"], lora_run["world"], run_dir, steps=2,
+                       modules_to_save=lora_run["modules_to_save"])
   config.model.lora.init_from = out
   summary = launch.train(config)
   first = lora_run["summary"]

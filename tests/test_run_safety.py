@@ -24,6 +24,7 @@ from cftjax.data import synthetic
 from cftjax.models import checkpoint_io
 from cftjax.train import checkpoint as ckpt
 from cftjax.train import grpo, run_lock
+from cftjax.train import run as run_lib
 from tests.run_files import metric_rows
 from tests.test_checkpoint import _abstract, _assert_trees_equal, _state
 from tests.test_grpo_run import smoke_config
@@ -141,9 +142,9 @@ def test_the_selector_picks_best_only_when_it_beats_step_0_and_says_which(tmp_pa
     checkpoint_io.load_run_params(f"{run_dir}:step=3", target)
 
 
-def test_grpo_warm_start_takes_the_selected_params_not_the_untrained_best(tmp_path):
-  """rl.init_from_run = RUN_DIR gives the latest step when best/ holds only step 0; a selector in
-  rl.init_from_run picks another step."""
+def test_init_from_run_takes_the_selected_params_not_the_untrained_best(tmp_path):
+  """model.init_from_run = RUN_DIR gives the latest step when best/ holds only step 0; a selector in
+  model.init_from_run picks another step."""
   run_dir = str(tmp_path / "cft")
   run = ckpt.RunCheckpoints(run_dir, best_metric="acc", async_save=False)
   run.maybe_save_best(0, _state(0).params, {"acc": 0.5})
@@ -151,9 +152,9 @@ def test_grpo_warm_start_takes_the_selected_params_not_the_untrained_best(tmp_pa
   run.close()
   config = config_lib.base_config()
   for spec, want in ((run_dir, 3), (f"{run_dir}:best", 0)):
-    config.rl.init_from_run = spec
-    assert grpo.init_run_dir(config) == run_dir
-    step, params = checkpoint_io.load_run_params(config.rl.init_from_run, _abstract(_state()).params)
+    config.model.init_from_run = spec
+    assert run_lib.init_run_dir(config) == run_dir
+    step, params = checkpoint_io.load_run_params(config.model.init_from_run, _abstract(_state()).params)
     assert step == want
     _assert_trees_equal(params, _state(want).params)
 

@@ -241,6 +241,26 @@ def test_written_world_records_its_arguments(world_dir, tmp_path):
   assert synthetic.written_world_params(str(tmp_path)) is None
 
 
+def test_solver_rows_are_the_worked_sums_of_the_same_problems_without_critiques(world_dir):
+  """solver_{split}.jsonl: one row per problem of the split, question -> the correct worked answer
+  (each column total redone here, the boxed sum = a + b); no candidate solution, label or critique."""
+  for split in ("train", "heldout"):
+    problems = list(readers.load_records(world_dir[split]))
+    rows = list(readers.load_records(world_dir[f"solver_{split}"]))
+    assert [r.question for r in rows] == [r.question for r in problems]
+    for row in rows:
+      a, b = map(int, _PROBLEM.fullmatch(row.question).groups())
+      *columns, boxed = re.split(r", |\. ", row.solution)
+      carry = 0
+      for i, column in enumerate(columns):
+        x, y = int(str(a)[::-1][i]), int(str(b)[::-1][i])
+        assert column == f"{x}+{y}+{carry}={x + y + carry:02d}"
+        carry = (x + y + carry) // 10
+      assert boxed == "\\boxed{" + str(a + b) + "}" and row.reference_answer == str(a + b)
+      assert row.critique is None and row.label is None
+      assert "vs" not in row.solution and "Conclusion" not in row.solution
+
+
 def _first_wrong_step(a: int, b: int, steps) -> int:
   """The first wrong step of a column-totals answer, checked by redoing the arithmetic here."""
   a_digits, b_digits = str(a)[::-1].ljust(len(steps) - 1, "0"), str(b)[::-1].ljust(len(steps) - 1, "0")

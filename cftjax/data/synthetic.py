@@ -101,6 +101,15 @@ def has_leading_carry(a: int, b: int) -> bool:
 REFINEMENT_USER = "{question}\n{solution}\n{critique}"
 
 
+def solver_rows(records: Sequence[CritiqueRecord]) -> list[CritiqueRecord]:
+  """SFT rows of a model that adds (math_cot template: question -> the correct worked answer,
+  `addition_solution`), one per problem: the text a base model of the world knows before it is
+  taught to critique (configs/demo_cft_lora.py). No candidate solution, critique or verdict."""
+  return [CritiqueRecord(question=r.question, solution=addition_solution(*_operands(r)),
+                         reference_answer=r.reference_answer, source=SOURCE + "_solver",
+                         id=r.id + "-solve") for r in records]
+
+
 def actor_rows(records: Sequence[CritiqueRecord]) -> list[CritiqueRecord]:
   """SFT rows for the actor demo, two per problem (math_cot template: question -> solution).
 
@@ -420,7 +429,8 @@ def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout:
   """Writes the world under `out_dir` and returns the paths by name.
 
   Files: train.jsonl, heldout.jsonl (CFT records), rl_math_{split}.jsonl, rl_crl_{split}.jsonl
-  (RL rows), actor_{split}.jsonl (the actor demo's SFT rows, `actor_rows`), rl_math_{split}_carry
+  (RL rows), actor_{split}.jsonl (the actor demo's SFT rows, `actor_rows`), solver_{split}.jsonl
+  (question -> correct worked answer, `solver_rows`), rl_math_{split}_carry
   .jsonl / _nocarry.jsonl (math rows with / without a carry into the leading column) in cftjax's
   JSONL schema, tokenizer/, and last world.json (these arguments; see written_world_params). Same
   arguments -> same bytes.
@@ -437,6 +447,7 @@ def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout:
     carry = [has_leading_carry(*_operands(r)) for r in records]
     for name, rows in ((split, records), (f"rl_math_{split}", math_rows(records)),
                        (f"rl_crl_{split}", crl_rows(records)), (f"actor_{split}", actor_rows(records)),
+                       (f"solver_{split}", solver_rows(records)),
                        (f"rl_math_{split}_carry", math_rows([r for r, c in zip(records, carry) if c])),
                        (f"rl_math_{split}_nocarry",
                         math_rows([r for r, c in zip(records, carry) if not c]))):

@@ -132,7 +132,8 @@ def with_run_settings(model_cfg: ModelConfig, model: Any) -> ModelConfig:
         dtype=model.dtype, remat=model.remat, attention=model.get("attention", "auto"),
         lora_rank=adapters.get("rank", 0), lora_alpha=adapters.get("alpha", 16.0),
         lora_dropout=adapters.get("dropout", 0.0), lora_targets=tuple(adapters.get("targets", ModelConfig.lora_targets)),
-        quantize_base=adapters.get("quantize_base", "none"))
+        quantize_base=adapters.get("quantize_base", "none"),
+        lora_modules_to_save=tuple(adapters.get("modules_to_save", ())))
   except ConfigError as e:
     raise ConfigError(f"config.model: {e}") from None
 
@@ -177,9 +178,9 @@ def fresh_base_params(base_cfg: ModelConfig, seed: int, shardings: Any = None) -
 
 def lora_base_params(config: Any, base_cfg: ModelConfig, shardings: Any = None) -> Any:
   """The plain float params a LoRA run of `config` adapts (base_cfg: its model without adapters), on
-  `shardings` (default: the first device): rl.init_from_run's params (as `load_run` selects them;
+  `shardings` (default: the first device): model.init_from_run's params (as `load_run` selects them;
   merged when that run trained adapters), else model.init_from's, else `fresh_base_params` of train.seed."""
-  init_run = config.get("rl", {}).get("init_from_run")
+  init_run = config.model.get("init_from_run")
   if init_run:
     _, params, _ = load_run(init_run)
     return jax.device_put(params, shardings) if shardings is not None else params
@@ -210,7 +211,7 @@ class CheckpointRef:
 
 
 def parse_checkpoint_ref(spec: str) -> CheckpointRef:
-  """The one parser of checkpoint arguments (--ckpt, rl.init_from_run): `PATH`, `PATH:best`,
+  """The one parser of checkpoint arguments (--ckpt, model.init_from_run): `PATH`, `PATH:best`,
   `PATH:latest` or `PATH:step=N`. A path that exists as written is taken whole (even with a colon)."""
   spec = str(spec)
   if os.path.exists(spec) or ":" not in spec:
@@ -338,7 +339,8 @@ def load_run_adapters(ref: CheckpointRef | str) -> tuple[ModelConfig, Any, Token
   if not model_cfg.lora_rank:
     raise ConfigError(f"{ref.path} trained the whole model (model.lora.rank=0): it has no adapters to "
                       "export; drop --adapters-only to export its weights")
-  number, adapters = load_run_params(ref, lora.split(params_target(model_cfg, dtype="float32"))[1])
+  number, adapters = load_run_params(
+      ref, lora.split(params_target(model_cfg, dtype="float32"), model_cfg.lora_modules_to_save)[1])
   log.info("%s: loaded the adapters of step %d", ref, number)
   return model_cfg, adapters, tokenizer
 

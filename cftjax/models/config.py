@@ -62,6 +62,7 @@ class ModelConfig:
   lora_dropout: float = 0.0  # dropout on the adapters' input while training
   lora_targets: tuple[str, ...] = tuple(lora.TARGETS)  # q, k, v, o, gate, up, down
   quantize_base: str = "none"  # none | int8 | nf4 | int4: how the frozen base's targeted kernels are stored
+  lora_modules_to_save: tuple[str, ...] = ()  # modules trained whole beside the adapters: () | ("lm_head",)
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -79,9 +80,10 @@ class ModelConfig:
       raise ConfigError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
     attention.check_config(self.attention, self.dtype)
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a JSON list reads back as a tuple
+    object.__setattr__(self, "lora_modules_to_save", tuple(self.lora_modules_to_save))
     try:
       lora.check_settings(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets,
-                          self.quantize_base, dataclasses.asdict(self))
+                          self.quantize_base, dataclasses.asdict(self), self.lora_modules_to_save)
     except ValueError as e:
       raise ConfigError(str(e)) from None
 
@@ -90,7 +92,7 @@ class ModelConfig:
 
   def without_lora(self) -> "ModelConfig":
     """This model with no adapters and a plain float base (the base a LoRA run adapts)."""
-    return self.replace(lora_rank=0, lora_dropout=0.0, quantize_base="none")
+    return self.replace(lora_rank=0, lora_dropout=0.0, quantize_base="none", lora_modules_to_save=())
 
   @property
   def o_proj_bias(self) -> bool:

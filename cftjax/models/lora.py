@@ -16,6 +16,11 @@ With `ModelConfig.quantize_base` "int8", "nf4" or "int4" the targeted kernels ar
 absmax per block of 64 inputs) and dequantized to the compute dtype layer by layer inside the scanned
 block (`prepare_layer`); no dequantized copy is kept.
 
+Whole modules can be trained beside the adapters (PEFT's `modules_to_save`; `ModelConfig.
+lora_modules_to_save`, only "lm_head" here): the trained tree then holds a full copy of the module,
+initialised from the base's, which replaces the base's module in the forward pass; the frozen base
+keeps the original (as PEFT does), so the base with the adapters off is still the base.
+
 A param tree splits into the frozen base and the trainable adapters (`split`) and back (`combine`);
 `merge` folds the adapters into the kernels (the export of a LoRA run).
 """
@@ -57,6 +62,7 @@ TARGETS = {
     "down": Target("mlp", "down_kernel", 1, "mlp.down_proj", ("intermediate_size",)),
 }
 QUANTIZATIONS = ("none",) + quant.FORMATS
+MODULES_TO_SAVE = ("lm_head",)  # top-level params that can be trained whole beside the adapters
 ADAPTER_SUFFIX = "_lora"  # attn/q_lora holds the adapter of attn/q_kernel
 SCALE_SUFFIX = "_scale"  # attn/q_kernel_scale: the quantized q_kernel's scales (int8) or block absmax
 RANK_AXIS = "lora_rank"
@@ -67,17 +73,26 @@ def adapter_name(target: str) -> str:
 
 
 def check_settings(rank: int, alpha: float, dropout: float, targets: tuple[str, ...],
-                   quantize_base: str, sizes: Mapping[str, int]) -> None:
+                   quantize_base: str, sizes: Mapping[str, Any],
+                   modules_to_save: tuple[str, ...] = ()) -> None:
   """Raises ValueError naming the setting (model.lora.<key>) that cannot be used; `sizes`: the
-  model's hidden_size, num_heads, head_dim and intermediate_size (a 4-bit base needs each targeted
-  kernel's input size to be a multiple of its block)."""
+  model's hidden_size, num_heads, head_dim, intermediate_size and tie_embeddings (a 4-bit base
+  needs each targeted kernel's input size to be a multiple of its block)."""
   if rank < 0:
     raise ValueError(f"model.lora.rank={rank} must be >= 0 (0 turns LoRA off)")
   if not rank:
-    if quantize_base != "none":
-      raise ValueError(f"model.lora.quantize_base={quantize_base!r} needs adapters to train: set "
-                       "model.lora.rank > 0")
+    for key, value in (("quantize_base", quantize_base != "none" and repr(quantize_base)),
+                       ("modules_to_save", modules_to_save and tuple(modules_to_save))):
+      if value:
+        raise ValueError(f"model.lora.{key}={value} needs adapters to train: set model.lora.rank > 0")
     return
+  unknown = [m for m in modules_to_save if m not in MODULES_TO_SAVE]
+  if unknown:
+    raise ValueError(f"model.lora.modules_to_save={tuple(modules_to_save)}: only {MODULES_TO_SAVE} "
+                     "can be trained whole")
+  if modules_to_save and sizes.get("tie_embeddings"):
+    raise ValueError("model.lora.modules_to_save=('lm_head',) needs an untied lm_head, but the model "
+                     "ties it to the embedding (model.arch.tie_embeddings); drop modules_to_save")
   if alpha <= 0:
     raise ValueError(f"model.lora.alpha={alpha} must be > 0")
   if not 0.0 <= dropout < 1.0:
@@ -236,8 +251,10 @@ def is_adapter_path(path: tuple[Any, ...]) -> bool:
   return any(str(getattr(k, "key", "")).endswith(ADAPTER_SUFFIX) for k in path)
 
 
-def split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(base, adapters) of a param tree (plain or boxed): adapters = {"layers": {group: {"q_lora": ...}}}."""
+def split(params: dict[str, Any], modules_to_save: tuple[str, ...] = ()
+          ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(base, trained) of a param tree (plain or boxed): trained = {"layers": {group: {"q_lora": ...}}}
+  plus a copy of each of `modules_to_save` (e.g. "lm_head"), which the base keeps too."""
   layers = params["layers"]
   base_layers, adapters = {}, {}
   for group_name, group in layers.items():
@@ -248,20 +265,28 @@ def split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     found = {k: v for k, v in group.items() if k.endswith(ADAPTER_SUFFIX)}
     if found:
       adapters[group_name] = found
-  return {**params, "layers": base_layers}, {"layers": adapters}
+  return {**params, "layers": base_layers}, {"layers": adapters, **{m: params[m] for m in modules_to_save}}
 
 
-def combine(base: dict[str, Any], adapters: dict[str, Any]) -> dict[str, Any]:
-  """The param tree of base + adapters (the inverse of `split`)."""
+def combine(base: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+  """The param tree of base + trained params (the inverse of `split`): the adapters join their
+  layers, trained whole modules replace the base's."""
   layers = dict(base["layers"])
-  for group_name, found in adapters["layers"].items():
+  for group_name, found in trained["layers"].items():
     layers[group_name] = {**layers[group_name], **found}
-  return {**base, "layers": layers}
+  return {**base, **trained, "layers": layers}
+
+
+def adapters_off(trained: dict[str, Any]) -> dict[str, Any]:
+  """Trained params that leave the base unchanged when combined with it: every adapter zero (B = 0
+  adds nothing) and no trained module (the base keeps its own)."""
+  return {"layers": jax.tree.map(jnp.zeros_like, trained["layers"])}
 
 
 def merge(cfg: Any, params: dict[str, Any]) -> dict[str, Any]:
-  """Plain float32 params of the model without adapters: every adapted kernel W + (alpha / r) A B (an
-  quantized base dequantized first)."""
+  """Plain float32 params of the model without adapters from its whole tree (`combine`d, so trained
+  modules are already in place): every adapted kernel W + (alpha / r) A B (an quantized base
+  dequantized first)."""
   base, adapters = split(params)
   base = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                       dequantize_base(cfg, base))

@@ -4,7 +4,9 @@ the format `peft.PeftModel.from_pretrained` loads onto the Hugging Face base mod
 PEFT stores per layer and projection lora_A.weight [rank, in_features] and lora_B.weight
 [out_features, rank] under "base_model.model.model.layers.{i}.<module>"; cftjax's adapters are A
 [layers, in..., rank] and B [layers, rank, out...] (`cftjax.models.lora`), the in / out axes
-flattened in the same order as the HF projection's features. Both scale by lora_alpha / r.
+flattened in the same order as the HF projection's features. Both scale by lora_alpha / r. A module
+trained whole (`modules_to_save`, "lm_head") is stored as PEFT stores it, under
+"base_model.model.lm_head.weight" in HF's [vocab, hidden] layout (cftjax's lm_head is [hidden, vocab]).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from cftjax.models.decoder import abstract_params
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model.model.layers.{i}."
+_SAVED_MODULE = "base_model.model.{module}.weight"  # a modules_to_save copy (lm_head only)
 
 
 def _tensor_names(target: str, layer: int) -> tuple[str, str]:
@@ -36,7 +39,8 @@ def _tensor_names(target: str, layer: int) -> tuple[str, str]:
 
 def save_adapters(cfg: ModelConfig, adapters: dict[str, Any], out_dir: str,
                   base_model: str | None = None) -> list[str]:
-  """Writes a PEFT LoRA adapter directory for `adapters` (`lora.split(params)[1]` of a model of cfg);
+  """Writes a PEFT LoRA adapter directory for `adapters` (`lora.split(params, cfg.lora_modules_to_save)
+  [1]` of a model of cfg: the adapters and trained module copies);
   base_model: what adapter_config.json names as base_model_name_or_path. Returns the files written."""
   os.makedirs(out_dir, exist_ok=True)
   tensors = {}
@@ -48,13 +52,16 @@ def save_adapters(cfg: ModelConfig, adapters: dict[str, Any], out_dir: str,
         name_a, name_b = _tensor_names(target, i)
         tensors[name_a] = np.ascontiguousarray(a[i].reshape(-1, cfg.lora_rank).T)  # [rank, in]
         tensors[name_b] = np.ascontiguousarray(b[i].reshape(cfg.lora_rank, -1).T)  # [out, rank]
+  for module in cfg.lora_modules_to_save:
+    tensors[_SAVED_MODULE.format(module=module)] = np.ascontiguousarray(
+        np.asarray(jax.device_get(adapters[module]), np.float32).T)  # [vocab, hidden]
   save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
   config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
       "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
       "target_modules": sorted(lora.TARGETS[t].hf_module.split(".")[-1] for t in cfg.lora_targets),
       "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
-      "modules_to_save": None,
+      "modules_to_save": list(cfg.lora_modules_to_save) or None,
   }
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2)
@@ -82,20 +89,36 @@ def _check_config(path: str, cfg: ModelConfig) -> None:
   if sorted(given or []) != modules:
     raise CheckpointError(f"{where}: target_modules={given} but model.lora.targets={cfg.lora_targets} "
                           f"(modules {modules}); set model.lora.targets to the adapter's")
+  saved = tuple(config.get("modules_to_save") or ())
+  if sorted(saved) != sorted(cfg.lora_modules_to_save):
+    raise CheckpointError(f"{where}: modules_to_save={list(saved)} but model.lora.modules_to_save="
+                          f"{cfg.lora_modules_to_save}; set model.lora.modules_to_save to the adapter's")
 
 
 def load_adapters(path: str, cfg: ModelConfig, shardings: Any = None) -> dict[str, Any]:
-  """The float32 adapters of the PEFT adapter directory `path` for a model of cfg (its lora rank,
-  alpha and targets must match the adapter's), placed on `shardings` (a tree like the adapters) if
-  given."""
+  """The float32 adapters (and modules_to_save copies) of the PEFT adapter directory `path` for a
+  model of cfg (its lora rank, alpha, targets and modules_to_save must match the adapter's), placed on
+  `shardings` (a tree like the adapters) if given."""
   _check_config(path, cfg)
   weights = os.path.join(path, WEIGHTS_FILE)
   if not os.path.exists(weights):
     raise FileNotFoundError(f"{weights} not found: model.lora.init_from needs {WEIGHTS_FILE}")
-  shapes = lora.split(nn.unbox(abstract_params(cfg)))[1]
+  shapes = lora.split(nn.unbox(abstract_params(cfg)), cfg.lora_modules_to_save)[1]
   out: dict[str, Any] = {"layers": {}}
   with safe_open(weights, framework="np") as f:
     names = set(f.keys())
+
+    def tensor(name: str, want: tuple[int, ...]) -> np.ndarray:
+      if name not in names:
+        raise CheckpointError(f"{weights}: tensor {name!r} is missing")
+      if tuple(f.get_slice(name).get_shape()) != want:
+        raise CheckpointError(f"{weights}: tensor {name!r} has shape "
+                              f"{tuple(f.get_slice(name).get_shape())}; the model expects {want}")
+      return f.get_tensor(name)
+
+    for module in cfg.lora_modules_to_save:
+      hf_shape = shapes[module].shape[::-1]
+      out[module] = tensor(_SAVED_MODULE.format(module=module), hf_shape).T.astype(np.float32)
     for group_name, group in shapes["layers"].items():
       out["layers"][group_name] = {}
       for key, shape in group.items():
@@ -104,15 +127,8 @@ def load_adapters(path: str, cfg: ModelConfig, shardings: Any = None) -> dict[st
         a, b = np.empty(a_shape, np.float32), np.empty(b_shape, np.float32)
         for i in range(cfg.num_layers):
           name_a, name_b = _tensor_names(target, i)
-          for name, want in ((name_a, (cfg.lora_rank, int(np.prod(a_shape[1:-1])))),
-                             (name_b, (int(np.prod(b_shape[2:])), cfg.lora_rank))):
-            if name not in names:
-              raise CheckpointError(f"{weights}: tensor {name!r} is missing")
-            if tuple(f.get_slice(name).get_shape()) != want:
-              raise CheckpointError(f"{weights}: tensor {name!r} has shape "
-                                    f"{tuple(f.get_slice(name).get_shape())}; the model expects {want}")
-          a[i] = f.get_tensor(name_a).T.reshape(a_shape[1:])
-          b[i] = f.get_tensor(name_b).T.reshape(b_shape[1:])
+          a[i] = tensor(name_a, (cfg.lora_rank, int(np.prod(a_shape[1:-1])))).T.reshape(a_shape[1:])
+          b[i] = tensor(name_b, (int(np.prod(b_shape[2:])), cfg.lora_rank)).T.reshape(b_shape[1:])
         out["layers"][group_name][key] = {"a": a, "b": b}
   if shardings is not None:
     return jax.device_put(out, shardings)

@@ -140,6 +140,7 @@ class CFTRun(run_lib.RunLoop):
   def __init__(self, config: Any, extra_evaluator: run_lib.EvaluatorFactory | None):
     self.config = config
     self.run_dir = config.train.run_dir
+    run_lib.adopt_init_run_model(config)
     run_lib.check_run_dir(self.run_dir, config)  # config.json is written with the first save
     self.config_record = config_lib.to_plain_dict(config)
     self.model_cfg, self.tokenizer = checkpoint_io.build_model(config.model)

@@ -21,7 +21,7 @@ from cftjax import config as config_lib
 from cftjax import parallel, sampling
 from cftjax.data import pipeline
 from cftjax.models import ModelConfig, abstract_params
-from cftjax.models import checkpoint_io
+from cftjax.models import checkpoint_io, lora
 from cftjax.rewards.registry import RewardComputer
 from cftjax.train import checkpoint as checkpoint_lib
 from cftjax.train import losses
@@ -275,49 +275,14 @@ def _check_config(config: Any, prompts_per_host: int) -> None:
         f"rl.mini_batches={rl.mini_batches}; change one of them")
 
 # ------------------------------------------------------------------------------------------------
-# The initial policy.
-
-
-def init_run_dir(config: Any) -> str:
-  """The run directory of rl.init_from_run (which may carry a checkpoint selector, e.g. RUN_DIR:latest)."""
-  return checkpoint_io.parse_checkpoint_ref(config.rl.init_from_run).path
-
-
-def adopt_init_run_model(config: Any) -> None:
-  """With rl.init_from_run, sets config.model's init_from, tokenizer_dir, param_dtype and arch to that
-  run's, so this run's config.json describes the model it trains (and `load_run` rebuilds it)."""
-  if not config.rl.init_from_run:
-    return
-  source = checkpoint_io.read_run_config(init_run_dir(config)).model
-  model = config.model
-  model.init_from = source.init_from
-  model.tokenizer_dir = model.tokenizer_dir or source.tokenizer_dir
-  model.param_dtype = source.param_dtype
-  for key in model.arch.keys():
-    model.arch[key] = source.arch[key]
-
-
-def policy_init_params(config: Any, model_cfg: ModelConfig) -> Callable[[Any], Any]:
-  """`init_params` for `run.initial_state`: the params rl.init_from_run selects (a checkpoint selector:
-  RUN_DIR is its best if that beats step 0, else its latest), else model.init_from's; with LoRA the
-  initial adapters (`run.model_init_params`: that run is then the frozen base)."""
-  if model_cfg.lora_rank or not config.rl.init_from_run:
-    return run_lib.model_init_params(config, model_cfg)
-
-  def load(shardings: Any) -> Any:
-    target = checkpoint_io.params_target(model_cfg, shardings, dtype="float32")
-    step, params = checkpoint_io.load_run_params(config.rl.init_from_run, target)
-    log.info("initial policy: %s, step %d", config.rl.init_from_run, step)
-    return params
-
-  return load
+# The KL reference.
 
 
 def reference_params(config: Any, model_cfg: ModelConfig) -> Any:
   """The frozen initial policy (the KL reference) of a full fine-tune, the same params a fresh run
   starts from (a LoRA run needs none: `GRPORun.reference_model_params`)."""
   shardings = parallel.param_shardings(abstract_params(model_cfg))
-  params = policy_init_params(config, model_cfg)(shardings)
+  params = run_lib.model_init_params(config, model_cfg)(shardings)
   if params is not None:
     return state_lib.as_float32(params)
   return state_lib.create_train_state(model_cfg, optax.identity(),
@@ -365,7 +330,7 @@ class GRPORun(run_lib.RunLoop):
     self.config = config
     rl = config.rl
     self.run_dir = config.train.run_dir
-    adopt_init_run_model(config)
+    run_lib.adopt_init_run_model(config)
     run_lib.check_run_dir(self.run_dir, config)  # config.json is written with the first save
     self.config_record = config_lib.to_plain_dict(config)
     self.model_cfg, self.tokenizer = checkpoint_io.build_model(config.model)
@@ -379,7 +344,7 @@ class GRPORun(run_lib.RunLoop):
     self.data = prompt_batches(config, self.tokenizer)
     self.frozen = run_lib.frozen_base(config, self.model_cfg)
     self.state = run_lib.initial_state(self, self.tx, config.train.seed,
-                                       policy_init_params(config, self.model_cfg))
+                                       run_lib.model_init_params(config, self.model_cfg))
     self.step = self.checkpoints.latest_step() or 0  # rollout steps (state.step counts updates)
     step_kwargs = dict(chunk_size=config.train.chunk_size, compute_dtype=config.model.dtype)
     self.update = make_grpo_step(
@@ -465,10 +430,11 @@ class GRPORun(run_lib.RunLoop):
 
   def reference_model_params(self) -> Any:
     """The KL reference: the loaded initial policy of a full fine-tune; for a LoRA run its frozen
-    base with the adapters off (B = 0, so every adapter adds exactly zero): no second copy."""
+    base with the adapters off (`lora.adapters_off`: B = 0 adds exactly zero, and the base keeps its
+    own copies of trained modules): no second copy."""
     if self.frozen is None:
       return self.ref_params
-    return state_lib.model_params(jax.tree.map(jnp.zeros_like, self.state.params), self.frozen)
+    return state_lib.model_params(lora.adapters_off(self.state.params), self.frozen)
 
   def _score_reference_and_old(self, batches: list[dict[str, jax.Array]]) -> float | None:
     """Adds ref_logp / recomputed old_logp to the global batches; returns the recomputed gap."""

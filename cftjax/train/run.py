@@ -178,18 +178,45 @@ def initial_state(run: "RunLoop", tx: optax.GradientTransformation, seed: int,
       return state
   shardings = state_lib.train_state_shardings(run.model_cfg, tx)
   return state_lib.create_train_state(run.model_cfg, tx, jax.random.PRNGKey(seed),
-                                      init_params(shardings.params))
+                                      init_params(shardings.params), run.frozen)
+
+
+def init_run_dir(config: Any) -> str:
+  """The run directory of model.init_from_run (which may carry a checkpoint selector, e.g.
+  RUN_DIR:latest)."""
+  return checkpoint_io.parse_checkpoint_ref(config.model.init_from_run).path
+
+
+def adopt_init_run_model(config: Any) -> None:
+  """With model.init_from_run, sets config.model's init_from, tokenizer_dir, param_dtype and arch to
+  that run's, so this run's config.json describes the model it trains (and `load_run` rebuilds it)."""
+  if not config.model.init_from_run:
+    return
+  source = checkpoint_io.read_run_config(init_run_dir(config)).model
+  model = config.model
+  model.init_from = source.init_from
+  model.tokenizer_dir = model.tokenizer_dir or source.tokenizer_dir
+  model.param_dtype = source.param_dtype
+  for key in model.arch.keys():
+    model.arch[key] = source.arch[key]
 
 
 def model_init_params(config: Any, model_cfg: ModelConfig) -> Callable[[Any], Any]:
-  """`init_params` for `initial_state`: the converted checkpoint in model.init_from, else None
-  (a fresh init); with LoRA (model.lora.rank > 0) the adapters of the PEFT directory in
-  model.lora.init_from, else None (fresh adapters)."""
+  """`init_params` for `initial_state`. A full fine-tune: the params model.init_from_run selects (a
+  checkpoint selector: RUN_DIR is its best if that beats step 0, else its latest), else the converted
+  checkpoint in model.init_from, else None (a fresh init). With LoRA (model.lora.rank > 0; the base
+  is `frozen_base`): the adapters of the PEFT directory in model.lora.init_from, else None (fresh
+  adapters)."""
   def load(shardings: Any) -> Any:
     if model_cfg.lora_rank:
       if not config.model.lora.init_from:
         return None
       return peft_io.load_adapters(config.model.lora.init_from, model_cfg, shardings)
+    if config.model.init_from_run:
+      target = checkpoint_io.params_target(model_cfg, shardings, dtype="float32")
+      step, params = checkpoint_io.load_run_params(config.model.init_from_run, target)
+      log.info("initial params: %s, step %d", config.model.init_from_run, step)
+      return params
     if not config.model.init_from:
       return None
     return checkpoint_io.load_init_params(config.model.init_from, shardings)

@@ -46,9 +46,9 @@ def as_float32(params: Any) -> Any:
 
 
 def trainable_params(model_cfg: ModelConfig, params: Any) -> Any:
-  """The part of a model's param tree (plain or boxed) that training updates: the LoRA adapters with
-  model_cfg.lora_rank > 0, else all of it."""
-  return lora.split(params)[1] if model_cfg.lora_rank else params
+  """The part of a model's param tree (plain or boxed) that training updates: the LoRA adapters (and
+  model_cfg.lora_modules_to_save) with model_cfg.lora_rank > 0, else all of it."""
+  return lora.split(params, model_cfg.lora_modules_to_save)[1] if model_cfg.lora_rank else params
 
 
 def frozen_shardings(model_cfg: ModelConfig) -> Any:
@@ -134,12 +134,13 @@ def _check_same_structure(given: Any, expected: Any) -> None:
 
 
 def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array,
-                       init_params: Any = None) -> TrainState:
+                       init_params: Any = None, frozen: Any = None) -> TrainState:
   """A TrainState whose params and optimizer state are created directly in their shardings.
 
   init_params None: fresh params from `rng` (initialised inside one jit with sharded outputs, so no
   device ever holds the whole model; a LoRA model's fresh adapters are drawn from the same key as
-  its fresh base, `checkpoint_io.fresh_base_params`). Otherwise the given unboxed trained params (numpy or jax
+  its fresh base, `checkpoint_io.fresh_base_params`; its model_cfg.lora_modules_to_save start as
+  copies of the frozen base's, `frozen`). Otherwise the given unboxed trained params (numpy or jax
   arrays, e.g. from `cftjax.models.load_hf`; every process passes the same values) are placed onto
   the shardings and cast to float32. The state keeps a key split from `rng` for later sampling.
   """
@@ -152,8 +153,10 @@ def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
                       rng=state_rng)
 
   if init_params is None:
-    fresh = lambda r: trainable_params(model_cfg, init_model_params(model_cfg, r))
-    return jax.jit(lambda r, s: new_state(fresh(r), s), out_shardings=shardings)(params_rng, state_rng)
+    saved = {m: frozen[m] for m in model_cfg.lora_modules_to_save}
+    fresh = lambda r, saved: {**trainable_params(model_cfg, init_model_params(model_cfg, r)), **saved}
+    return jax.jit(lambda r, s, saved: new_state(fresh(r, saved), s),
+                   out_shardings=shardings)(params_rng, state_rng, saved)
   _check_same_structure(init_params, abstract_master_params(model_cfg))
   placed = jax.device_put(init_params, shardings.params)
   return jax.jit(new_state, out_shardings=shardings)(placed, state_rng)
