@@ -458,8 +458,10 @@ def _is_resume_invariant(path: str) -> bool:
 
 
 def check_resume_compatible(saved: dict[str, Any], config: config_dict.ConfigDict, where: str) -> None:
-  """Raises if `config` changes a shape-fixing key relative to the config saved at `where`."""
-  old, new = _flatten(saved), _flatten(to_plain_dict(config))
+  """Raises if `config` changes a shape-fixing key relative to the config saved at `where` (a key the
+  saved config lacks, written before the key existed, counts as its default)."""
+  defaults = _flatten(to_plain_dict(base_config()))
+  old, new = {**defaults, **_flatten(saved)}, _flatten(to_plain_dict(config))
   changed = [k for k in sorted(set(old) | set(new)) if _is_resume_invariant(k) and old.get(k) != new.get(k)]
   if changed:
     diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)

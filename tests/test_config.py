@@ -92,6 +92,15 @@ def test_run_config_records_code_version_and_refuses_shape_changes(config_file, 
   assert "data.max_seq_len: 2048 -> 64" in str(error.value)
   assert "config.json" in str(error.value)
 
+  # A run written before model.lora.modules_to_save existed resumes with its default, not a change.
+  del record["config"]["model"]["lora"]["modules_to_save"]
+  with open(os.path.join(run_dir, "config.json"), "w") as f:
+    json.dump(record, f)
+  config_lib.check_run_config(run_dir, config)
+  with pytest.raises(config_lib.ConfigError, match=r"model.lora.modules_to_save: \[\] -> \['lm_head'\]"):
+    config_lib.check_run_config(run_dir, config_lib.load_config(
+        config_file, [("model.lora.modules_to_save", "('lm_head',)")]))
+
 
 @pytest.mark.parametrize("name", CFT_CONFIGS)
 def test_shipped_configs_are_accepted_by_the_optimizer_and_data_pipeline(name):
