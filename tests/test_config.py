@@ -129,6 +129,8 @@ def test_warmstart_config_is_relative_to_the_config_file_that_sets_it(tmp_path):
   assert override.model.warmstart_config == "cft.py"  # the command line: relative to the working directory
   shipped = config_lib.load_config(os.path.join(REPO, "configs", "demo_crl.py"))
   assert shipped.model.warmstart_config == os.path.join(REPO, "configs", "demo_cft.py")
+  lora_demo = config_lib.load_config(os.path.join(REPO, "configs", "demo_cft_lora.py"))
+  assert lora_demo.model.warmstart_config == os.path.join(REPO, "configs", "demo_cft_lora_base.py")
 
 
 def test_deepcritic_recipe_runs_sft_then_rl_with_the_step_reward():
