@@ -29,5 +29,5 @@ def get_config():
   c.model.lora.rank = 32
   c.model.lora.alpha = 32.0
   c.model.lora.modules_to_save = ("lm_head",)
-  c.optim.lr = 5e-3  # adapters take a larger lr than a full fine-tune (at 1e-2 the loss rose again after step 250)
+  c.optim.lr = 5e-3  # adapters take a larger lr than a full fine-tune (at 1e-2 the loss rose again)
   return c
