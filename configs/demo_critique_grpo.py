@@ -3,8 +3,8 @@
 The actor answers "What is a + b?" with a worked answer ending in \\boxed{sum}, rewarded by math-verify.
 It starts from RUN_DIR/actor_warmstart, trained first with configs/demo_critique_grpo_sft.py: its
 teacher always forgets the carry into the leading column, so on every problem with such a carry (38%
-of the world) it samples almost no correct answer and plain GRPO has nothing to learn from: all 8
-answers fail, the group has no reward variance (a plateau). GRPO here trains on exactly those
+of the world) it samples few correct answers (2.6%) and plain GRPO has little to learn from: most
+groups of 8 answers all fail and have no reward variance. GRPO here trains on exactly those
 prompts. With rl.refinement on, each failed answer gets the rule-based critique with the reference
 answer ("simple_gt"), the policy refines it from a second prompt (question + previous answer +
 critique; the warm start learned to use one), and one refinement, a correct one when there is any,
