@@ -313,6 +313,12 @@ def attention_flops(model_cfg: ModelConfig, rows: int, seq: int, training: bool)
   return forward * (1.0 + 2.5 + (1.0 if model_cfg.remat != "none" else 0.0))
 
 
+# Why a negative cost-model time is reported as no estimate: the TPU cost model prices a fusion it
+# cannot cost at exactly -1 s (measured: a dynamic-update-slice into a zero-initialised or donated
+# KV cache, the gradient of a gather), so the sum is no longer a time.
+NEGATIVE_COST = "not a time (the TPU cost model prices each fusion it cannot cost at -1 s)"
+
+
 @dataclasses.dataclass
 class Report:
   """Per-chip figures of one objective's program on one topology."""
@@ -348,15 +354,16 @@ class Report:
 
   @property
   def estimated_seconds(self) -> float | None:
-    """Cost model plus Pallas kernels at MXU peak; None when the cost compiles were skipped."""
-    return None if self.cost_model_seconds is None else self.cost_model_seconds + self.pallas_seconds
+    """Cost model plus Pallas kernels at MXU peak; None when the cost compiles were skipped or the
+    cost model's time is not usable (`NEGATIVE_COST`)."""
+    if self.cost_model_seconds is None or self.cost_model_seconds < 0:
+      return None
+    return self.cost_model_seconds + self.pallas_seconds
 
   @property
   def estimated_mfu(self) -> float | None:
-    if self.estimated_seconds is None:
+    if not self.estimated_seconds:  # None, or 0 (an empty program)
       return None
-    if self.estimated_seconds <= 0:
-      return math.nan
     return self.model_flops / (self.estimated_seconds * self.devices * self.peak_flops)
 
   @property
@@ -536,6 +543,10 @@ def format_report(report: Report) -> str:
     lines.append(f"the TPU compiler refused: {report.compiler_refused}")
   if report.cost_model_seconds is None:
     lines.append("cost: not estimated (the loop-free cost compiles were skipped: --no-cost or refused)")
+  elif report.estimated_seconds is None:
+    lines.append(f"per chip per call (loop-corrected): {report.flops / 1e12:.2f} TFLOP, "
+                 f"{report.hbm_traffic / 1e9:.1f} GB HBM traffic; no step estimate: "
+                 f"{report.cost_model_seconds:.4f} s, {NEGATIVE_COST}")
   else:
     lines += [
         f"per chip per call (loop-corrected): {report.flops / 1e12:.2f} TFLOP, {report.hbm_traffic / 1e9:.1f} GB "
@@ -551,7 +562,8 @@ def format_report(report: Report) -> str:
     lines.append(f"one decode step per chip: {step['bytes'] / 1e9:.3f} GB HBM traffic, "
                  f"{step['bytes'] / report.decode_roofline_bytes:.2f} x the roofline "
                  f"{report.decode_roofline_bytes / 1e9:.3f} GB (weights + KV cache); cost model "
-                 f"{step['seconds'] * 1e3:.3f} ms")
+                 + (f"{step['seconds'] * 1e3:.3f} ms" if step["seconds"] >= 0 else
+                    f"{step['seconds']:.4f} s, {NEGATIVE_COST}"))
   lines.append(f"collectives per call per chip (trip-weighted): {report.collective_bytes / GiB:.2f} GiB")
   for kind, total in report.collectives.items():
     lines.append(f"  {kind:20s} {total.count:6d} x ({total.instructions} in the HLO) {total.bytes / GiB:9.3f} GiB")

@@ -15,6 +15,7 @@ Prints one `BENCH_RESULT {json}` line (tpu_aot_common.summary).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import time
 
@@ -56,8 +57,11 @@ def main() -> None:
   module = importlib.import_module(module_name)
   module.shard = _constrain_under_mesh
   config = getattr(module.ModelConfig, config_name)()
-  config.dtype, config.param_dtype = jnp.bfloat16, jnp.float32
-  config.remat_config = module.RematConfig.BLOCK
+  # Qwen2 and Qwen3 take a compute dtype; Llama3's config has none (it computes in its params'
+  # dtype), so its step casts the float32 master params to bfloat16 in the loss instead.
+  has_dtype = "dtype" in {field.name for field in dataclasses.fields(config)}
+  dtypes = {"dtype": jnp.bfloat16, "param_dtype": jnp.float32} if has_dtype else {}
+  config = dataclasses.replace(config, remat_config=module.RematConfig.BLOCK, **dtypes)
   devices = np.array(topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices)
   mesh = Mesh(devices.reshape(devices.size, 1), ("fsdp", "tp"))
 
@@ -90,6 +94,8 @@ def main() -> None:
 
     def train_step(params, opt_state, tokens, input_mask):
       def loss(p):
+        if not has_dtype:
+          p = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p)
         model = nnx.merge(graphdef, p, rest)
         not_pad = tokens != 0
         return peft_trainer._default_loss_fn(model, tokens, input_mask, utils.build_positions_from_mask(not_pad),
