@@ -114,6 +114,7 @@ def base_config() -> config_dict.ConfigDict:
   c.data.world.digits = 3  # operand digits of the world's additions
   c.data.world.teacher_leading_carry_slip = 0.0  # P(a critique forgets the leading column's carry)
   c.data.world.step_solutions = False  # also write the step critic demo's step-labelled rows
+  c.data.world.step_slip_rate = 0.0  # P(each training step slips), independently; 0 = held-out's mix
 
   # optim: AdamW and the learning-rate schedule (cftjax.train.state.make_optimizer reads the section).
   c.optim = config_dict.ConfigDict()

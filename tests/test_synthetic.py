@@ -287,6 +287,25 @@ def test_step_rows_label_the_first_wrong_step_and_the_exact_teacher_names_it(wor
   assert all(kinds[k] > 0.05 * len(rows) for k in range(4)), kinds  # 3 columns and the boxed sum
 
 
+def test_step_slip_rate_makes_every_step_slip_independently(world):
+  """With a slip rate the first wrong step is still labelled exactly and named by the exact teacher,
+  and about that share of the steps a critique checks are wrong, so copying a step is often wrong."""
+  rows = synthetic.step_rows(world["train"], seed=3, teacher_leading_carry_slip=0.0, slip_rate=0.4)
+  checked = wrong = 0
+  for record, row in zip(world["train"], rows):
+    a, b, _ = _operands(record)
+    assert row.error_step == _first_wrong_step(a, b, row.steps), row
+    assert parse_first_wrong_step(row.critique, "deepcritic") == row.error_step
+    checked += row.error_step + 1 if row.error_step >= 0 else len(row.steps)
+    wrong += row.error_step >= 0
+  assert abs(wrong / checked - 0.4) < 0.03
+  assert abs(sum(r.error_step == -1 for r in rows) / len(rows) - 0.6 ** 4) < 0.03
+  with pytest.raises(ValueError, match="data.world.step_slip_rate"):
+    synthetic.step_rows(world["train"][:2], seed=3, teacher_leading_carry_slip=0.0, slip_rate=1.0)
+  with pytest.raises(ValueError, match="receives no carry"):
+    synthetic.step_solution(111, 222, [("dropped_carry", 1, 0)])
+
+
 def test_step_teacher_slips_only_at_the_leading_carry(world):
   exact = synthetic.step_rows(world["heldout"], seed=3, teacher_leading_carry_slip=0.0)
   slipping = synthetic.step_rows(world["heldout"], seed=3, teacher_leading_carry_slip=0.7)
@@ -312,6 +331,10 @@ def test_step_world_files_load_as_step_records(tmp_path):
   assert [(r.steps, r.error_step) for r in sft] == [(r.steps, r.error_step) for r in bench]
   assert all(r.critique is None and r.error_step is not None for r in rl) and len(rl) == 60
   assert synthetic.written_world_params(str(tmp_path / "w"))["step_solutions"] is True
+  slipped = synthetic.write_world(str(tmp_path / "slipped"), seed=1, num_train=60, num_heldout=20,
+                                  digits=2, step_solutions=True, step_slip_rate=0.4)
+  with open(paths["step_heldout"], "rb") as f1, open(slipped["step_heldout"], "rb") as f2:
+    assert f1.read() == f2.read()  # the slip rate changes the training split only
   plain = synthetic.write_world(str(tmp_path / "plain"), seed=1, num_train=60, num_heldout=20, digits=2)
   assert not any(name.startswith(("step_", "rl_step_")) for name in plain)
   with open(paths["train"], "rb") as f1, open(plain["train"], "rb") as f2:

@@ -11,7 +11,7 @@ import logging
 import os
 import random
 import tempfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -133,53 +133,56 @@ def actor_rows(records: Sequence[CritiqueRecord]) -> list[CritiqueRecord]:
 
 
 # Solutions as steps, for the step-level critic demo (configs/demo_step_critic.py): one step per column
-# from the right, its total with the incoming carry ("12"), then the boxed sum. A wrong solution has
-# exactly one slip; the steps after it follow from it (carries and digits as written), so only the
-# slipped step is wrong. Steps show totals only, so a critic must redo each column from the question.
+# from the right, its total with the incoming carry ("12"), then the boxed sum. The steps after a slip
+# follow from it (carries and digits as written), so a step is wrong only where a slip is. Steps show
+# totals only, so a critic must redo each column from the question.
 STEP_ERROR_KINDS = ("dropped_carry", "digit_off", "wrong_box")
 # The step critic demo's prompt: the question and the steps as tagged paragraphs numbered from 1.
 STEP_CRITIC_TEMPLATE = {"user": "{question}\n{steps}", "assistant": "{critique}"}
 
 
-def step_solution(a: int, b: int, kind: str | None = None, column: int = 0, delta: int = 1
+def step_solution(a: int, b: int, slips: Sequence[tuple[str, int, int]] = ()
                   ) -> tuple[list[str], int]:
   """The steps of a worked answer to "What is a + b?" and its first wrong step (0-based, -1: none).
 
-  kind None: every step right. "dropped_carry": `column` (from the right) adds 0 instead of its
-  incoming carry (it must receive one). "digit_off": `column`'s total is off by `delta`. "wrong_box":
-  every column right, the boxed sum's digit `column` (from the right) off by `delta`, mod 10. Later
-  columns take the carry of the total as written.
+  `slips`: (kind, column, delta) triples, at most one per column and one "wrong_box". "dropped_carry":
+  `column` (from the right) adds 0 instead of its incoming carry (it must receive one, as written).
+  "digit_off": `column`'s total is off by `delta`. "wrong_box": the boxed sum's digit `column` (from
+  the right) is off by `delta`, mod 10. Each column takes the carry of the total before it as written.
   """
-  if kind not in (None,) + STEP_ERROR_KINDS:
-    raise ValueError(f"step_solution: unknown kind {kind!r}; use None or one of {STEP_ERROR_KINDS}")
-  if kind == "dropped_carry" and not _carry_in_columns(a, b)[column]:
-    raise ValueError(f"step_solution: column {column} of {a} + {b} receives no carry to drop")
-  columns = _column_sums(a, b, column if kind == "dropped_carry" else None,
-                         (column, delta) if kind == "digit_off" else None)
+  for kind, _, _ in slips:
+    if kind not in STEP_ERROR_KINDS:
+      raise ValueError(f"step_solution: unknown slip kind {kind!r}; use one of {STEP_ERROR_KINDS}")
+  dropped = {column for kind, column, _ in slips if kind == "dropped_carry"}
+  columns = _column_sums(a, b, dropped, {column: delta for kind, column, delta in slips
+                                         if kind == "digit_off"})
+  for column in dropped:
+    if column == 0 or columns[column - 1][3] < 10:
+      raise ValueError(f"step_solution: column {column} of {a} + {b} receives no carry to drop")
   digits = [total % 10 for *_, total in columns]
   if columns[-1][3] >= 10:
     digits.append(columns[-1][3] // 10)
-  if kind == "wrong_box":
-    digits[column] = (digits[column] + delta) % 10
+  for kind, column, delta in slips:
+    if kind == "wrong_box":
+      digits[column] = (digits[column] + delta) % 10
   steps = [f"{total:02d}" for *_, total in columns]
   steps.append("\\boxed{" + (str(int("".join(map(str, digits[::-1]))))) + "}")
-  error_step = -1 if kind is None else (len(columns) if kind == "wrong_box" else column)
-  return steps, error_step
+  wrong = [len(columns) if kind == "wrong_box" else column for kind, column, _ in slips]
+  return steps, min(wrong, default=-1)
 
 
-def _column_sums(a: int, b: int, forget_carry_column: int | None = None,
-                 off_by: tuple[int, int] | None = None) -> list[tuple[int, int, int, int]]:
+def _column_sums(a: int, b: int, forget_carry_columns: Collection[int] = (),
+                 off_by: Mapping[int, int] | None = None) -> list[tuple[int, int, int, int]]:
   """(x, y, carry in, total) of each column of a + b from the right, each column taking the carry of
-  the total before it; `forget_carry_column` adds 0 there instead, `off_by` = (column, delta) adds
-  delta to that column's total (mod 20)."""
+  the total before it; the columns in `forget_carry_columns` add 0 instead, `off_by` (column ->
+  delta) adds delta to that column's total (mod 20)."""
   a_digits, b_digits = str(a)[::-1], str(b)[::-1]
+  off_by = off_by or {}
   columns, carry = [], 0
   for i in range(max(len(a_digits), len(b_digits))):
     x, y = _digit(a_digits, i), _digit(b_digits, i)
-    carry_in = 0 if i == forget_carry_column else carry
-    total = x + y + carry_in
-    if off_by is not None and i == off_by[0]:
-      total = (total + off_by[1]) % 20
+    carry_in = 0 if i in forget_carry_columns else carry
+    total = (x + y + carry_in + off_by.get(i, 0)) % 20
     columns.append((x, y, carry_in, total))
     carry = total // 10
   return columns
@@ -193,7 +196,7 @@ def step_critique(a: int, b: int, steps: Sequence[str], forget_carry_column: int
   "k: \\boxed{SUM} vs STEP ok|no" for the boxed sum, up to the first "no". `forget_carry_column`
   (from the right) makes it a fallible teacher's: that column is redone without its incoming carry.
   """
-  columns = _column_sums(a, b, forget_carry_column)
+  columns = _column_sums(a, b, () if forget_carry_column is None else (forget_carry_column,))
   digits = [total % 10 for *_, total in columns] + ([1] if columns[-1][3] >= 10 else [])
   redone = [f"{x}+{y}+{c}={total:02d}" for x, y, c, total in columns]
   redone.append("\\boxed{" + str(int("".join(map(str, digits[::-1])))) + "}")
@@ -207,11 +210,44 @@ def step_critique(a: int, b: int, steps: Sequence[str], forget_carry_column: int
   return "\n".join(lines) + f"\n**Answer**: \\boxed{{{first_wrong}}}"
 
 
-def step_rows(records: Sequence[CritiqueRecord], seed: int, teacher_leading_carry_slip: float
-              ) -> list[CritiqueRecord]:
-  """Step-labelled rows (task "step") for the problems of `records`: half right, half with one slip
-  (a STEP_ERROR_KINDS kind, drawn uniformly among those the problem allows); `error_step` 0-based,
-  `critique` the (possibly fallible, see step_critique) teacher's."""
+def _one_slip(a: int, b: int, rng: random.Random) -> list[tuple[str, int, int]]:
+  """One slip of a STEP_ERROR_KINDS kind, drawn uniformly among those the problem allows."""
+  num_columns = max(len(str(a)), len(str(b)))
+  carried = [i for i in range(num_columns) if _carry_in_columns(a, b)[i]]
+  kind = rng.choice([k for k in STEP_ERROR_KINDS if k != "dropped_carry" or carried])
+  column = rng.choice(carried) if kind == "dropped_carry" else rng.randrange(
+      len(str(a + b)) if kind == "wrong_box" else num_columns)
+  return [(kind, column, rng.choice((-1, 1)))]
+
+
+def _independent_slips(a: int, b: int, rng: random.Random, slip_rate: float
+                       ) -> list[tuple[str, int, int]]:
+  """Each step slips with probability `slip_rate`, independently: a column drops its incoming carry
+  (when it receives one, as written) or is off by one, the boxed sum has a digit off by one."""
+  slips = []
+  for column in range(max(len(str(a)), len(str(b)))):
+    if rng.random() < slip_rate:
+      steps, _ = step_solution(a, b, slips)
+      carried = column > 0 and int(steps[column - 1]) >= 10
+      kind = rng.choice(("dropped_carry", "digit_off") if carried else ("digit_off",))
+      slips.append((kind, column, rng.choice((-1, 1))))
+  if rng.random() < slip_rate:
+    box = step_solution(a, b, slips)[0][-1]
+    slips.append(("wrong_box", rng.randrange(len(box) - len("\\boxed{}")), rng.choice((-1, 1))))
+  return slips
+
+
+def step_rows(records: Sequence[CritiqueRecord], seed: int, teacher_leading_carry_slip: float,
+              slip_rate: float = 0.0) -> list[CritiqueRecord]:
+  """Step-labelled rows (task "step") for the problems of `records`; `error_step` (the first wrong
+  step) 0-based, `critique` the (possibly fallible, see step_critique) teacher's.
+
+  slip_rate 0: half the solutions right, half with one slip (see `_one_slip`). slip_rate > 0: every
+  step slips independently with that probability (see `_independent_slips`), so a solution's own
+  step values are often wrong and only a critic that redoes each step finds the first wrong one.
+  """
+  if not 0.0 <= slip_rate < 1.0:
+    raise ValueError(f"data.world.step_slip_rate must be in [0, 1), got {slip_rate}")
   rng = random.Random(f"{seed}:steps")
   teacher_rng = random.Random(f"{seed}:step_teacher")
   labels = [i % 2 == 0 for i in range(len(records))]
@@ -219,21 +255,17 @@ def step_rows(records: Sequence[CritiqueRecord], seed: int, teacher_leading_carr
   rows = []
   for r, correct in zip(records, labels):
     a, b = _operands(r)
-    num_columns = max(len(str(a)), len(str(b)))
-    carried = [i for i in range(num_columns) if _carry_in_columns(a, b)[i]]
-    if correct:
-      steps, error_step = step_solution(a, b)
+    if slip_rate:
+      slips = _independent_slips(a, b, rng, slip_rate)
     else:
-      kinds = [k for k in STEP_ERROR_KINDS if k != "dropped_carry" or carried]
-      kind = rng.choice(kinds)
-      column = rng.choice(carried) if kind == "dropped_carry" else rng.randrange(
-          len(str(a + b)) if kind == "wrong_box" else num_columns)
-      steps, error_step = step_solution(a, b, kind, column, rng.choice((-1, 1)))
-    leading = num_columns - 1
-    slips = _carry_in_columns(a, b)[leading] and teacher_rng.random() < teacher_leading_carry_slip
+      slips = [] if correct else _one_slip(a, b, rng)
+    steps, error_step = step_solution(a, b, slips)
+    leading = max(len(str(a)), len(str(b))) - 1
+    teacher_slips = (_carry_in_columns(a, b)[leading]
+                     and teacher_rng.random() < teacher_leading_carry_slip)
     rows.append(CritiqueRecord(
         question=r.question, steps=tuple(steps), error_step=error_step, label=error_step == -1,
-        critique=step_critique(a, b, steps, leading if slips else None),
+        critique=step_critique(a, b, steps, leading if teacher_slips else None),
         reference_answer=r.reference_answer, source=SOURCE + "_step", id=r.id + "-steps", task="step"))
   return rows
 
@@ -424,8 +456,8 @@ def _chatml_text(messages: Sequence[dict[str, str]]) -> str:
 
 def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout: int = 500,
                 digits: int = 3, carry_out: bool = False, vocab_size: int = 384,
-                teacher_leading_carry_slip: float = 0.0, step_solutions: bool = False
-                ) -> dict[str, str]:
+                teacher_leading_carry_slip: float = 0.0, step_solutions: bool = False,
+                step_slip_rate: float = 0.0) -> dict[str, str]:
   """Writes the world under `out_dir` and returns the paths by name.
 
   Files: train.jsonl, heldout.jsonl (CFT records), rl_math_{split}.jsonl, rl_crl_{split}.jsonl
@@ -438,7 +470,9 @@ def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout:
   With `step_solutions`, also the step critic demo's rows of the same problems (`step_rows`, the
   teacher slipping as `teacher_leading_carry_slip` says): step_{split}.jsonl (with critiques),
   rl_step_{split}.jsonl (without) and step_{split}_processbench.jsonl (ProcessBench rows,
-  `processbench_row`); the tokenizer then learns their renderings too.
+  `processbench_row`); the tokenizer then learns their renderings too. `step_slip_rate` > 0 gives
+  the training split's step solutions independent slips at that rate per step (`step_rows`); the
+  held-out split keeps the standard mix (half right, one slip).
   """
   world = make_world(seed, num_train, num_heldout, digits, carry_out, teacher_leading_carry_slip)
   os.makedirs(out_dir, exist_ok=True)
@@ -453,7 +487,10 @@ def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout:
                         math_rows([r for r, c in zip(records, carry) if not c]))):
       paths[name] = os.path.join(out_dir, f"{name}.jsonl")
       _write_text(paths[name], "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
-  steps = {split: step_rows(records, seed, teacher_leading_carry_slip) if step_solutions else []
+  if not 0.0 <= step_slip_rate < 1.0:
+    raise ValueError(f"data.world.step_slip_rate must be in [0, 1), got {step_slip_rate}")
+  steps = {split: step_rows(records, seed, teacher_leading_carry_slip,
+                            step_slip_rate if split == "train" else 0.0) if step_solutions else []
            for split, records in world.items()}
   for split, rows in steps.items():
     if not rows:
@@ -472,7 +509,7 @@ def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout:
   params = {"seed": seed, "num_train": num_train, "num_heldout": num_heldout, "digits": digits,
             "carry_out": carry_out, "vocab_size": vocab_size,
             "teacher_leading_carry_slip": teacher_leading_carry_slip,
-            "step_solutions": step_solutions}
+            "step_solutions": step_solutions, "step_slip_rate": step_slip_rate}
   _write_text(os.path.join(out_dir, WORLD_FILE), json.dumps(params, indent=2) + "\n")
   return paths
 
