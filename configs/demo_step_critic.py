@@ -2,14 +2,15 @@
 then RL on the synthetic world's step-labelled solutions, on a laptop CPU.
 
 The critic reads a three-digit addition answered in four steps (column totals from the right, then
-the boxed sum) and names the first wrong step, "**Answer**: \\boxed{k}" counted from 1 (-1 = every step right).
-It starts from RUN_DIR/sft_warmstart, trained first with configs/demo_step_critic_sft.py on a fallible
-teacher's step-wise critiques: the teacher often redoes the leading column without its carry, and the
-critic copies that. GRPO then samples 8 critiques for each of 16 training solutions per step and
-rewards those naming exactly the labelled first wrong step (the `step` reward, DeepCritic's
-judgement reward). The before/after table is ProcessBench's F1 (harmonic mean of the accuracy on
-erroneous and on correct solutions) of greedy critiques of the 300 held-out solutions
-(configs/eval_demo_step_critic.py), before, every 10 steps and after. Measured in docs/recipes.md.
+the boxed sum) and names the first wrong step, "**Answer**: \\boxed{k}" counted from 1 (-1 = every step
+right). It starts from RUN_DIR/sft_warmstart, trained first with configs/demo_step_critic_sft.py on an
+exact teacher's step-wise critiques of training solutions whose steps slip independently (so copying
+a step's value is often wrong) and on the world's solver rows. GRPO then samples 8 critiques for each
+of 16 training solutions per step and rewards those naming exactly the labelled first wrong step (the
+`step` reward, DeepCritic's judgement reward). The before/after table is ProcessBench's F1 (harmonic
+mean of the accuracy on erroneous and on correct solutions) of greedy critiques of the 300 held-out
+solutions (half right, one slip; configs/eval_demo_step_critic.py), before, every 10 steps and after.
+Measured in docs/recipes.md.
 
   cftjax train --config configs/demo_step_critic.py
   cftjax plot runs/demo_step_critic
@@ -32,8 +33,8 @@ def get_config():
   c.data.world.digits = 3  # as configs/demo_step_critic_sft.py
   c.data.world.num_train = 4000
   c.data.world.num_heldout = 300
-  c.data.world.teacher_leading_carry_slip = 0.7
   c.data.world.step_solutions = True
+  c.data.world.step_slip_rate = 0.4
   c.data.template = STEP_CRITIC_TEMPLATE
   c.data.sources = ({"path": WORLD_DIR + "/rl_step_train.jsonl", "task": "step",
                      "template": STEP_CRITIC_TEMPLATE, "name": "steps"},)
@@ -58,4 +59,5 @@ def get_config():
   c.rl.kl_coef = 0.0
 
   recipes.cpu_demo_grpo_schedule(c, suite="configs/eval_demo_step_critic.py", best_metric="steps/f1")
+  c.train.steps = 20  # the warm start takes most of the 10 CPU-minutes
   return c

@@ -504,8 +504,8 @@ def write_world(out_dir: str, seed: int = 0, num_train: int = 4000, num_heldout:
   paths["tokenizer"] = train_tokenizer(world["train"], os.path.join(out_dir, "tokenizer"),
                                        vocab_size, steps["train"])
   log.info("wrote synthetic world (seed=%d, digits=%d, train=%d, heldout=%d, teacher leading-carry "
-           "slip %.2f) to %s", seed, digits, num_train, num_heldout, teacher_leading_carry_slip,
-           out_dir)
+           "slip %.2f, step slip rate %.2f) to %s", seed, digits, num_train, num_heldout,
+           teacher_leading_carry_slip, step_slip_rate, out_dir)
   params = {"seed": seed, "num_train": num_train, "num_heldout": num_heldout, "digits": digits,
             "carry_out": carry_out, "vocab_size": vocab_size,
             "teacher_leading_carry_slip": teacher_leading_carry_slip,
