@@ -34,7 +34,7 @@ def get_config():
   c.data.world.num_train = 4000
   c.data.world.num_heldout = 300
   c.data.world.step_solutions = True
-  c.data.world.step_slip_rate = 0.4
+  c.data.world.step_slip_rate = 0.3
   c.data.template = STEP_CRITIC_TEMPLATE
   c.data.sources = ({"path": WORLD_DIR + "/rl_step_train.jsonl", "task": "step",
                      "template": STEP_CRITIC_TEMPLATE, "name": "steps"},)

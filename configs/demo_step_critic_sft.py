@@ -8,8 +8,8 @@ from the question ("3: 4+3+1=08 vs 07 no") up to the first wrong one, then DeepC
 "**Answer**: \\boxed{k}" (the first wrong step from 1, -1 when every step is right); and
 solver_train.jsonl (`solver_rows`), the question answered with the column sums ("4+3+1=08, ..."), which
 teaches computing a column total from the question's digits. In the training solutions every step
-slips independently with probability 0.4 (data.world.step_slip_rate), so a critic that writes a step's
-own value where its recomputation belongs is wrong on 39% of the steps it checks; the held-out
+slips independently with probability 0.3 (data.world.step_slip_rate), so a critic that writes a step's
+own value where its recomputation belongs is wrong on 30% of the steps it checks; the held-out
 solutions keep the standard mix (half right, one slip). `cftjax train --config
 configs/demo_step_critic.py` trains this first.
 """
@@ -31,7 +31,7 @@ def get_config():
   c.data.world.num_train = 4000
   c.data.world.num_heldout = 300
   c.data.world.step_solutions = True
-  c.data.world.step_slip_rate = 0.4
+  c.data.world.step_slip_rate = 0.3
   c.data.sources = ({"path": WORLD_DIR + "/step_train.jsonl", "template": STEP_CRITIC_TEMPLATE,
                      "name": "steps"},
                     {"path": WORLD_DIR + "/solver_train.jsonl", "template": "math_cot",
