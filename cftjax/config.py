@@ -66,8 +66,9 @@ def base_config() -> config_dict.ConfigDict:
   c.model.lora.dropout = 0.0  # dropout on the adapters' input while training
   c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # any of these projections
   c.model.lora.quantize_base = "none"  # none | int8 | nf4 | int4: the frozen base's targeted kernels (QLoRA)
-  # modules trained whole beside the adapters, starting from the base's (PEFT modules_to_save): () or
-  # ("lm_head",), for a base that never wrote some tokens the fine-tune needs (an untied head only)
+  # modules trained whole beside the adapters, starting from the base's (PEFT modules_to_save): any of
+  # "embed_tokens", "lm_head", for a base that never read or wrote some tokens the fine-tune needs
+  # (an untied head only)
   c.model.lora.modules_to_save = ()
   c.model.lora.init_from = config_dict.placeholder(str)  # a PEFT adapter dir to continue training
   # model.arch: the architecture of a from-scratch model (ignored with init_from).

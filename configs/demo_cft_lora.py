@@ -9,8 +9,9 @@ model.warmstart_config) and then keeps frozen. This run trains rank-32 adapters 
 wrote a third of the critique's tokens ("vs", "ok", "no", "Conclusion", "right", "wrong", ...), and
 with the base's head frozen the adapters cannot raise those tokens' logits enough (README.md, the
 LoRA demo).
-Held-out verdict accuracy goes from 0 to 0.835 in 1200 steps (short of demo_cft's 0.985), measured
-in README.md beside the full fine-tune.
+Held-out verdict accuracy goes from 0 to 0.835 in 1200 steps with train.seed=0 and to 0.465 with
+train.seed=1 (short of demo_cft's 0.985), measured in README.md beside the full fine-tune with the
+other settings tried (the embedding trained too, rank, alpha, lr).
 
   cftjax train --config configs/demo_cft_lora.py
   cftjax convert --to-hf --ckpt runs/demo_cft_lora --out runs/demo_cft_lora_peft --adapters-only

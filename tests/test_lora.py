@@ -109,33 +109,37 @@ def test_a_step_trains_only_the_adapters_on_every_mesh():
     assert tuple(shardings["b"].spec) == (None, None, "tensor", None)
 
 
-def test_modules_to_save_train_a_copy_of_the_lm_head_and_the_base_keeps_its_own():
-  """model.lora.modules_to_save = ("lm_head",) (PEFT's modules_to_save): the trained lm_head starts as
-  the base's copy (logits exactly the base's), the optimizer holds moments for it and the adapters,
-  a step moves it while the frozen base keeps the original, which the adapters-off params (GRPO's KL
-  reference) use; a tied head is refused."""
-  cfg = LORA.replace(lora_modules_to_save=("lm_head",))
+def test_modules_to_save_train_copies_of_the_embedding_and_lm_head_and_the_base_keeps_its_own():
+  """model.lora.modules_to_save = ("embed_tokens", "lm_head") (PEFT's modules_to_save): the trained
+  embedding and lm_head start as the base's copies (logits exactly the base's), sharded as the base's,
+  the optimizer holds moments for them and the adapters, a step moves them while the frozen base keeps
+  the originals, which the adapters-off params (GRPO's KL reference) use; a tied head is refused."""
+  cfg = LORA.replace(lora_modules_to_save=("embed_tokens", "lm_head"))
   tx = optax.adam(1e-2)
   with parallel.use_mesh(mesh_of(1, 8, 1)):
     frozen = jax.device_put(fresh_base_params(cfg.without_lora(), 0), state_lib.frozen_shardings(cfg))
     state = state_lib.create_train_state(cfg, tx, jax.random.key(0), frozen=frozen)
+    for name in ("embedding", "lm_head"):
+      assert state.params[name].sharding.spec == frozen[name].sharding.spec, name
     start = jax.device_get(state.params)
     state, _ = cft.make_cft_step(cfg, tx, chunk_size=40)(state, make_batch(), frozen)
     trained, frozen = jax.device_get((state.params, frozen))
   base_logits = Decoder(cfg.without_lora()).apply({"params": frozen}, TOKENS)
-  np.testing.assert_array_equal(start["lm_head"], frozen["lm_head"])
+  assert set(trained) == {"layers", "embedding", "lm_head"}
+  assert jax.tree.structure(state.opt_state[0].mu) == jax.tree.structure(trained)
+  merged = lora.merge(cfg, lora.combine(frozen, trained))
+  for name in ("embedding", "lm_head"):
+    np.testing.assert_array_equal(start[name], frozen[name])
+    assert float(np.abs(trained[name] - frozen[name]).max()) > 1e-3, name
+    np.testing.assert_array_equal(merged[name], trained[name])
   np.testing.assert_array_equal(Decoder(cfg).apply({"params": lora.combine(frozen, start)}, TOKENS),
                                 base_logits)
-  assert jax.tree.structure(state.opt_state[0].mu) == jax.tree.structure(trained)
-  assert set(trained) == {"layers", "lm_head"}
-  assert float(np.abs(trained["lm_head"] - frozen["lm_head"]).max()) > 1e-3
   np.testing.assert_array_equal(
       Decoder(cfg).apply({"params": lora.combine(frozen, lora.adapters_off(trained))}, TOKENS), base_logits)
-  merged = lora.merge(cfg, lora.combine(frozen, trained))
-  np.testing.assert_array_equal(merged["lm_head"], trained["lm_head"])
-  with pytest.raises(ConfigError, match=r"model.lora.modules_to_save=\('lm_head',\) needs an untied lm_head"):
-    cfg.replace(tie_embeddings=True)
-  with pytest.raises(ConfigError, match=r"model.lora.modules_to_save=\('embedding',\): only \('lm_head',\)"):
+  with pytest.raises(ConfigError, match=r"model.lora.modules_to_save=\('embed_tokens',\) needs an untied lm_head"):
+    LORA.replace(lora_modules_to_save=("embed_tokens",), tie_embeddings=True)
+  with pytest.raises(ConfigError, match=r"model.lora.modules_to_save=\('embedding',\): name each of "
+                     r"\('embed_tokens', 'lm_head'\) at most once"):
     LORA.replace(lora_modules_to_save=("embedding",))
 
 

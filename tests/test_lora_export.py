@@ -1,8 +1,9 @@
-"""A LoRA CFT run on a converted Hugging Face model (adapters alone, and adapters with the lm_head
-trained whole: model.lora.modules_to_save), exported two ways and checked against the libraries that
-own the formats: `cftjax convert --to-hf` (adapters merged) loaded by transformers, and
-`--adapters-only` (a PEFT directory) loaded by peft onto the HF base, both giving cftjax's logits with
-the adapters (float32); the PEFT directory imported back (`model.lora.init_from`) continues training."""
+"""A LoRA CFT run on a converted Hugging Face model (adapters alone, and adapters with the embedding
+and lm_head trained whole: model.lora.modules_to_save), exported two ways and checked against the
+libraries that own the formats: `cftjax convert --to-hf` (adapters merged) loaded by transformers, and
+`--adapters-only` (a PEFT directory, with the tensors peft itself saves for the same adapter config)
+loaded by peft onto the HF base, both giving cftjax's logits with the adapters (float32); the PEFT
+directory imported back (`model.lora.init_from`) continues training."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import peft
 import pytest
 import transformers
+from safetensors import safe_open
 
 from cftjax import cli, launch
 from cftjax.config import base_config
@@ -58,7 +60,7 @@ def lora_config(tmp_path, ckpt: str, world: str, run_dir: str, steps: int,
   return c
 
 
-@pytest.fixture(scope="module", params=[(), ("lm_head",)], ids=["adapters", "lm_head"])
+@pytest.fixture(scope="module", params=[(), ("embed_tokens", "lm_head")], ids=["adapters", "saved_modules"])
 def lora_run(tmp_path_factory, request):
   root = tmp_path_factory.mktemp("lora_export")
   hf_model = make_hf_model("qwen2_untied_bias", vocab_size=640)
@@ -80,9 +82,14 @@ def cftjax_logits(run_dir: str) -> np.ndarray:
   cfg, adapters, _ = checkpoint_io.load_run_adapters(run_dir)
   base = checkpoint_io.load_init_params(checkpoint_io.read_run_config(run_dir).model.init_from, None)
   assert max(float(np.abs(a["b"]).max()) for g in adapters["layers"].values() for a in g.values()) > 1e-3
-  for module in cfg.lora_modules_to_save:  # trained whole: moved away from the base's copy
-    assert float(np.abs(adapters[module] - base[module]).max()) > 1e-3
+  for param in lora.saved_params(cfg.lora_modules_to_save):  # trained whole: moved from the base's copy
+    assert float(np.abs(adapters[param] - base[param]).max()) > 1e-3, param
   return np.asarray(Decoder(cfg).apply({"params": lora.combine(base, adapters)}, TOKENS.astype(np.int32)))
+
+
+def tensor_shapes(adapter_dir: str) -> dict[str, tuple[int, ...]]:
+  with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="np") as f:
+    return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
 
 
 def test_merged_export_loads_in_transformers_with_the_adapted_logits(lora_run):
@@ -103,6 +110,11 @@ def test_peft_directory_loads_in_peft_and_imports_back(lora_run):
   assert (config["r"], config["lora_alpha"]) == (4, 8.0)
   assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "o_proj", "q_proj", "v_proj"]
   assert config["modules_to_save"] == (list(lora_run["modules_to_save"]) or None)
+  # The tensors (names, shapes) are those peft saves for a model it adapted itself with this config.
+  reference = str(lora_run["root"] / "peft_reference")
+  fresh = transformers.AutoModelForCausalLM.from_pretrained(lora_run["hf_dir"], torch_dtype="float32")
+  peft.get_peft_model(fresh, peft.LoraConfig.from_pretrained(out)).save_pretrained(reference)
+  assert tensor_shapes(out) == tensor_shapes(reference)
   base = transformers.AutoModelForCausalLM.from_pretrained(lora_run["hf_dir"], torch_dtype="float32")
   adapted = peft.PeftModel.from_pretrained(base, out).eval()
   np.testing.assert_allclose(hf_logits(adapted, TOKENS), cftjax_logits(lora_run["run"]), atol=ATOL)

@@ -62,7 +62,7 @@ class ModelConfig:
   lora_dropout: float = 0.0  # dropout on the adapters' input while training
   lora_targets: tuple[str, ...] = tuple(lora.TARGETS)  # q, k, v, o, gate, up, down
   quantize_base: str = "none"  # none | int8 | nf4 | int4: how the frozen base's targeted kernels are stored
-  lora_modules_to_save: tuple[str, ...] = ()  # modules trained whole beside the adapters: () | ("lm_head",)
+  lora_modules_to_save: tuple[str, ...] = ()  # trained whole beside the adapters: embed_tokens, lm_head
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:

@@ -17,9 +17,11 @@ absmax per block of 64 inputs) and dequantized to the compute dtype layer by lay
 block (`prepare_layer`); no dequantized copy is kept.
 
 Whole modules can be trained beside the adapters (PEFT's `modules_to_save`; `ModelConfig.
-lora_modules_to_save`, only "lm_head" here): the trained tree then holds a full copy of the module,
-initialised from the base's, which replaces the base's module in the forward pass; the frozen base
-keeps the original (as PEFT does), so the base with the adapters off is still the base.
+lora_modules_to_save`, named as in a Hugging Face model: "embed_tokens" for the `embedding` param,
+"lm_head"): the trained tree then holds a full copy of the module's param, initialised from the
+base's, which replaces the base's in the forward pass; the frozen base keeps the original (as PEFT
+does), so the base with the adapters off is still the base. A model whose head is its embedding
+(tie_embeddings) trains neither: a copy would untie them.
 
 A param tree splits into the frozen base and the trainable adapters (`split`) and back (`combine`);
 `merge` folds the adapters into the kernels (the export of a LoRA run).
@@ -62,7 +64,8 @@ TARGETS = {
     "down": Target("mlp", "down_kernel", 1, "mlp.down_proj", ("intermediate_size",)),
 }
 QUANTIZATIONS = ("none",) + quant.FORMATS
-MODULES_TO_SAVE = ("lm_head",)  # top-level params that can be trained whole beside the adapters
+# The modules that can be trained whole beside the adapters, by their HF / PEFT name: the param it is.
+MODULES_TO_SAVE = {"embed_tokens": "embedding", "lm_head": "lm_head"}
 ADAPTER_SUFFIX = "_lora"  # attn/q_lora holds the adapter of attn/q_kernel
 SCALE_SUFFIX = "_scale"  # attn/q_kernel_scale: the quantized q_kernel's scales (int8) or block absmax
 RANK_AXIS = "lora_rank"
@@ -87,12 +90,13 @@ def check_settings(rank: int, alpha: float, dropout: float, targets: tuple[str, 
         raise ValueError(f"model.lora.{key}={value} needs adapters to train: set model.lora.rank > 0")
     return
   unknown = [m for m in modules_to_save if m not in MODULES_TO_SAVE]
-  if unknown:
-    raise ValueError(f"model.lora.modules_to_save={tuple(modules_to_save)}: only {MODULES_TO_SAVE} "
-                     "can be trained whole")
+  if unknown or len(set(modules_to_save)) != len(modules_to_save):
+    raise ValueError(f"model.lora.modules_to_save={tuple(modules_to_save)}: name each of "
+                     f"{tuple(MODULES_TO_SAVE)} at most once")
   if modules_to_save and sizes.get("tie_embeddings"):
-    raise ValueError("model.lora.modules_to_save=('lm_head',) needs an untied lm_head, but the model "
-                     "ties it to the embedding (model.arch.tie_embeddings); drop modules_to_save")
+    raise ValueError(f"model.lora.modules_to_save={tuple(modules_to_save)} needs an untied lm_head, but "
+                     "the model ties it to the embedding (model.arch.tie_embeddings): a trained copy "
+                     "would untie them; drop modules_to_save")
   if alpha <= 0:
     raise ValueError(f"model.lora.alpha={alpha} must be > 0")
   if not 0.0 <= dropout < 1.0:
@@ -251,10 +255,16 @@ def is_adapter_path(path: tuple[Any, ...]) -> bool:
   return any(str(getattr(k, "key", "")).endswith(ADAPTER_SUFFIX) for k in path)
 
 
+def saved_params(modules_to_save: tuple[str, ...]) -> tuple[str, ...]:
+  """The top-level params of `modules_to_save` (HF module names): ("embed_tokens",) -> ("embedding",)."""
+  return tuple(MODULES_TO_SAVE[m] for m in modules_to_save)
+
+
 def split(params: dict[str, Any], modules_to_save: tuple[str, ...] = ()
           ) -> tuple[dict[str, Any], dict[str, Any]]:
   """(base, trained) of a param tree (plain or boxed): trained = {"layers": {group: {"q_lora": ...}}}
-  plus a copy of each of `modules_to_save` (e.g. "lm_head"), which the base keeps too."""
+  plus a copy of the param of each of `modules_to_save` (e.g. "embedding" for "embed_tokens"),
+  which the base keeps too."""
   layers = params["layers"]
   base_layers, adapters = {}, {}
   for group_name, group in layers.items():
@@ -265,7 +275,8 @@ def split(params: dict[str, Any], modules_to_save: tuple[str, ...] = ()
     found = {k: v for k, v in group.items() if k.endswith(ADAPTER_SUFFIX)}
     if found:
       adapters[group_name] = found
-  return {**params, "layers": base_layers}, {"layers": adapters, **{m: params[m] for m in modules_to_save}}
+  saved = {p: params[p] for p in saved_params(modules_to_save)}
+  return {**params, "layers": base_layers}, {"layers": adapters, **saved}
 
 
 def combine(base: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:

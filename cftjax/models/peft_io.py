@@ -5,8 +5,9 @@ PEFT stores per layer and projection lora_A.weight [rank, in_features] and lora_
 [out_features, rank] under "base_model.model.model.layers.{i}.<module>"; cftjax's adapters are A
 [layers, in..., rank] and B [layers, rank, out...] (`cftjax.models.lora`), the in / out axes
 flattened in the same order as the HF projection's features. Both scale by lora_alpha / r. A module
-trained whole (`modules_to_save`, "lm_head") is stored as PEFT stores it, under
-"base_model.model.lm_head.weight" in HF's [vocab, hidden] layout (cftjax's lm_head is [hidden, vocab]).
+trained whole (`modules_to_save`: "embed_tokens", "lm_head") is stored as PEFT stores it, under its
+HF weight's name ("base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"),
+[vocab, hidden] (cftjax's embedding is [vocab, hidden] too, its lm_head [hidden, vocab]).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from cftjax.models.decoder import abstract_params
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model.model.layers.{i}."
-_SAVED_MODULE = "base_model.model.{module}.weight"  # a modules_to_save copy (lm_head only)
+# A modules_to_save copy: (its tensor's name, whether cftjax's param is the transpose of HF's weight).
+_SAVED_MODULES = {"embed_tokens": ("base_model.model.model.embed_tokens.weight", False),
+                  "lm_head": ("base_model.model.lm_head.weight", True)}
 
 
 def _tensor_names(target: str, layer: int) -> tuple[str, str]:
@@ -53,8 +56,9 @@ def save_adapters(cfg: ModelConfig, adapters: dict[str, Any], out_dir: str,
         tensors[name_a] = np.ascontiguousarray(a[i].reshape(-1, cfg.lora_rank).T)  # [rank, in]
         tensors[name_b] = np.ascontiguousarray(b[i].reshape(cfg.lora_rank, -1).T)  # [out, rank]
   for module in cfg.lora_modules_to_save:
-    tensors[_SAVED_MODULE.format(module=module)] = np.ascontiguousarray(
-        np.asarray(jax.device_get(adapters[module]), np.float32).T)  # [vocab, hidden]
+    name, transposed = _SAVED_MODULES[module]
+    weight = np.asarray(jax.device_get(adapters[lora.MODULES_TO_SAVE[module]]), np.float32)
+    tensors[name] = np.ascontiguousarray(weight.T if transposed else weight)  # [vocab, hidden]
   save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
   config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
@@ -117,8 +121,11 @@ def load_adapters(path: str, cfg: ModelConfig, shardings: Any = None) -> dict[st
       return f.get_tensor(name)
 
     for module in cfg.lora_modules_to_save:
-      hf_shape = shapes[module].shape[::-1]
-      out[module] = tensor(_SAVED_MODULE.format(module=module), hf_shape).T.astype(np.float32)
+      name, transposed = _SAVED_MODULES[module]
+      param = lora.MODULES_TO_SAVE[module]
+      shape = shapes[param].shape
+      weight = tensor(name, shape[::-1] if transposed else shape)
+      out[param] = (weight.T if transposed else weight).astype(np.float32)
     for group_name, group in shapes["layers"].items():
       out["layers"][group_name] = {}
       for key, shape in group.items():

@@ -153,7 +153,7 @@ def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
                       rng=state_rng)
 
   if init_params is None:
-    saved = {m: frozen[m] for m in model_cfg.lora_modules_to_save}
+    saved = {p: frozen[p] for p in lora.saved_params(model_cfg.lora_modules_to_save)}
     fresh = lambda r, saved: {**trainable_params(model_cfg, init_model_params(model_cfg, r)), **saved}
     return jax.jit(lambda r, s, saved: new_state(fresh(r, saved), s),
                    out_shardings=shardings)(params_rng, state_rng, saved)
