@@ -8,7 +8,8 @@ own virtual environment (benchmarks/setup.sh maxtext-tpu tunix-tpu), one process
 
 Per system, per chip and step: memory (the real program), HBM traffic and the cost model's step
 time from loop-free compiles (cftjax: `cftjax compile`'s 1- and 2-layer correction; MaxText:
-scan_layers=False; tunix: its layers are a Python loop already), Pallas kernels' attention FLOPs
+scan_layers=False; tunix: its layers are a Python loop already; a peer whose whole written-out model
+does not fit the chip, as on v5e, gets the 1- and 2-layer correction too), Pallas kernels' attention FLOPs
 added at MXU peak, collectives of the real program weighted by loop trip counts (`cftjax.hlo` for
 every system), and MFU = model FLOPs (6 N tokens + attention, the same count for every system) /
 (estimated seconds x chips x peak).
@@ -92,14 +93,17 @@ def run_peer(system: str, model: str, topology: str, batch: int, seq: int, out: 
     return None
   script = os.path.join(BENCH_DIR, "peers", f"{system}_aot.py")
   args = ["--topology", topology, "--model", model, "--batch", str(batch), "--seq", str(seq)]
-  results = {}
-  for mode in ("real", "cost"):
-    code, stdout = _run([python, script, *args] + (["--cost"] if mode == "cost" else []),
-                        os.path.join(out, f"{system}_{model}_{topology}_{mode}.log"))
-    results[mode] = _bench_result(stdout) if code == 0 else None
-    if results[mode] is None:
-      return None
-  real, cost = results["real"], results["cost"]
+  log = lambda mode: os.path.join(out, f"{system}_{model}_{topology}_{mode}.log")
+  code, stdout = _run([python, script, *args], log("real"))
+  real = _bench_result(stdout) if code == 0 else None
+  if real is None:
+    return None
+  code, stdout = _run([python, script, *args, "--cost"], log("cost"))
+  cost = _bench_result(stdout) if code == 0 else None
+  if cost is None and _out_of_hbm(log("cost")):
+    cost = _layer_extrapolated_cost(python, script, args, model_cfg.num_layers, log)
+  if cost is None:
+    return None
   devices = real["devices"]
   chip = aot.chip(topology)
   pallas_seconds = 0.0
@@ -111,6 +115,26 @@ def run_peer(system: str, model: str, topology: str, batch: int, seq: int, out: 
           "collective_gib": sum(c["bytes"] for c in real["collectives"].values()) / gib,
           "collectives": {k: (c["count"], c["bytes"] / gib) for k, c in real["collectives"].items()},
           "fits": real["memory"]["total"] <= chip.hbm_bytes, "versions": real.get("versions")}
+
+
+def _out_of_hbm(log_path: str) -> bool:
+  with open(log_path) as log:
+    return "RESOURCE_EXHAUSTED" in log.read()
+
+
+def _layer_extrapolated_cost(python: str, script: str, args: list[str], layers: int, log) -> dict | None:
+  """A peer's loop-free cost as cftjax takes its own, C(1) + (layers - 1) x (C(2) - C(1)) from 1- and
+  2-layer compiles: for a topology whose chips cannot hold the whole model written out (v5e)."""
+  costs = []
+  for n in (1, 2):
+    code, stdout = _run([python, script, *args, "--cost", "--layers", str(n)], log(f"cost_{n}layer"))
+    result = _bench_result(stdout) if code == 0 else None
+    if result is None:
+      return None
+    costs.append(result)
+  one, two = costs[0], costs[1]
+  extrapolated = {k: one["cost"][k] + (layers - 1) * (two["cost"][k] - one["cost"][k]) for k in one["cost"]}
+  return {**two, "cost": extrapolated}
 
 
 def main() -> None:

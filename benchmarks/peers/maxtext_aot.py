@@ -3,10 +3,11 @@ its `train_compile.py`) for a TPU topology, run in the maxtext-tpu environment o
 benchmarks/setup.sh: `model_name` from MaxText's model configs, bf16 compute over float32 weights,
 remat full, FSDP over every chip (MaxText's default ici_fsdp_parallelism=-1), its default splash
 attention, synthetic data. The compiled step is taken from train_compile's `jit_and_compile`.
-`--cost` compiles with scan_layers=False and windowed einsum off (a loop-free program).
+`--cost` compiles with scan_layers=False and windowed einsum off (a loop-free program); `--layers N`
+overrides the model's decoder layer count (for the 1- and 2-layer cost compiles).
 
   TPU_ACCELERATOR_TYPE=x $VENVS/maxtext-tpu/bin/python maxtext_aot.py --topology v5p:2x2x2 \\
-      --model qwen2_5_7b --batch 8 --seq 4096 [--cost]
+      --model qwen2_5_7b --batch 8 --seq 4096 [--cost] [--layers N]
 Prints one `BENCH_RESULT {json}` line (tpu_aot_common.summary).
 """
 
@@ -42,6 +43,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8, help="global rows (a multiple of the chips)")
   parser.add_argument("--seq", type=int, default=4096)
   parser.add_argument("--cost", action="store_true")
+  parser.add_argument("--layers", type=int, default=0, help="decoder layers (0: the model's)")
   args = parser.parse_args()
   name, chips = maxtext_topology(args.topology)
   if args.batch % chips:
@@ -62,6 +64,8 @@ def main() -> None:
                f"max_target_length={args.seq}", "remat_policy=full", "dtype=bfloat16", "weight_dtype=float32",
                f"base_output_directory={out_dir}", "run_name=aot", "dataset_type=synthetic",
                "enable_checkpointing=false"] + (["scan_layers=False"] if args.cost else [])
+  if args.layers:
+    overrides += ["override_model_config=true", f"base_num_decoder_layers={args.layers}"]
   train_compile.main(["train_compile", os.path.join(os.path.dirname(maxtext.__file__), "configs", "base.yml"),
                       *overrides])
   common.emit(common.summary(captured["compiled"], captured["seconds"], system="maxtext", model=args.model,

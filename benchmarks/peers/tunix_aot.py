@@ -51,6 +51,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=4096)
   parser.add_argument("--cost", action="store_true", help="windowed einsum off (see tpu_aot_common)")
+  parser.add_argument("--layers", type=int, default=0, help="decoder layers (0: the model's)")
   args = parser.parse_args()
 
   module_name, config_name, class_name = MODELS[args.model]
@@ -61,7 +62,8 @@ def main() -> None:
   # dtype), so its step casts the float32 master params to bfloat16 in the loss instead.
   has_dtype = "dtype" in {field.name for field in dataclasses.fields(config)}
   dtypes = {"dtype": jnp.bfloat16, "param_dtype": jnp.float32} if has_dtype else {}
-  config = dataclasses.replace(config, remat_config=module.RematConfig.BLOCK, **dtypes)
+  layers = {"num_layers": args.layers} if args.layers else {}
+  config = dataclasses.replace(config, remat_config=module.RematConfig.BLOCK, **dtypes, **layers)
   devices = np.array(topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices)
   mesh = Mesh(devices.reshape(devices.size, 1), ("fsdp", "tp"))
 
