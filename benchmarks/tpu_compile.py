@@ -111,7 +111,9 @@ def run_peer(system: str, model: str, topology: str, batch: int, seq: int, out: 
     pallas_seconds = aot.attention_flops(model_cfg, batch, seq, training=True) / (devices * chip.peak_flops)
   gib = 1024**3
   return {"memory_gib": real["memory"]["total"] / gib, "hbm_gb": cost["cost"]["bytes"] / 1e9,
-          "seconds": cost["cost"]["seconds"] + pallas_seconds, "pallas_seconds": pallas_seconds,
+          # A negative cost-model time is no estimate (aot.NEGATIVE_COST), as for cftjax.
+          "seconds": cost["cost"]["seconds"] + pallas_seconds if cost["cost"]["seconds"] >= 0 else None,
+          "pallas_seconds": pallas_seconds,
           "collective_gib": sum(c["bytes"] for c in real["collectives"].values()) / gib,
           "collectives": {k: (c["count"], c["bytes"] / gib) for k, c in real["collectives"].items()},
           "fits": real["memory"]["total"] <= chip.hbm_bytes, "versions": real.get("versions")}
@@ -168,7 +170,7 @@ def main() -> None:
           continue
         result |= {"system": system, "model": model, "topology": topology, "batch": args.batch, "seq": args.seq}
         chips = _chips(topology)  # counted here: the driver never loads libtpu itself
-        result["mfu"] = model_flops / (result["seconds"] * chips * chip.peak_flops) if result["seconds"] > 0 else None
+        result["mfu"] = model_flops / (result["seconds"] * chips * chip.peak_flops) if result["seconds"] else None
         result["hbm_gib_per_chip"] = chip.hbm_bytes / 1024**3
         rows.append(result)
   with open(os.path.join(out, "results.json"), "w") as f:
@@ -191,9 +193,10 @@ def format_table(rows: list[dict]) -> str:
     counts = "/".join(str(r["collectives"].get(k, (0, 0))[0]) for k in
                       ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute"))
     mfu = f"{r['mfu']:.2f}" if r["mfu"] is not None else "-"
+    step = "no estimate" if r["seconds"] is None else f"{r['seconds']:.3f}"
     lines.append(f"| {r['model']} {r['batch']}x{r['seq']}, {r['topology']} | {r['system']} | "
                  f"{r['memory_gib']:.1f} (of {r['hbm_gib_per_chip']:.0f}){'' if r['fits'] else ' DOES NOT FIT'} | "
-                 f"{r['hbm_gb']:.0f} | {r['seconds']:.3f} ({r['pallas_seconds']:.3f}) | {mfu} | "
+                 f"{r['hbm_gb']:.0f} | {step} ({r['pallas_seconds']:.3f}) | {mfu} | "
                  f"{r['collective_gib']:.1f} ({counts}) |")
   return "\n".join(lines)
 

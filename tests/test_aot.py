@@ -93,9 +93,9 @@ def test_no_full_vocab_array_is_all_reduced(compiled, objective):
   assert compiled[objective].full_vocab_all_reduces == 0
 
 
-@pytest.mark.xfail(strict=True, reason="on a 3D torus the TPU compiler rewrites the head gradient's "
+@pytest.mark.xfail(strict=True, reason="on v5p:2x2x2 the TPU compiler rewrites the head gradient's "
                    "reduce-scatter as a full all-reduce and a slice (docs/benchmarks.md)")
-def test_no_full_vocab_array_is_all_reduced_on_a_3d_torus():
+def test_no_full_vocab_array_is_all_reduced_on_v5p_2x2x2():
   config = tiny_config("cft")
   report = aot.compile_objective(config, aot.model_config(config), "cft", aot.topology_devices("v5p:2x2x2"),
                                  "v5p:2x2x2", cost=False)[0]
