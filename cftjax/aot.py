@@ -87,8 +87,10 @@ def topology_devices(topology: str) -> list[jax.Device]:
   if importlib.util.find_spec("libtpu") is None:
     raise CompileError("libtpu is not installed: `pip install 'cftjax[tpu-compile]'` (the libtpu "
                        f"that jax {jax.__version__}'s tpu extra pins)")
+  # A v4 chip's two TensorCores run as one device ("megacore"), as JAX presents them on a v4 VM.
+  chip_config = {"chip_config_name": "megacore"} if topology.startswith("v4:") else {}
   try:
-    description = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    description = topologies.get_topology_desc(platform="tpu", topology_name=topology, **chip_config)
   except Exception as e:  # pylint: disable=broad-except
     raise CompileError(f"--topology {topology!r}: libtpu cannot build it ({' '.join(str(e).split())[:300]}); "
                        "use GENERATION:SHAPE such as v5p:2x2x2, v5e:4x4, v4:2x2x4") from None

@@ -63,6 +63,7 @@ def compiled(devices):
 def test_topology_gives_the_slice_devices(devices):
   assert len(devices) == 4 and all(d.platform == "tpu" for d in devices)
   assert len(aot.topology_devices("v5p:2x2x2")) == 8  # two hosts of four chips
+  assert len(aot.topology_devices("v4:2x2x4")) == 16  # one device per chip (megacore), four hosts
 
 
 @pytest.mark.parametrize("objective", aot.OBJECTIVES)
