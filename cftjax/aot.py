@@ -7,8 +7,11 @@ What the TPU compiler reports, and how it is corrected:
 - flops, HBM bytes and the cost model's step time (`cost_analysis`) count each while-loop body once,
   so they come from loop-free compiles (`ModelConfig.unroll_loops`, windowed einsum off) of a 1- and
   a 2-layer model of the same shapes: total = C(1) + (layers - 1) x (C(2) - C(1)); for the sampler,
-  whose decode loop has no trip count, one decode step = C(with the loop) - C(one new token, no
-  loop), reported against the step's HBM roofline (`decode_roofline_bytes`);
+  whose decode loop has no trip count, a call = C(one new token, no loop) + (new tokens - 1) x
+  (C(with the loop) - C(one new token));
+- one decode step of the sampler is estimated from the real program's decode loop body instead
+  (`decode_step_estimate`: HBM traffic by op census, the compiler's per-op cycle estimates),
+  against the step's HBM roofline (`decode_roofline_bytes`);
 - Pallas kernels (`tpu_custom_call`) report no cost: when the program has any, the attention
   FLOPs are added at the chip's MXU peak;
 - collectives come from the real program's optimised HLO, weighted by while-loop trip counts
@@ -48,19 +51,21 @@ LOOP_FREE_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": F
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Per-chip figures of a TPU generation: bf16 peak FLOP/s, HBM bytes, HBM bytes/s."""
+  """Per-chip figures of a TPU generation: bf16 peak FLOP/s, HBM bytes, HBM bytes/s, and the
+  TensorCore clock in Hz (peak = MXUs x 128 x 128 x 2 x clock; None where not published)."""
 
   name: str
   peak_flops: float
   hbm_bytes: float
   hbm_bandwidth: float
+  clock_hz: float | None
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", 275e12, 32 * GiB, 1228e9),
-    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9),
-    "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 1640e9),
+    "v4": Chip("TPU v4", 275e12, 32 * GiB, 1228e9, 1.05e9),
+    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9, 1.5e9),
+    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9, 1.75e9),
+    "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 1640e9, None),
 }
 
 
@@ -272,19 +277,39 @@ def _with_new_tokens(config: Any, new_tokens: int) -> Any:
   return config
 
 
-def loop_corrected_cost(config: Any, model_cfg: ModelConfig, objective: str
-                        ) -> tuple[dict[str, float], dict[str, float] | None]:
-  """(cost of one call, cost of one decode step or None): flops, HBM bytes and cost-model seconds per
-  chip, from loop-free compiles extrapolated over layers (`_per_layer_extrapolated`). For "generate"
-  the cost model counts the decode loop's body (one decode step, the real in-place loop) once:
-  step = C(rl.max_new_tokens) - C(1 new token: prefill and no loop), call = C(1) +
-  (rl.max_new_tokens - 1) x step (every row decoding to the limit)."""
+def loop_corrected_cost(config: Any, model_cfg: ModelConfig, objective: str) -> dict[str, float]:
+  """Flops, HBM bytes and cost-model seconds per chip of one call, from loop-free compiles
+  extrapolated over layers (`_per_layer_extrapolated`). For "generate" the cost model counts the
+  decode loop's body (one decode step, the real in-place loop) once: call = C(1 new token: prefill
+  and no loop) + (rl.max_new_tokens - 1) x (C(rl.max_new_tokens) - C(1)), every row decoding to the
+  limit."""
   if objective != "generate":
-    return _per_layer_extrapolated(config, model_cfg, objective), None
+    return _per_layer_extrapolated(config, model_cfg, objective)
   first = _per_layer_extrapolated(_with_new_tokens(config, 1), model_cfg, objective)
   with_loop = _per_layer_extrapolated(config, model_cfg, objective)
-  step = {k: with_loop[k] - first[k] for k in first}
-  return {k: first[k] + (config.rl.max_new_tokens - 1) * step[k] for k in first}, step
+  return {k: first[k] + (config.rl.max_new_tokens - 1) * (with_loop[k] - first[k]) for k in first}
+
+
+def decode_step_estimate(hlo_text: str, chip_figures: Chip) -> dict[str, float] | None:
+  """One decode step of the sampler per chip, from the real program's optimised decode loop body
+  (`sampling.DECODE_LOOP_SCOPE`), without the cost model (it prices some of the step's fusions at
+  -1 s, `NEGATIVE_COST`): `bytes`, its HBM traffic (`hlo.hbm_bytes`); `priced_seconds`, the TPU
+  compiler's own cycle estimates of the ops it prices (`hlo.estimated_cycles`) at the chip's clock;
+  `unpriced_bytes`, the HBM traffic of the ops it gives no estimate for (async weight prefetches
+  into VMEM, cache updates, collectives); `seconds` = priced_seconds + unpriced_bytes at full HBM
+  bandwidth (no overlap assumed: an upper estimate), None without a published clock. None when the
+  program has no decode loop (rl.max_new_tokens = 1)."""
+  module = hlo.parse(hlo_text)
+  body = hlo.while_body(module, sampling.DECODE_LOOP_SCOPE)
+  if body is None:
+    return None
+  moved = hlo.hbm_bytes(module, body)
+  cycles = [hlo.estimated_cycles(instruction) for instruction, _ in moved]
+  unpriced = sum(nbytes for (_, nbytes), c in zip(moved, cycles) if c is None)
+  priced_seconds = sum(c for c in cycles if c) / chip_figures.clock_hz if chip_figures.clock_hz else None
+  return {"bytes": float(sum(nbytes for _, nbytes in moved)), "priced_seconds": priced_seconds,
+          "unpriced_bytes": float(unpriced),
+          "seconds": None if priced_seconds is None else priced_seconds + unpriced / chip_figures.hbm_bandwidth}
 
 
 def decode_roofline_bytes(config: Any, model_cfg: ModelConfig) -> float:
@@ -335,6 +360,7 @@ class Report:
   attention: str
   memory: dict[str, float]  # bytes per chip by kind (see `_memory`)
   hbm_bytes: float
+  hbm_bandwidth: float  # bytes/s per chip
   flops: float | None  # per chip, loop-corrected; None: the cost compiles were skipped
   hbm_traffic: float | None  # bytes accessed per chip, loop-corrected; None as flops
   cost_model_seconds: float | None  # the compiler's estimate, loop-corrected; None as flops
@@ -345,7 +371,7 @@ class Report:
   collectives: dict[str, hlo.KindTotal]
   full_vocab_all_reduces: int  # executions per call
   lm_head_gathers: int  # executions per call
-  decode_step: dict[str, float] | None  # generate: flops, bytes, seconds of one decode step per chip
+  decode_step: dict[str, float] | None  # generate: one decode step per chip (`decode_step_estimate`)
   decode_roofline_bytes: float  # generate: the least HBM bytes per chip a decode step reads
   compile_seconds: float
   compiler_refused: str = ""  # the TPU compiler's out-of-HBM message when it would not compile
@@ -369,6 +395,13 @@ class Report:
     return self.model_flops / (self.estimated_seconds * self.devices * self.peak_flops)
 
   @property
+  def decode_step_over_roofline_time(self) -> float | None:
+    """The decode step's estimated seconds over the roofline's (its bytes at full HBM bandwidth)."""
+    if not self.decode_step or self.decode_step["seconds"] is None:
+      return None
+    return self.decode_step["seconds"] * self.hbm_bandwidth / self.decode_roofline_bytes
+
+  @property
   def collective_bytes(self) -> int:
     return sum(t.bytes for t in self.collectives.values())
 
@@ -389,9 +422,10 @@ class Report:
         "full_vocab_all_reduces": self.full_vocab_all_reduces, "lm_head_gathers": self.lm_head_gathers,
         "compile_seconds": self.compile_seconds, "compiler_refused": self.compiler_refused,
         **({"decode_step_gb_per_chip": self.decode_step["bytes"] / 1e9,
-            "decode_step_cost_model_seconds": self.decode_step["seconds"],
             "decode_roofline_gb_per_chip": self.decode_roofline_bytes / 1e9,
-            "decode_step_over_roofline": self.decode_step["bytes"] / self.decode_roofline_bytes}
+            "decode_step_over_roofline": self.decode_step["bytes"] / self.decode_roofline_bytes,
+            "decode_step_estimated_seconds": self.decode_step["seconds"],
+            "decode_step_seconds_over_roofline": self.decode_step_over_roofline_time}
            if self.decode_step else {}),
     }
 
@@ -419,7 +453,7 @@ def compile_objective(config: Any, model_cfg: ModelConfig, objective: str, devic
     compile_seconds = time.perf_counter() - start
     text = compiled.as_text()
     skipped = dict(flops=None, bytes=None, seconds=None)
-    corrected, decode_step = loop_corrected_cost(config, model_cfg, objective) if cost else (skipped, None)
+    corrected = loop_corrected_cost(config, model_cfg, objective) if cost else skipped
     roofline = decode_roofline_bytes(config, model_cfg) if objective == "generate" else 0.0
     vocab_shards = _vocab_shards(model_cfg)
   found = hlo.collectives(text)
@@ -432,14 +466,16 @@ def compile_objective(config: Any, model_cfg: ModelConfig, objective: str, devic
   report = Report(
       objective=objective, topology=topology, devices=len(devices), device_kind=devices[0].device_kind,
       mesh=dict(mesh.shape), shapes=program.shapes, remat=model_cfg.remat, attention=model_cfg.attention,
-      memory=_memory(compiled), hbm_bytes=chip_figures.hbm_bytes, flops=corrected["flops"],
+      memory=_memory(compiled), hbm_bytes=chip_figures.hbm_bytes, hbm_bandwidth=chip_figures.hbm_bandwidth,
+      flops=corrected["flops"],
       hbm_traffic=corrected["bytes"], cost_model_seconds=corrected["seconds"], pallas_calls=pallas_calls,
       pallas_seconds=pallas_seconds, model_flops=program.model_flops, peak_flops=chip_figures.peak_flops,
       collectives=hlo.totals_by_kind(found),
       full_vocab_all_reduces=sum(c.runs for c in hlo.full_vocab_all_reduces(found, model_cfg.vocab_size)),
       lm_head_gathers=sum(c.runs for c in hlo.lm_head_gathers(
           found, model_cfg.hidden_size, model_cfg.vocab_size, vocab_shards, tied=model_cfg.tie_embeddings)),
-      decode_step=decode_step, decode_roofline_bytes=roofline, compile_seconds=compile_seconds)
+      decode_step=decode_step_estimate(text, chip_figures) if objective == "generate" else None,
+      decode_roofline_bytes=roofline, compile_seconds=compile_seconds)
   return report, text
 
 
@@ -457,7 +493,7 @@ def _refused_report(objective: str, topology: str, devices: Sequence[jax.Device]
       mesh=dict(mesh.shape), shapes=program.shapes, remat=model_cfg.remat, attention=model_cfg.attention,
       memory={"argument": arguments, "output": 0.0, "alias": 0.0, "temp": temp, "generated_code": 0.0,
               "total": arguments + temp},
-      hbm_bytes=chip_figures.hbm_bytes, flops=None, hbm_traffic=None, cost_model_seconds=None, pallas_calls=0,
+      hbm_bytes=chip_figures.hbm_bytes, hbm_bandwidth=chip_figures.hbm_bandwidth, flops=None, hbm_traffic=None, cost_model_seconds=None, pallas_calls=0,
       pallas_seconds=0.0, model_flops=program.model_flops, peak_flops=chip_figures.peak_flops, collectives={},
       full_vocab_all_reduces=0, lm_head_gathers=0, decode_step=None, decode_roofline_bytes=0.0,
       compile_seconds=compile_seconds, compiler_refused=message)
@@ -502,9 +538,22 @@ def advice(report: Report, config: Any) -> list[str]:
 
 
 def best_remat(reports: Sequence[Report]) -> Report | None:
-  """The report with the shortest estimated step among those that fit (None if none fits)."""
+  """The report with the shortest estimated step among those that fit and have an estimate (None
+  if there is none)."""
   fitting = [r for r in reports if r.fits and (r.estimated_seconds or 0) > 0]
   return min(fitting, key=lambda r: r.estimated_seconds) if fitting else None
+
+
+def sweep_verdict(reports: Sequence[Report]) -> str:
+  """One line on a `--sweep-remat`: the fastest policy within memory, or why none is named."""
+  chosen = best_remat(reports)
+  if chosen:
+    return f"best remat within memory: {chosen.remat} ({chosen.estimated_seconds:.4f} s estimated)"
+  fitting = [r.remat for r in reports if r.fits]
+  if not fitting:
+    return "no remat policy fits"
+  return (f"remat {', '.join(fitting)} fit{'s' if len(fitting) == 1 else ''}, but no step time ranks them "
+          "(--no-cost, or the cost model's time is negative)")
 
 
 def model_config(config: Any, hf_config: str | None = None) -> ModelConfig:
@@ -561,11 +610,14 @@ def format_report(report: Report) -> str:
     ]
   if report.decode_step:
     step = report.decode_step
-    lines.append(f"one decode step per chip: {step['bytes'] / 1e9:.3f} GB HBM traffic, "
-                 f"{step['bytes'] / report.decode_roofline_bytes:.2f} x the roofline "
-                 f"{report.decode_roofline_bytes / 1e9:.3f} GB (weights + KV cache); cost model "
-                 + (f"{step['seconds'] * 1e3:.3f} ms" if step["seconds"] >= 0 else
-                    f"{step['seconds']:.4f} s, {NEGATIVE_COST}"))
+    lines.append(f"one decode step per chip (the optimised loop body's ops): {step['bytes'] / 1e9:.3f} GB HBM "
+                 f"traffic, {step['bytes'] / report.decode_roofline_bytes:.2f} x the roofline "
+                 f"{report.decode_roofline_bytes / 1e9:.3f} GB (weights + KV cache); "
+                 + ("no time estimate (no published clock for this chip)" if step["seconds"] is None else
+                    f"estimated {step['seconds'] * 1e3:.3f} ms = {report.decode_step_over_roofline_time:.2f} x "
+                    f"the roofline's {report.decode_roofline_bytes / report.hbm_bandwidth * 1e3:.3f} ms (the "
+                    f"compiler's cycle estimates {step['priced_seconds'] * 1e3:.3f} ms + "
+                    f"{step['unpriced_bytes'] / 1e9:.3f} GB of ops it does not price, at full HBM bandwidth)"))
   lines.append(f"collectives per call per chip (trip-weighted): {report.collective_bytes / GiB:.2f} GiB")
   for kind, total in report.collectives.items():
     lines.append(f"  {kind:20s} {total.count:6d} x ({total.instructions} in the HLO) {total.bytes / GiB:9.3f} GiB")

@@ -28,6 +28,7 @@ from cftjax.data import preview, synthetic, tfds_builder
 from cftjax.datagen import critique as critique_data
 from cftjax.eval import runner
 from cftjax.models import checkpoint_io, convert
+from cftjax.models.config import REMAT_POLICIES
 from cftjax.serve import server
 from cftjax.rewards import sandbox
 from cftjax.train import plots
@@ -247,7 +248,7 @@ def _run_compile(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> 
   config = config_lib.load_config(args.config, overrides)
   objective = args.objective or config.train.objective
   model_cfg = aot.model_config(config, args.model_config)
-  policies = list(aot.REMAT_POLICIES) if args.sweep_remat else [model_cfg.remat]
+  policies = list(REMAT_POLICIES) if args.sweep_remat else [model_cfg.remat]
   reports = []
   for policy in policies:
     report, text = aot.compile_objective(config, model_cfg.replace(remat=policy), objective, devices,
@@ -268,8 +269,7 @@ def _run_compile(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> 
     for report in reports:
       print(aot.format_report(report), flush=True)
     if args.sweep_remat:
-      print(f"best remat within memory: {chosen.remat} ({chosen.estimated_seconds:.4f} s estimated)"
-            if chosen else "no remat policy fits", flush=True)
+      print(aot.sweep_verdict(reports), flush=True)
   if not shown.fits:
     print("cftjax: error: " + "; ".join(aot.advice(shown, config)), file=sys.stderr)
     return 3

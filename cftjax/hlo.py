@@ -1,6 +1,7 @@
 """Reading an optimised XLA HLO module (the text of `compiled.as_text()`): its computations, how many
-times each runs per execution of the program (while loops weighted by their trip counts), and its
-collectives (kind, bytes per device, runs per step).
+times each runs per execution of the program (while loops weighted by their trip counts), its
+collectives (kind, bytes per device, runs per step), and the HBM bytes a computation's ops move
+(`hbm_bytes`).
 
 Standard library only, so the side-by-side benchmarks can census MaxText's and tunix's programs in
 their own virtual environments with the same code (`benchmarks/peers/tpu_aot_common.py`).
@@ -27,7 +28,9 @@ _DTYPE_BYTES = {
     "c128": 16.0, "f8e4m3fn": 1.0, "f8e5m2": 1.0, "f8e4m3b11fnuz": 1.0, "f8e4m3fnuz": 1.0,
     "f8e5m2fnuz": 1.0,
 }
-_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([0-9,]*)\]")
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([0-9,]*)\]"
+                    r"(\{[^}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
 _CALLEE_KEYS = ("calls", "to_apply", "true_computation", "false_computation", "branch_computations")
@@ -37,6 +40,7 @@ _CALLEE_KEYS = ("calls", "to_apply", "true_computation", "false_computation", "b
 class Array:
   dtype: str
   shape: tuple[int, ...]
+  memory_space: int = 0  # the layout's S(n): 0 = device memory (HBM); on TPU 1 = VMEM, 2 = SMEM
 
   @property
   def bytes(self) -> int:
@@ -51,6 +55,8 @@ class Instruction:
   result: tuple[Array, ...]  # the arrays of the result type (a tuple type lists several)
   operands: tuple[Array, ...]  # the arrays written in the operand list (typed operands only)
   text: str  # the rest of the line after the opcode's "("
+  operand_names: tuple[str, ...] = ()  # the instructions it reads, in operand order
+  is_root: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +83,26 @@ class Module:
 
 
 def arrays_in(text: str) -> tuple[Array, ...]:
-  """Every array type written in `text`, e.g. "(bf16[2,3]{1,0}, f32[])" -> two Arrays."""
-  return tuple(Array(dtype, tuple(int(d) for d in dims.split(",") if d))
-               for dtype, dims in _ARRAY.findall(text))
+  """Every array type written in `text`, e.g. "(bf16[2,3]{1,0}, f32[2]{0:S(1)})" -> two Arrays, the
+  second in memory space 1."""
+  arrays = []
+  for dtype, dims, layout in _ARRAY.findall(text):
+    space = _MEMORY_SPACE.search(layout)
+    arrays.append(Array(dtype, tuple(int(d) for d in dims.split(",") if d), int(space.group(1)) if space else 0))
+  return tuple(arrays)
+
+
+def _operand_list(rest: str) -> str:
+  """The operand list of an instruction: `rest` (the text after the opcode's "(") up to its ")"."""
+  depth = 0
+  for i, char in enumerate(rest):
+    if char == "(":
+      depth += 1
+    elif char == ")":
+      if depth == 0:
+        return rest[:i]
+      depth -= 1
+  return rest
 
 
 def parse(hlo_text: str) -> Module:
@@ -101,9 +124,10 @@ def parse(hlo_text: str) -> Module:
     match = _INSTRUCTION.match(line)
     if match:
       name, result_type, opcode, rest = match.groups()
-      operand_text = rest.split("),", 1)[0]
-      computations[current].append(Instruction(current, name, opcode, arrays_in(result_type),
-                                               arrays_in(operand_text), rest))
+      operand_text = _operand_list(rest)
+      computations[current].append(Instruction(
+          current, name, opcode, arrays_in(result_type), arrays_in(operand_text), rest,
+          tuple(re.findall(r"%([\w.\-]+)", operand_text)), line.startswith("ROOT")))
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text: pass `compiled.as_text()` of a compiled program")
   return Module(entry, computations)
@@ -252,3 +276,107 @@ def count_custom_calls(hlo_text: str, target: str) -> int:
   runs = runs_per_execution(module)
   return sum(runs.get(name, 0) for name, instructions in module.computations.items()
              for i in instructions if i.opcode == "custom-call" and f'custom_call_target="{target}"' in i.text)
+
+
+# ------------------------------------------------------------------------------------------------
+# HBM traffic of a computation's ops.
+
+# Ops that move no data themselves (a while / call / conditional: their computations count apart).
+_NO_TRAFFIC = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
+                         "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "domain"})
+_SLICING = frozenset({"dynamic-slice", "slice", "gather"})
+
+
+def _in_hbm(arrays: Iterable[Array]) -> int:
+  return sum(a.bytes for a in arrays if a.memory_space == 0)
+
+
+def _fusion_bytes(module: Module, instruction: Instruction, operands: Sequence[tuple[Array, ...]]) -> int:
+  """HBM bytes of one fusion: each operand in HBM read whole, or only the slices taken when every use
+  inside is a slice (dynamic-slice, slice, gather); the result written, or only the update when the
+  root is a dynamic-update-slice into an operand (in place: that buffer is neither read nor copied)."""
+  callee = re.search(r"calls=%?([\w.\-]+)", instruction.text)
+  body = module.computations.get(callee.group(1), []) if callee else []
+  params = {i.name: int(re.match(r"\s*(\d+)", i.text).group(1)) for i in body if i.opcode == "parameter"}
+  uses: dict[str, list[tuple[Instruction, int]]] = collections.defaultdict(list)
+  for i in body:
+    for position, name in enumerate(i.operand_names):
+      uses[name].append((i, position))
+  root = next((i for i in body if i.is_root), None)
+  in_place = root.operand_names[0] if root is not None and root.opcode == "dynamic-update-slice" else None
+  read = 0
+  for name, index in params.items():
+    arrays = operands[index] if index < len(operands) else ()
+    if name == in_place or not _in_hbm(arrays):
+      continue
+    users = uses.get(name, [])
+    if users and all(user.opcode in _SLICING and position == 0 for user, position in users):
+      read += sum(a.bytes for user, _ in users for a in user.result)
+    else:
+      read += _in_hbm(arrays)
+  if in_place is None:
+    return read + _in_hbm(instruction.result)
+  update = {i.name: i.result for i in body}.get(root.operand_names[1], ())
+  return read + (sum(a.bytes for a in update) if _in_hbm(instruction.result) else 0)
+
+
+def _instruction_bytes(module: Module, instruction: Instruction, operands: Sequence[tuple[Array, ...]]) -> int:
+  """HBM bytes one run of a top-level instruction reads and writes (see `hbm_bytes`)."""
+  flat = [a for arrays in operands for a in arrays]
+  op, result = instruction.opcode, instruction.result
+  if op in _NO_TRAFFIC or op.endswith("-done"):
+    return 0
+  if op == "fusion":
+    return _fusion_bytes(module, instruction, operands)
+  if op in ("slice-start", "copy-start"):  # results: (source, destination, context) / (destination, source, context)
+    moved = result[1] if op == "slice-start" else result[0]
+    return moved.bytes * ((flat[0].memory_space == 0 if flat else 0) + (moved.memory_space == 0))
+  if op in ("dynamic-slice", "slice"):
+    return result[0].bytes * ((flat[0].memory_space == 0 if flat else 0) + (result[0].memory_space == 0))
+  if op == "dynamic-update-slice":  # in place: the update read (where in HBM) and written into the buffer
+    update = flat[1] if len(flat) > 1 else None
+    return update.bytes * ((update.memory_space == 0) + (result[0].memory_space == 0)) if update else 0
+  written = list(result)
+  if op.endswith("-start") and len(written) > len(flat):  # the result tuple repeats the operands
+    for a in flat:
+      if a in written:
+        written.remove(a)
+  return _in_hbm(flat) + _in_hbm(a for a in written if a.shape)
+
+
+def hbm_bytes(module: Module, computation: str) -> list[tuple[Instruction, int]]:
+  """(instruction, HBM bytes one run of it reads and writes) for the top-level instructions of
+  `computation`: each reads its operands and writes its result where they are in HBM (memory space 0;
+  the TPU compiler's memory-space assignment puts some in VMEM, `S(1)`, which costs no HBM traffic),
+  with these exceptions: an async pair counts at its start (a slice or copy moves the slice: read from
+  its source, written to its destination), a slice reads only what it takes, a dynamic-update-slice
+  is in place (the update read and written into the buffer), a fusion reads only the slices it takes of an operand
+  it only slices and writes only the update of an in-place dynamic-update-slice root (`_fusion_bytes`),
+  and tuple plumbing, bitcasts and control flow move nothing (the computations of a while, call or
+  conditional are not included: census them apart)."""
+  instructions = module.computations[computation]
+  results = {i.name: i.result for i in instructions}
+  return [(i, _instruction_bytes(module, i, [results.get(name, ()) for name in i.operand_names]))
+          for i in instructions]
+
+
+_ESTIMATED_CYCLES = re.compile(r'"estimated_cycles"\s*:\s*"?(\d+)')
+
+
+def estimated_cycles(instruction: Instruction) -> int | None:
+  """The TPU compiler's own cycle estimate of one run of an instruction (`estimated_cycles` in its
+  backend config: fusions, copies, reductions), or None where it gives none (collectives, async
+  copies and slices, dynamic-update-slices, custom calls)."""
+  match = _ESTIMATED_CYCLES.search(instruction.text)
+  return int(match.group(1)) if match else None
+
+
+def while_body(module: Module, scope: str) -> str | None:
+  """The body computation of the while loop whose op_name metadata contains `scope` (a
+  `jax.named_scope` around the `lax.while_loop`), or None."""
+  for instructions in module.computations.values():
+    for instruction in instructions:
+      if instruction.opcode == "while" and scope in instruction.text:
+        body = re.search(r"body=%?([\w.\-]+)", instruction.text)
+        return body.group(1) if body else None
+  return None

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 Array = jax.Array
 MIN_BUCKET = 16
 CACHE_DTYPES = ("float32", "bfloat16")
+DECODE_LOOP_SCOPE = "decode_loop"  # the named scope of the decode while loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +184,8 @@ def _compiled_generate(cfg_key: str, max_new_tokens: int, cache_dtype: str, gree
       return emit(dict(state, cache=cache), logits, rng, temperature, top_p)
 
     if max_new_tokens > 1:  # (a program without the loop is what `cftjax.aot` subtracts)
-      state = jax.lax.while_loop(keep_going, next_token, state)
+      with jax.named_scope(DECODE_LOOP_SCOPE):  # how `cftjax.aot` finds the loop in the optimised HLO
+        state = jax.lax.while_loop(keep_going, next_token, state)
     return state["tokens"], state["logprobs"], state["lengths"], ~state["done"]
 
   def run_on_mesh(*args):

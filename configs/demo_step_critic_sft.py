@@ -22,21 +22,25 @@ WORLD_DIR = "runs/demo_step_critic/world"
 
 
 def get_config():
+  return config_for(RUN_DIR, WORLD_DIR)
+
+
+def config_for(run_dir: str, world_dir: str):
   """configs/demo_cft.py's model and optimizer on the step critic and solver rows of a three-digit
-  world."""
+  world written in `world_dir`, trained into `run_dir` (configs/demo_cft_lora_base.py uses it too)."""
   c = demo_cft.get_config()
-  c.train.run_dir = RUN_DIR
-  c.data.world_dir = WORLD_DIR
+  c.train.run_dir = run_dir
+  c.data.world_dir = world_dir
   c.data.world.digits = 3  # three-digit additions: four steps
   c.data.world.num_train = 4000
   c.data.world.num_heldout = 300
   c.data.world.step_solutions = True
   c.data.world.step_slip_rate = 0.3
-  c.data.sources = ({"path": WORLD_DIR + "/step_train.jsonl", "template": STEP_CRITIC_TEMPLATE,
+  c.data.sources = ({"path": world_dir + "/step_train.jsonl", "template": STEP_CRITIC_TEMPLATE,
                      "name": "steps"},
-                    {"path": WORLD_DIR + "/solver_train.jsonl", "template": "math_cot",
+                    {"path": world_dir + "/solver_train.jsonl", "template": "math_cot",
                      "name": "solver"})
-  c.data.eval_path = WORLD_DIR + "/step_heldout.jsonl"
+  c.data.eval_path = world_dir + "/step_heldout.jsonl"
   c.data.template = STEP_CRITIC_TEMPLATE
   c.data.eval_template = STEP_CRITIC_TEMPLATE
   c.data.max_seq_len = 160  # a row is 93-146 tokens

@@ -86,3 +86,54 @@ def test_arrays_in_reads_tuple_types():
   arrays = hlo.arrays_in("(bf16[2,3]{1,0:T(8,128)}, f32[], s32[7])")
   assert [(a.dtype, a.shape, a.bytes) for a in arrays] == [("bf16", (2, 3), 12), ("f32", (), 4),
                                                           ("s32", (7,), 28)]
+
+
+def test_arrays_in_reads_memory_spaces():
+  arrays = hlo.arrays_in("(bf16[7,128]{1,0:T(8,128)(2,1)S(1)}, f32[4]{0}, u32[]{:S(2)})")
+  assert [a.memory_space for a in arrays] == [1, 0, 2]
+
+
+# A loop body as the TPU compiler prints it: a weight slice prefetched into VMEM (S(1)), a fusion that
+# reads it and a cache in HBM, an in-place cache update, and a fusion that only slices its operand.
+_BODY = """HloModule m
+
+%fused_attention (param_0: bf16[2,128], param_1: bf16[64,1024]) -> bf16[64,2] {
+  %param_0 = bf16[2,128]{1,0:S(1)} parameter(0)
+  %param_1 = bf16[64,1024]{1,0} parameter(1)
+  ROOT %dot = bf16[64,2]{1,0:S(1)} custom-dot(%param_0, %param_1)
+}
+
+%fused_row (param_0: f32[1000,8], param_1: s32[]) -> f32[1,8] {
+  %param_0 = f32[1000,8]{1,0} parameter(0)
+  %param_1 = s32[]{:S(2)} parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %row = f32[1,8]{1,0} dynamic-slice(%param_0, %param_1, %zero), dynamic_slice_sizes={1,8}
+}
+
+ENTRY %body (p: (bf16[7,128], bf16[64,1024], f32[1000,8], s32[])) -> bf16[64,1024] {
+  %p = (bf16[7,128]{1,0}, bf16[64,1024]{1,0}, f32[1000,8]{1,0}, s32[]{:S(2)}) parameter(0)
+  %w = bf16[7,128]{1,0} get-tuple-element(%p), index=0
+  %cache = bf16[64,1024]{1,0} get-tuple-element(%p), index=1
+  %table = f32[1000,8]{1,0} get-tuple-element(%p), index=2
+  %i = s32[]{:S(2)} get-tuple-element(%p), index=3
+  %start = ((bf16[7,128]{1,0}), bf16[2,128]{1,0:S(1)}, s32[]{:S(2)}) slice-start(%w), slice={[0:2], [0:128]}
+  %done = bf16[2,128]{1,0:S(1)} slice-done(%start)
+  %scores = bf16[64,2]{1,0:S(1)} fusion(%done, %cache), kind=kOutput, calls=%fused_attention, backend_config={"estimated_cycles":"1500"}
+  %row = f32[1,8]{1,0} fusion(%table, %i), kind=kLoop, calls=%fused_row
+  %new = bf16[64,1]{1,0:S(1)} slice(%scores), slice={[0:64], [0:1]}
+  ROOT %update = bf16[64,1024]{1,0} dynamic-update-slice(%cache, %new, %i, %i)
+}
+"""
+
+
+def test_hbm_bytes_count_what_a_loop_body_moves_in_and_out_of_hbm():
+  module = hlo.parse(_BODY)
+  moved = {i.name: nbytes for i, nbytes in hlo.hbm_bytes(module, module.entry)}
+  assert moved["start"] == 2 * 128 * 2  # the slice read from HBM; its VMEM copy costs none
+  assert moved["done"] == 0 and moved["p"] == 0 and moved["w"] == 0
+  assert moved["scores"] == 64 * 1024 * 2  # the cache; the weight slice and the scores are in VMEM
+  assert moved["row"] == 8 * 4 + 8 * 4  # one row of the table read, the row written
+  assert moved["new"] == 0  # VMEM to VMEM
+  assert moved["update"] == 64 * 2  # in place: the update written into the cache, not the cache
+  cycles = {i.name: hlo.estimated_cycles(i) for i, _ in hlo.hbm_bytes(module, module.entry)}
+  assert cycles["scores"] == 1500 and cycles["update"] is None

@@ -103,8 +103,9 @@ REFINEMENT_USER = "{question}\n{solution}\n{critique}"
 
 def solver_rows(records: Sequence[CritiqueRecord]) -> list[CritiqueRecord]:
   """SFT rows of a model that adds (math_cot template: question -> the correct worked answer,
-  `addition_solution`), one per problem: the text a base model of the world knows before it is
-  taught to critique (configs/demo_cft_lora.py). No candidate solution, critique or verdict."""
+  `addition_solution`), one per problem: what a model of the world knows before it is taught to
+  critique (the warm starts of configs/demo_step_critic.py and configs/demo_cft_lora.py). No
+  candidate solution, critique or verdict."""
   return [CritiqueRecord(question=r.question, solution=addition_solution(*_operands(r)),
                          reference_answer=r.reference_answer, source=SOURCE + "_solver",
                          id=r.id + "-solve") for r in records]
