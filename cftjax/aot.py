@@ -375,6 +375,7 @@ class Report:
   decode_roofline_bytes: float  # generate: the least HBM bytes per chip a decode step reads
   compile_seconds: float
   compiler_refused: str = ""  # the TPU compiler's out-of-HBM message when it would not compile
+  no_cost: str = ""  # why the cost figures are None (`_cost_unless_skipped`)
 
   @property
   def fits(self) -> bool:
@@ -421,6 +422,7 @@ class Report:
                         for k, t in self.collectives.items()},
         "full_vocab_all_reduces": self.full_vocab_all_reduces, "lm_head_gathers": self.lm_head_gathers,
         "compile_seconds": self.compile_seconds, "compiler_refused": self.compiler_refused,
+        "no_cost": self.no_cost,
         **({"decode_step_gb_per_chip": self.decode_step["bytes"] / 1e9,
             "decode_roofline_gb_per_chip": self.decode_roofline_bytes / 1e9,
             "decode_step_over_roofline": self.decode_step["bytes"] / self.decode_roofline_bytes,
@@ -452,8 +454,9 @@ def compile_objective(config: Any, model_cfg: ModelConfig, objective: str, devic
                              " ".join(str(e).split())[:300], time.perf_counter() - start), ""
     compile_seconds = time.perf_counter() - start
     text = compiled.as_text()
-    skipped = dict(flops=None, bytes=None, seconds=None)
-    corrected = loop_corrected_cost(config, model_cfg, objective) if cost else skipped
+    memory = _memory(compiled)
+    corrected, no_cost = _cost_unless_skipped(config, model_cfg, objective, cost,
+                                              memory["total"] <= chip_figures.hbm_bytes)
     roofline = decode_roofline_bytes(config, model_cfg) if objective == "generate" else 0.0
     vocab_shards = _vocab_shards(model_cfg)
   found = hlo.collectives(text)
@@ -466,7 +469,7 @@ def compile_objective(config: Any, model_cfg: ModelConfig, objective: str, devic
   report = Report(
       objective=objective, topology=topology, devices=len(devices), device_kind=devices[0].device_kind,
       mesh=dict(mesh.shape), shapes=program.shapes, remat=model_cfg.remat, attention=model_cfg.attention,
-      memory=_memory(compiled), hbm_bytes=chip_figures.hbm_bytes, hbm_bandwidth=chip_figures.hbm_bandwidth,
+      memory=memory, hbm_bytes=chip_figures.hbm_bytes, hbm_bandwidth=chip_figures.hbm_bandwidth,
       flops=corrected["flops"],
       hbm_traffic=corrected["bytes"], cost_model_seconds=corrected["seconds"], pallas_calls=pallas_calls,
       pallas_seconds=pallas_seconds, model_flops=program.model_flops, peak_flops=chip_figures.peak_flops,
@@ -475,8 +478,29 @@ def compile_objective(config: Any, model_cfg: ModelConfig, objective: str, devic
       lm_head_gathers=sum(c.runs for c in hlo.lm_head_gathers(
           found, model_cfg.hidden_size, model_cfg.vocab_size, vocab_shards, tied=model_cfg.tie_embeddings)),
       decode_step=decode_step_estimate(text, chip_figures) if objective == "generate" else None,
-      decode_roofline_bytes=roofline, compile_seconds=compile_seconds)
+      decode_roofline_bytes=roofline, compile_seconds=compile_seconds, no_cost=no_cost)
   return report, text
+
+
+def _cost_unless_skipped(config: Any, model_cfg: ModelConfig, objective: str, cost: bool, fits: bool
+                         ) -> tuple[dict[str, float | None], str]:
+  """(loop-corrected cost, "") or (None figures, why there are none): `cost` False (--no-cost), a
+  program that does not fit (nothing to estimate), or a written-out cost program the TPU compiler
+  refuses for HBM (its loops unrolled, it can need far more temporaries than the real program)."""
+  skipped = dict(flops=None, bytes=None, seconds=None)
+  if not cost:
+    return skipped, "--no-cost"
+  if not fits:
+    return skipped, "the program does not fit"
+  try:
+    return loop_corrected_cost(config, model_cfg, objective), ""
+  except jax.errors.JaxRuntimeError as e:
+    overflow = _hbm_overflow(str(e))
+    if overflow is None:
+      raise
+    what, nbytes = overflow
+    return skipped, (f"the written-out cost program (loops unrolled) needs {nbytes / GiB:.1f} GiB of HBM for "
+                     f"{what}")
 
 
 def _refused_report(objective: str, topology: str, devices: Sequence[jax.Device], mesh: Any,
@@ -593,7 +617,7 @@ def format_report(report: Report) -> str:
   if report.compiler_refused:
     lines.append(f"the TPU compiler refused: {report.compiler_refused}")
   if report.cost_model_seconds is None:
-    lines.append("cost: not estimated (the loop-free cost compiles were skipped: --no-cost or refused)")
+    lines.append(f"cost: not estimated ({report.no_cost or 'the program was refused'})")
   elif report.estimated_seconds is None:
     lines.append(f"per chip per call (loop-corrected): {report.flops / 1e12:.2f} TFLOP, "
                  f"{report.hbm_traffic / 1e9:.1f} GB HBM traffic; no step estimate: "

@@ -255,8 +255,9 @@ def test_no_cost_reports_no_estimates(hf_config, capsys):
 @pytest.mark.slow
 def test_compile_command_fails_naming_what_to_change_when_the_step_does_not_fit(capsys):
   """64 rows of 8192 tokens through 2 layers of hidden 2048 without remat: the saved activations
-  (~20 GiB per chip) exceed a v5e chip's 16 GiB."""
-  code = cli.main(["compile", "--config", "configs/demo_cft.py", "--topology", TOPOLOGY, "--no-cost",
+  (~20 GiB per chip) exceed a v5e chip's 16 GiB; nothing is estimated for a program that does not
+  fit (no cost compiles)."""
+  code = cli.main(["compile", "--config", "configs/demo_cft.py", "--topology", TOPOLOGY,
                    "--config.model.arch.vocab_size=1000", "--config.model.arch.max_position_embeddings=8192",
                    "--config.model.arch.hidden_size=2048", "--config.model.arch.intermediate_size=8192",
                    "--config.model.arch.num_layers=2", "--config.model.arch.num_heads=16",
@@ -265,6 +266,7 @@ def test_compile_command_fails_naming_what_to_change_when_the_step_does_not_fit(
   captured = capsys.readouterr()
   assert code == 3
   assert "DOES NOT FIT" in captured.out and "16 GiB of HBM" in captured.err
+  assert "cost: not estimated (the program" in captured.out
   for fix in ("model.remat=full", "train.micro_batches", "mesh.fsdp"):
     assert fix in captured.err
 
