@@ -6,7 +6,8 @@ What the TPU compiler reports, and how it is corrected:
 - memory per chip (`memory_analysis`) of the real program, against the chip's HBM;
 - flops, HBM bytes and the cost model's step time (`cost_analysis`) count each while-loop body once,
   so they come from loop-free compiles (`ModelConfig.unroll_loops`, windowed einsum off) of a 1- and
-  a 2-layer model of the same shapes: total = C(1) + (layers - 1) x (C(2) - C(1)); for the sampler,
+  a 2-layer model of the same shapes: total = C(1) + (layers - 1) x (C(2) - C(1)), and likewise
+  over 1 and 2 micro-batches for a step with more (bilinear in both); for the sampler,
   whose decode loop has no trip count, a call = C(one new token, no loop) + (new tokens - 1) x
   (C(with the loop) - C(one new token));
 - one decode step of the sampler is estimated from the real program's decode loop body instead
@@ -261,14 +262,46 @@ def _cost(compiled) -> dict[str, float]:
 
 def _per_layer_extrapolated(config: Any, model_cfg: ModelConfig, objective: str) -> dict[str, float]:
   """Flops, HBM bytes and cost-model seconds per chip of one call, from loop-free compiles of a
-  1- and a 2-layer model: C(1) + (layers - 1) x (C(2) - C(1))."""
+  1- and a 2-layer model: C(1) + (layers - 1) x (C(2) - C(1)); with train.micro_batches M > 1
+  also of 1 and 2 micro-batches of the same size each (`_with_micro_batches`), bilinear in both:
+  the whole step written out would hold every micro-batch's temporaries at once."""
   build = PROGRAMS[objective]
-  costs = []
+  micro_batches = config.train.micro_batches if objective != "generate" else 1
+  configs = {1: config}
+  if micro_batches > 1:
+    configs = {m: _with_micro_batches(config, objective, m) for m in (1, 2)}
+    if configs[1] is None or configs[2] is None:  # the rows do not split evenly: write all of them out
+      configs, micro_batches = {1: config}, 1
+  costs = {}
   for layers in sorted({1, min(2, model_cfg.num_layers)}):
     cfg = model_cfg.replace(num_layers=layers, unroll_loops=True)
-    costs.append(_cost(_compile(build(config, cfg), LOOP_FREE_COMPILER_OPTIONS)))
-  one, two = costs[0], costs[-1]
-  return {k: one[k] + (model_cfg.num_layers - 1) * (two[k] - one[k]) for k in one}
+    for m, micro_config in configs.items():
+      costs[layers, m] = _cost(_compile(build(micro_config, cfg), LOOP_FREE_COMPILER_OPTIONS))
+  two_layers, two_micro = min(2, model_cfg.num_layers), max(configs)
+  extra_layers, extra_micro = model_cfg.num_layers - 1, micro_batches - 1
+  return {k: (costs[1, 1][k] + extra_layers * (costs[two_layers, 1][k] - costs[1, 1][k])
+              + extra_micro * (costs[1, two_micro][k] - costs[1, 1][k])
+              + extra_layers * extra_micro * (costs[two_layers, two_micro][k] - costs[two_layers, 1][k]
+                                              - costs[1, two_micro][k] + costs[1, 1][k]))
+          for k in costs[1, 1]}
+
+
+def _with_micro_batches(config: Any, objective: str, micro_batches: int) -> Any | None:
+  """The config with train.micro_batches = `micro_batches` of the rows each of config's micro-batches
+  has (CFT: data.batch_size; GRPO: data.batch_size x rl.group_size / rl.mini_batches per update), or
+  None when those rows cannot be made so."""
+  config = config.copy_and_resolve_references()
+  if objective == "cft":
+    rows = config.data.batch_size // config.train.micro_batches * micro_batches
+    config.data.batch_size = rows
+  else:
+    rows = grpo_update_shape(config)[0] // config.train.micro_batches * micro_batches
+    total = config.data.batch_size * config.rl.group_size
+    if total % rows:
+      return None
+    config.rl.mini_batches = total // rows
+  config.train.micro_batches = micro_batches
+  return config
 
 
 def _with_new_tokens(config: Any, new_tokens: int) -> Any:

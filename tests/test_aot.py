@@ -217,6 +217,23 @@ def test_loop_corrected_cost_equals_the_fully_unrolled_program(devices):
   assert scanned["flops"] < 0.6 * unrolled["flops"]  # the scanned program's body counted once
 
 
+@pytest.mark.slow
+def test_loop_corrected_cost_over_micro_batches_equals_the_written_out_step(devices):
+  """3 layers x 4 micro-batches from compiles of 1-2 layers x 1-2 micro-batches (bilinear), against
+  the whole step written out straight."""
+  config = tiny_config()
+  config.model.arch.num_layers = 3
+  config.data.batch_size, config.train.micro_batches = 16, 4
+  model_cfg = aot.model_config(config)
+  mesh = parallel.make_mesh(config.mesh, devices=devices)
+  with parallel.use_mesh(mesh):
+    corrected = aot.loop_corrected_cost(config, model_cfg, "cft")
+    program = aot.cft_program(config, model_cfg.replace(unroll_loops=True))
+    unrolled = aot._cost(aot._compile(program, aot.LOOP_FREE_COMPILER_OPTIONS))
+  assert corrected["flops"] == pytest.approx(unrolled["flops"], rel=0.01)
+  assert corrected["bytes"] == pytest.approx(unrolled["bytes"], rel=0.05)
+
+
 @pytest.fixture
 def hf_config(tmp_path):
   """A tiny Qwen2 config.json for --model-config."""
