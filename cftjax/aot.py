@@ -260,7 +260,7 @@ def _cost(compiled) -> dict[str, float]:
           "seconds": float(cost.get("optimal_seconds", 0.0))}
 
 
-def _per_layer_extrapolated(config: Any, model_cfg: ModelConfig, objective: str) -> dict[str, float]:
+def _loop_free_extrapolated(config: Any, model_cfg: ModelConfig, objective: str) -> dict[str, float]:
   """Flops, HBM bytes and cost-model seconds per chip of one call, from loop-free compiles of a
   1- and a 2-layer model: C(1) + (layers - 1) x (C(2) - C(1)); with train.micro_batches M > 1
   also of 1 and 2 micro-batches of the same size each (`_with_micro_batches`), bilinear in both:
@@ -312,14 +312,14 @@ def _with_new_tokens(config: Any, new_tokens: int) -> Any:
 
 def loop_corrected_cost(config: Any, model_cfg: ModelConfig, objective: str) -> dict[str, float]:
   """Flops, HBM bytes and cost-model seconds per chip of one call, from loop-free compiles
-  extrapolated over layers (`_per_layer_extrapolated`). For "generate" the cost model counts the
+  extrapolated over layers and micro-batches (`_loop_free_extrapolated`). For "generate" the cost model counts the
   decode loop's body (one decode step, the real in-place loop) once: call = C(1 new token: prefill
   and no loop) + (rl.max_new_tokens - 1) x (C(rl.max_new_tokens) - C(1)), every row decoding to the
   limit."""
   if objective != "generate":
-    return _per_layer_extrapolated(config, model_cfg, objective)
-  first = _per_layer_extrapolated(_with_new_tokens(config, 1), model_cfg, objective)
-  with_loop = _per_layer_extrapolated(config, model_cfg, objective)
+    return _loop_free_extrapolated(config, model_cfg, objective)
+  first = _loop_free_extrapolated(_with_new_tokens(config, 1), model_cfg, objective)
+  with_loop = _loop_free_extrapolated(config, model_cfg, objective)
   return {k: first[k] + (config.rl.max_new_tokens - 1) * (with_loop[k] - first[k]) for k in first}
 
 

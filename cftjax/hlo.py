@@ -346,14 +346,14 @@ def _instruction_bytes(module: Module, instruction: Instruction, operands: Seque
 
 def hbm_bytes(module: Module, computation: str) -> list[tuple[Instruction, int]]:
   """(instruction, HBM bytes one run of it reads and writes) for the top-level instructions of
-  `computation`: each reads its operands and writes its result where they are in HBM (memory space 0;
-  the TPU compiler's memory-space assignment puts some in VMEM, `S(1)`, which costs no HBM traffic),
-  with these exceptions: an async pair counts at its start (a slice or copy moves the slice: read from
-  its source, written to its destination), a slice reads only what it takes, a dynamic-update-slice
-  is in place (the update read and written into the buffer), a fusion reads only the slices it takes of an operand
-  it only slices and writes only the update of an in-place dynamic-update-slice root (`_fusion_bytes`),
-  and tuple plumbing, bitcasts and control flow move nothing (the computations of a while, call or
-  conditional are not included: census them apart)."""
+  `computation`: each reads its operands and writes its result where they are in HBM (memory space
+  0; the TPU compiler's memory-space assignment puts some in VMEM, `S(1)`, which costs no HBM
+  traffic), with these exceptions: an async pair counts at its start (a slice or copy moves the
+  slice: read from its source, written to its destination), a slice reads only what it takes, a
+  dynamic-update-slice is in place (the update read and written into the buffer), a fusion reads
+  only the slices it takes of an operand it only slices and writes only the update of an in-place
+  dynamic-update-slice root (`_fusion_bytes`), and tuple plumbing, bitcasts and control flow move
+  nothing (the computations of a while, call or conditional are not included: census them apart)."""
   instructions = module.computations[computation]
   results = {i.name: i.result for i in instructions}
   return [(i, _instruction_bytes(module, i, [results.get(name, ()) for name in i.operand_names]))
