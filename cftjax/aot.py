@@ -312,10 +312,10 @@ def _with_new_tokens(config: Any, new_tokens: int) -> Any:
 
 def loop_corrected_cost(config: Any, model_cfg: ModelConfig, objective: str) -> dict[str, float]:
   """Flops, HBM bytes and cost-model seconds per chip of one call, from loop-free compiles
-  extrapolated over layers and micro-batches (`_loop_free_extrapolated`). For "generate" the cost model counts the
-  decode loop's body (one decode step, the real in-place loop) once: call = C(1 new token: prefill
-  and no loop) + (rl.max_new_tokens - 1) x (C(rl.max_new_tokens) - C(1)), every row decoding to the
-  limit."""
+  extrapolated over layers and micro-batches (`_loop_free_extrapolated`). For "generate" the cost
+  model counts the decode loop's body (one decode step, the real in-place loop) once: call = C(1 new
+  token: prefill and no loop) + (rl.max_new_tokens - 1) x (C(rl.max_new_tokens) - C(1)), every row
+  decoding to the limit."""
   if objective != "generate":
     return _loop_free_extrapolated(config, model_cfg, objective)
   first = _loop_free_extrapolated(_with_new_tokens(config, 1), model_cfg, objective)
