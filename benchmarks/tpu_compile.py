@@ -4,7 +4,8 @@ compiler"). No TPU is needed: each system compiles for the topology's devices wi
 own virtual environment (benchmarks/setup.sh maxtext-tpu tunix-tpu), one process at a time.
 
   python benchmarks/tpu_compile.py [--systems cftjax maxtext tunix] [--models qwen2_5_7b ...]
-      [--topologies v5p:2x2x2 ...] [--batch 8] [--seq 4096] [--out DIR] [-- extra cftjax overrides]
+      [--topologies v5p:2x2x2 ...] [--batch 8] [--seq 4096] [--no-cost] [--out DIR]
+      [-- extra cftjax overrides]
 
 Per system, per chip and step: memory (the real program), HBM traffic and the cost model's step
 time from loop-free compiles (cftjax: `cftjax compile`'s 1- and 2-layer correction; MaxText:
@@ -12,7 +13,10 @@ scan_layers=False; tunix: its layers are a Python loop already; a peer whose who
 does not fit the chip, as on v5e, gets the 1- and 2-layer correction too), Pallas kernels' attention FLOPs
 added at MXU peak, collectives of the real program weighted by loop trip counts (`cftjax.hlo` for
 every system), and MFU = model FLOPs (6 N tokens + attention, the same count for every system) /
-(estimated seconds x chips x peak).
+(estimated seconds x chips x peak). Also from the real program alone, for every system: the per-op
+estimate (`cftjax.hlo.program_seconds`: the compiler's own cycle estimates of each op in its
+schedule at the chip's clock, trip-weighted, plus the same Pallas part) and its MFU, which needs no
+cost compiles (`--no-cost` skips them) and stays a time on chips where the cost model's is not.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
-from cftjax import aot  # noqa: E402  pylint: disable=wrong-import-position
+from cftjax import aot, hlo  # noqa: E402  pylint: disable=wrong-import-position
 from cftjax.models import ModelConfig  # noqa: E402  pylint: disable=wrong-import-position
 from cftjax.train import run as run_lib  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -68,25 +72,29 @@ def _bench_result(stdout: str) -> dict | None:
   return json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else None
 
 
-def run_cftjax(model: str, topology: str, batch: int, seq: int, extra: list[str], out: str) -> dict | None:
+def run_cftjax(model: str, topology: str, batch: int, seq: int, extra: list[str], out: str, cost: bool
+               ) -> dict | None:
   code, stdout = _run([sys.executable, "-m", "cftjax.cli", "compile", "--config",
                        os.path.join(BENCH_DIR, "tpu_compile_config.py"), "--topology", topology,
                        "--model-config", os.path.join(MODEL_CONFIGS, f"{model}.json"), "--json",
-                       f"--config.data.batch_size={batch}", f"--config.data.max_seq_len={seq}", *extra],
+                       f"--config.data.batch_size={batch}", f"--config.data.max_seq_len={seq}",
+                       *([] if cost else ["--no-cost"]), *extra],
                       os.path.join(out, f"cftjax_{model}_{topology}.log"))
   if code not in (0, 3):
     return None
   report = json.loads(stdout)
   return {"memory_gib": report["memory_gib_per_chip"], "hbm_gb": report["hbm_traffic_gb_per_chip"],
           "seconds": report["estimated_step_seconds"], "pallas_seconds": report["pallas_seconds"],
+          "per_op_seconds": report["per_op_step_seconds"],
           "collective_gib": report["collective_gib_per_step"],
           "collectives": {k: (v["count"], v["gib"]) for k, v in report["collectives"].items()},
           "fits": report["fits"]}
 
 
 def run_peer(system: str, model: str, topology: str, batch: int, seq: int, out: str,
-             model_cfg: ModelConfig) -> dict | None:
-  """The peer's real compile (memory, collectives) and its loop-free cost compile."""
+             model_cfg: ModelConfig, cost: bool) -> dict | None:
+  """The peer's real compile (memory, collectives, the per-op estimate) and, if `cost`, its
+  loop-free cost compile."""
   python = os.path.join(VENVS, f"{system}-tpu", "bin", "python")
   if not os.path.exists(python):
     print(f"  {python} missing: run `bash benchmarks/setup.sh {system}-tpu`", flush=True)
@@ -94,26 +102,34 @@ def run_peer(system: str, model: str, topology: str, batch: int, seq: int, out: 
   script = os.path.join(BENCH_DIR, "peers", f"{system}_aot.py")
   args = ["--topology", topology, "--model", model, "--batch", str(batch), "--seq", str(seq)]
   log = lambda mode: os.path.join(out, f"{system}_{model}_{topology}_{mode}.log")
-  code, stdout = _run([python, script, *args], log("real"))
+  hlo_path = os.path.join(out, f"{system}_{model}_{topology}_real.hlo")
+  code, stdout = _run([python, script, *args, "--hlo-out", hlo_path], log("real"))
   real = _bench_result(stdout) if code == 0 else None
   if real is None:
     return None
-  code, stdout = _run([python, script, *args, "--cost"], log("cost"))
-  cost = _bench_result(stdout) if code == 0 else None
-  if cost is None and _out_of_hbm(log("cost")):
-    cost = _layer_extrapolated_cost(python, script, args, model_cfg.num_layers, log)
-  if cost is None:
-    return None
-  devices = real["devices"]
   chip = aot.chip(topology)
   pallas_seconds = 0.0
-  if cost["pallas_calls"]:
-    pallas_seconds = aot.attention_flops(model_cfg, batch, seq, training=True) / (devices * chip.peak_flops)
+  if real["pallas_calls"]:
+    pallas_seconds = aot.attention_flops(model_cfg, batch, seq, training=True) / (real["devices"] * chip.peak_flops)
+  with open(hlo_path) as f:
+    per_op_seconds = (hlo.program_seconds(f.read(), chip.clock_hz, chip.hbm_bandwidth) + pallas_seconds
+                      if chip.clock_hz else None)
+  cost_figures = {"bytes": None, "seconds": None}
+  if cost:
+    code, stdout = _run([python, script, *args, "--cost"], log("cost"))
+    cost_run = _bench_result(stdout) if code == 0 else None
+    if cost_run is None and _out_of_hbm(log("cost")):
+      cost_run = _layer_extrapolated_cost(python, script, args, model_cfg.num_layers, log)
+    if cost_run is None:
+      return None
+    cost_figures = cost_run["cost"]
   gib = 1024**3
-  return {"memory_gib": real["memory"]["total"] / gib, "hbm_gb": cost["cost"]["bytes"] / 1e9,
+  seconds = cost_figures["seconds"]
+  return {"memory_gib": real["memory"]["total"] / gib,
+          "hbm_gb": None if cost_figures["bytes"] is None else cost_figures["bytes"] / 1e9,
           # A negative cost-model time is no estimate (aot.NEGATIVE_COST), as for cftjax.
-          "seconds": cost["cost"]["seconds"] + pallas_seconds if cost["cost"]["seconds"] >= 0 else None,
-          "pallas_seconds": pallas_seconds,
+          "seconds": seconds + pallas_seconds if seconds is not None and seconds >= 0 else None,
+          "pallas_seconds": pallas_seconds, "per_op_seconds": per_op_seconds,
           "collective_gib": sum(c["bytes"] for c in real["collectives"].values()) / gib,
           "collectives": {k: (c["count"], c["bytes"] / gib) for k, c in real["collectives"].items()},
           "fits": real["memory"]["total"] <= chip.hbm_bytes, "versions": real.get("versions")}
@@ -146,6 +162,7 @@ def main() -> None:
   parser.add_argument("--topologies", nargs="+", default=["v5p:2x2x2"])
   parser.add_argument("--batch", type=int, default=8, help="global rows per step")
   parser.add_argument("--seq", type=int, default=4096)
+  parser.add_argument("--no-cost", action="store_true", help="the real programs only: no loop-free cost compiles")
   parser.add_argument("--out", default=None, help="results dir (default benchmarks/results/tpu_compile_<time>)")
   parser.add_argument("cftjax_overrides", nargs="*", help="extra --config.* for cftjax (after --)")
   args = parser.parse_args()
@@ -162,15 +179,16 @@ def main() -> None:
       print(f"{model} on {topology}, {args.batch} x {args.seq} tokens", flush=True)
       for system in args.systems:
         if system == "cftjax":
-          result = run_cftjax(model, topology, args.batch, args.seq, args.cftjax_overrides, out)
+          result = run_cftjax(model, topology, args.batch, args.seq, args.cftjax_overrides, out, not args.no_cost)
         else:
-          result = run_peer(system, model, topology, args.batch, args.seq, out, model_cfg)
+          result = run_peer(system, model, topology, args.batch, args.seq, out, model_cfg, not args.no_cost)
         if result is None:
           print(f"  {system}: failed (see the logs in {out})", flush=True)
           continue
         result |= {"system": system, "model": model, "topology": topology, "batch": args.batch, "seq": args.seq}
         chips = _chips(topology)  # counted here: the driver never loads libtpu itself
-        result["mfu"] = model_flops / (result["seconds"] * chips * chip.peak_flops) if result["seconds"] else None
+        mfu = lambda seconds: model_flops / (seconds * chips * chip.peak_flops) if seconds else None
+        result["mfu"], result["per_op_mfu"] = mfu(result["seconds"]), mfu(result["per_op_seconds"])
         result["hbm_gib_per_chip"] = chip.hbm_bytes / 1024**3
         rows.append(result)
   with open(os.path.join(out, "results.json"), "w") as f:
@@ -187,16 +205,18 @@ def _chips(topology: str) -> int:
 
 def format_table(rows: list[dict]) -> str:
   lines = ["| model, topology | system | memory GiB/chip (of HBM) | HBM traffic GB/chip | estimated step s "
-           "(Pallas part) | estimated MFU | collectives GiB/chip/step (AG/AR/RS/A2A/CP counts) |",
-           "|---|---|---|---|---|---|---|"]
+           "(Pallas part) | estimated MFU | per-op estimate s, MFU | collectives GiB/chip/step "
+           "(AG/AR/RS/A2A/CP counts) |",
+           "|---|---|---|---|---|---|---|---|"]
+  number = lambda value, spec: "-" if value is None else format(value, spec)
   for r in rows:
     counts = "/".join(str(r["collectives"].get(k, (0, 0))[0]) for k in
                       ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute"))
-    mfu = f"{r['mfu']:.2f}" if r["mfu"] is not None else "-"
     step = "no estimate" if r["seconds"] is None else f"{r['seconds']:.3f}"
     lines.append(f"| {r['model']} {r['batch']}x{r['seq']}, {r['topology']} | {r['system']} | "
                  f"{r['memory_gib']:.1f} (of {r['hbm_gib_per_chip']:.0f}){'' if r['fits'] else ' DOES NOT FIT'} | "
-                 f"{r['hbm_gb']:.0f} | {step} ({r['pallas_seconds']:.3f}) | {mfu} | "
+                 f"{number(r['hbm_gb'], '.0f')} | {step} ({r['pallas_seconds']:.3f}) | {number(r['mfu'], '.2f')} | "
+                 f"{number(r['per_op_seconds'], '.3f')}, {number(r['per_op_mfu'], '.2f')} | "
                  f"{r['collective_gib']:.1f} ({counts}) |")
   return "\n".join(lines)
 

@@ -11,7 +11,8 @@ What the TPU compiler reports, and how it is corrected:
   whose decode loop has no trip count, a call = C(one new token, no loop) + (new tokens - 1) x
   (C(with the loop) - C(one new token));
 - one decode step of the sampler is estimated from the real program's decode loop body instead
-  (`decode_step_estimate`: HBM traffic by op census, the compiler's per-op cycle estimates),
+  (`decode_step_estimate`: HBM traffic by op census, the compiler's per-op cycle estimates in its
+  schedule),
   against the step's HBM roofline (`decode_roofline_bytes`);
 - Pallas kernels (`tpu_custom_call`) report no cost: when the program has any, the attention
   FLOPs are added at the chip's MXU peak;
@@ -329,9 +330,11 @@ def decode_step_estimate(hlo_text: str, chip_figures: Chip) -> dict[str, float] 
   -1 s, `NEGATIVE_COST`): `bytes`, its HBM traffic (`hlo.hbm_bytes`); `priced_seconds`, the TPU
   compiler's own cycle estimates of the ops it prices (`hlo.estimated_cycles`) at the chip's clock;
   `unpriced_bytes`, the HBM traffic of the ops it gives no estimate for (async weight prefetches
-  into VMEM, cache updates, collectives); `seconds` = priced_seconds + unpriced_bytes at full HBM
-  bandwidth (no overlap assumed: an upper estimate), None without a published clock. None when the
-  program has no decode loop (rl.max_new_tokens = 1)."""
+  into VMEM, cache updates, collectives); `seconds`, those ops in their schedule with the prefetches
+  moving in the bandwidth the priced ops leave free (`hlo.scheduled_seconds`); `serial_seconds` =
+  priced_seconds + unpriced_bytes at full HBM bandwidth, nothing overlapped (an upper bound). The
+  times are None without a published clock. None when the program has no decode loop
+  (rl.max_new_tokens = 1)."""
   module = hlo.parse(hlo_text)
   body = hlo.while_body(module, sampling.DECODE_LOOP_SCOPE)
   if body is None:
@@ -339,10 +342,12 @@ def decode_step_estimate(hlo_text: str, chip_figures: Chip) -> dict[str, float] 
   moved = hlo.hbm_bytes(module, body)
   cycles = [hlo.estimated_cycles(instruction) for instruction, _ in moved]
   unpriced = sum(nbytes for (_, nbytes), c in zip(moved, cycles) if c is None)
-  priced_seconds = sum(c for c in cycles if c) / chip_figures.clock_hz if chip_figures.clock_hz else None
+  clock, bandwidth = chip_figures.clock_hz, chip_figures.hbm_bandwidth
+  priced_seconds = sum(c for c in cycles if c) / clock if clock else None
   return {"bytes": float(sum(nbytes for _, nbytes in moved)), "priced_seconds": priced_seconds,
           "unpriced_bytes": float(unpriced),
-          "seconds": None if priced_seconds is None else priced_seconds + unpriced / chip_figures.hbm_bandwidth}
+          "seconds": hlo.scheduled_seconds(moved, clock, bandwidth) if clock else None,
+          "serial_seconds": None if priced_seconds is None else priced_seconds + unpriced / bandwidth}
 
 
 def decode_roofline_bytes(config: Any, model_cfg: ModelConfig) -> float:
@@ -409,6 +414,9 @@ class Report:
   compile_seconds: float
   compiler_refused: str = ""  # the TPU compiler's out-of-HBM message when it would not compile
   no_cost: str = ""  # why the cost figures are None (`_cost_unless_skipped`)
+  # cft / grpo: the real program's ops in their schedule at the chip's clock and HBM bandwidth
+  # (`hlo.program_seconds`) plus the Pallas part; None for generate or a chip without a clock.
+  per_op_seconds: float | None = None
 
   @property
   def fits(self) -> bool:
@@ -424,9 +432,16 @@ class Report:
 
   @property
   def estimated_mfu(self) -> float | None:
-    if not self.estimated_seconds:  # None, or 0 (an empty program)
+    return self._mfu(self.estimated_seconds)
+
+  @property
+  def per_op_mfu(self) -> float | None:
+    return self._mfu(self.per_op_seconds)
+
+  def _mfu(self, seconds: float | None) -> float | None:
+    if not seconds:  # None, or 0 (an empty program)
       return None
-    return self.model_flops / (self.estimated_seconds * self.devices * self.peak_flops)
+    return self.model_flops / (seconds * self.devices * self.peak_flops)
 
   @property
   def decode_step_over_roofline_time(self) -> float | None:
@@ -455,11 +470,12 @@ class Report:
                         for k, t in self.collectives.items()},
         "full_vocab_all_reduces": self.full_vocab_all_reduces, "lm_head_gathers": self.lm_head_gathers,
         "compile_seconds": self.compile_seconds, "compiler_refused": self.compiler_refused,
-        "no_cost": self.no_cost,
+        "no_cost": self.no_cost, "per_op_step_seconds": self.per_op_seconds, "per_op_mfu": self.per_op_mfu,
         **({"decode_step_gb_per_chip": self.decode_step["bytes"] / 1e9,
             "decode_roofline_gb_per_chip": self.decode_roofline_bytes / 1e9,
             "decode_step_over_roofline": self.decode_step["bytes"] / self.decode_roofline_bytes,
             "decode_step_estimated_seconds": self.decode_step["seconds"],
+            "decode_step_serial_seconds": self.decode_step["serial_seconds"],
             "decode_step_seconds_over_roofline": self.decode_step_over_roofline_time}
            if self.decode_step else {}),
     }
@@ -511,7 +527,9 @@ def compile_objective(config: Any, model_cfg: ModelConfig, objective: str, devic
       lm_head_gathers=sum(c.runs for c in hlo.lm_head_gathers(
           found, model_cfg.hidden_size, model_cfg.vocab_size, vocab_shards, tied=model_cfg.tie_embeddings)),
       decode_step=decode_step_estimate(text, chip_figures) if objective == "generate" else None,
-      decode_roofline_bytes=roofline, compile_seconds=compile_seconds, no_cost=no_cost)
+      decode_roofline_bytes=roofline, compile_seconds=compile_seconds, no_cost=no_cost,
+      per_op_seconds=(hlo.program_seconds(text, chip_figures.clock_hz, chip_figures.hbm_bandwidth) + pallas_seconds
+                      if objective != "generate" and chip_figures.clock_hz else None))
   return report, text
 
 
@@ -665,6 +683,10 @@ def format_report(report: Report) -> str:
         f"(model {report.model_flops / 1e12:.1f} TFLOP over {report.devices} x "
         f"{report.peak_flops / 1e12:.0f} TFLOP/s)",
     ]
+  if report.per_op_seconds is not None:
+    lines.append(f"per-op estimate (the real program's ops in their schedule, the compiler's cycle estimates at "
+                 f"the chip's clock, interconnect time not included): {report.per_op_seconds:.4f} s, "
+                 f"MFU {report.per_op_mfu:.3f}")
   if report.decode_step:
     step = report.decode_step
     lines.append(f"one decode step per chip (the optimised loop body's ops): {step['bytes'] / 1e9:.3f} GB HBM "
@@ -673,8 +695,9 @@ def format_report(report: Report) -> str:
                  + ("no time estimate (no published clock for this chip)" if step["seconds"] is None else
                     f"estimated {step['seconds'] * 1e3:.3f} ms = {report.decode_step_over_roofline_time:.2f} x "
                     f"the roofline's {report.decode_roofline_bytes / report.hbm_bandwidth * 1e3:.3f} ms (the "
-                    f"compiler's cycle estimates {step['priced_seconds'] * 1e3:.3f} ms + "
-                    f"{step['unpriced_bytes'] / 1e9:.3f} GB of ops it does not price, at full HBM bandwidth)"))
+                    f"compiler's cycle estimates {step['priced_seconds'] * 1e3:.3f} ms in its schedule, with "
+                    f"{step['unpriced_bytes'] / 1e9:.3f} GB of ops it does not price moving in the HBM bandwidth "
+                    f"they leave free; {step['serial_seconds'] * 1e3:.3f} ms with nothing overlapped)"))
   lines.append(f"collectives per call per chip (trip-weighted): {report.collective_bytes / GiB:.2f} GiB")
   for kind, total in report.collectives.items():
     lines.append(f"  {kind:20s} {total.count:6d} x ({total.instructions} in the HLO) {total.bytes / GiB:9.3f} GiB")

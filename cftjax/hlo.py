@@ -1,14 +1,17 @@
 """Reading an optimised XLA HLO module (the text of `compiled.as_text()`): its computations, how many
 times each runs per execution of the program (while loops weighted by their trip counts), its
-collectives (kind, bytes per device, runs per step), and the HBM bytes a computation's ops move
-(`hbm_bytes`).
+collectives (kind, bytes per device, runs per step), the HBM bytes a computation's ops move
+(`hbm_bytes`), and the time its ops take in their schedule by the TPU compiler's own per-op cycle
+estimates (`scheduled_seconds`, over a whole program `program_seconds`).
 
 Standard library only, so the side-by-side benchmarks can census MaxText's and tunix's programs in
 their own virtual environments with the same code (`benchmarks/peers/tpu_aot_common.py`).
 
 Bytes of a collective are per device, of the array it moves as the optimised HLO prints it: the
 gathered result of an all-gather, the input of a reduce-scatter, the array of an all-reduce, the
-result of an all-to-all or collective-permute. An async pair (`*-start` / `*-done`) counts once.
+result of an all-to-all or collective-permute. An async pair (`*-start` / `*-done`) counts once. The TPU
+compiler's fused reduce-scatter (a kCustom fusion of an all-reduce and a slice) counts as a
+reduce-scatter.
 """
 
 from __future__ import annotations
@@ -204,27 +207,41 @@ def runs_per_execution(module: Module) -> dict[str, int]:
   return dict(runs)
 
 
-def _moved_arrays(kind: str, instruction: Instruction) -> tuple[Array, ...]:
-  if kind == "reduce-scatter" and instruction.operands:
-    return instruction.operands
+def _moved_arrays(kind: str, instruction: Instruction, results: dict[str, tuple[Array, ...]]) -> tuple[Array, ...]:
+  if kind == "reduce-scatter" and instruction.opcode == "reduce-scatter":
+    # Its input; the optimised TPU HLO names operands without their types.
+    return instruction.operands or tuple(a for name in instruction.operand_names for a in results.get(name, ()))
   if instruction.opcode.endswith("-start") and kind != "all-reduce":
     # (operand, result, context...) tuple: the result is the largest array.
     return (max(instruction.result, key=lambda a: a.bytes),) if instruction.result else ()
   return instruction.result
 
 
+def _all_reduce_scatter_fusions(module: Module) -> set[str]:
+  """Computations that the TPU compiler emits as one fused reduce-scatter: a kCustom fusion calling
+  `%all-reduce-scatter.N`, whose body all-reduces the whole input and keeps this device's shard."""
+  return {callee for instructions in module.computations.values() for i in instructions
+          if i.opcode == "fusion" and "kind=kCustom" in i.text
+          for callee in re.findall(r"calls=%?(all-reduce-scatter[\w.\-]*)", i.text)}
+
+
 def collectives(hlo_text: str) -> list[Collective]:
-  """Every collective of an optimised HLO module with its executions per step."""
+  """Every collective of an optimised HLO module with its executions per step. The all-reduce inside
+  a fused all-reduce-scatter counts as the reduce-scatter it is (its bytes are the input's)."""
   module = parse(hlo_text)
   runs = runs_per_execution(module)
+  reduce_scatter_fusions = _all_reduce_scatter_fusions(module)
   found = []
   for name, instructions in module.computations.items():
+    results = {i.name: i.result for i in instructions}
     for instruction in instructions:
       kind = instruction.opcode.removesuffix("-start")
       if kind not in COLLECTIVE_KINDS or instruction.opcode.endswith("-done"):
         continue
-      found.append(Collective(kind, instruction.name, name, _moved_arrays(kind, instruction),
-                              runs.get(name, 0)))
+      moved = _moved_arrays(kind, instruction, results)
+      if kind == "all-reduce" and name in reduce_scatter_fusions:
+        kind = "reduce-scatter"
+      found.append(Collective(kind, instruction.name, name, moved, runs.get(name, 0)))
   return found
 
 
@@ -369,6 +386,69 @@ def estimated_cycles(instruction: Instruction) -> int | None:
   copies and slices, dynamic-update-slices, custom calls)."""
   match = _ESTIMATED_CYCLES.search(instruction.text)
   return int(match.group(1)) if match else None
+
+
+def scheduled_seconds(moved: Sequence[tuple[Instruction, int]], clock_hz: float, bandwidth: float) -> float:
+  """Time of one run of a computation's top-level ops in their scheduled order (the optimised HLO
+  prints a scheduled module in execution order), `moved` as `hbm_bytes` gives them, on one core
+  and one HBM of `bandwidth` bytes/s:
+  - an op the compiler prices runs for its `estimated_cycles` at `clock_hz`, or for its own HBM bytes
+    at full bandwidth if that is longer;
+  - an async start (a weight slice or copy prefetched into VMEM) issues a transfer of its bytes that
+    moves in the HBM bandwidth the priced ops leave unused (bandwidth x their time - their own bytes),
+    oldest transfer first; its `-done` waits for what is left at full bandwidth;
+  - any other op it does not price (an in-place cache update, a collective in HBM) takes its bytes
+    at full bandwidth, overlapping nothing.
+  Interconnect time is not in it."""
+  seconds, pending = 0.0, {}  # start name -> bytes not yet moved, oldest first
+  for instruction, nbytes in moved:
+    cycles = estimated_cycles(instruction)
+    if cycles is not None:
+      duration = max(cycles / clock_hz, nbytes / bandwidth)
+      seconds += duration
+      spare = bandwidth * duration - nbytes
+      for name in list(pending):
+        taken = min(spare, pending[name])
+        pending[name] -= taken
+        spare -= taken
+        if spare <= 0:
+          break
+    elif instruction.opcode.endswith("-start"):
+      pending[instruction.name] = float(nbytes)
+    elif instruction.opcode.endswith("-done"):
+      seconds += sum(pending.pop(name, 0.0) for name in instruction.operand_names) / bandwidth
+    else:
+      seconds += nbytes / bandwidth
+  return seconds + sum(pending.values()) / bandwidth
+
+
+_CONTROL_FLOW_CALLEES = {"while": ("body", "condition"), "call": ("to_apply",),
+                         "conditional": ("true_computation", "false_computation", "branch_computations")}
+
+
+def control_flow_computations(module: Module) -> set[str]:
+  """The computations whose top-level ops run as ops (the entry, while bodies and conditions, call
+  targets, conditional branches), not as the inside of a fusion, an async wrapper or a reducer."""
+  found, todo = set(), [module.entry]
+  while todo:
+    name = todo.pop()
+    if name in found or name not in module.computations:
+      continue
+    found.add(name)
+    for instruction in module.computations[name]:
+      for key in _CONTROL_FLOW_CALLEES.get(instruction.opcode, ()):
+        for callees in re.findall(key + r"=(\{[^}]*\}|%?[\w.\-]+)", instruction.text):
+          todo.extend(re.findall(r"%?([\w.\-]+)", callees))
+  return found
+
+
+def program_seconds(hlo_text: str, clock_hz: float, bandwidth: float) -> float:
+  """One execution of a whole program by `scheduled_seconds`: each control-flow computation's ops
+  in their schedule, times its executions (while loops weighted by their trip counts)."""
+  module = parse(hlo_text)
+  runs = runs_per_execution(module)
+  return sum(runs.get(name, 0) * scheduled_seconds(hbm_bytes(module, name), clock_hz, bandwidth)
+             for name in sorted(control_flow_computations(module)))
 
 
 def while_body(module: Module, scope: str) -> str | None:

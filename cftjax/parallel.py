@@ -172,6 +172,17 @@ def use_mesh(mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> Iterator[Mesh]:
     _CURRENT.reset(token)
 
 
+@contextlib.contextmanager
+def outside_mesh() -> Iterator[None]:
+  """Inside it, code runs as outside every `use_mesh` (`entered()` is None): for tracing that places
+  nothing, such as the shapes of the params."""
+  token = _CURRENT.set(None)
+  try:
+    yield
+  finally:
+    _CURRENT.reset(token)
+
+
 def entered() -> tuple[Mesh, LogicalRules] | None:
   """The (mesh, rules) of the innermost `use_mesh`, or None outside every `use_mesh`."""
   return _CURRENT.get()

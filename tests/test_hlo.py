@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from cftjax import hlo
@@ -137,3 +138,129 @@ def test_hbm_bytes_count_what_a_loop_body_moves_in_and_out_of_hbm():
   assert moved["update"] == 64 * 2  # in place: the update written into the cache, not the cache
   cycles = {i.name: hlo.estimated_cycles(i) for i, _ in hlo.hbm_bytes(module, module.entry)}
   assert cycles["scores"] == 1500 and cycles["update"] is None
+
+
+# Reduce-scatters as the TPU compiler prints them: operands named without types, and the fused form
+# (a kCustom fusion around an all-reduce of the whole input; the slice is the fusion's business).
+_REDUCE_SCATTERS = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%all-reduce-scatter.3.clone (input_0: bf16[128,256]) -> bf16[32,256] {
+  %input_0 = bf16[128,256]{1,0} parameter(0)
+  %all-reduce.1 = bf16[128,256]{1,0} all-reduce(%input_0), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %slice = bf16[32,256]{1,0} slice(%all-reduce.1), slice={[0:32], [0:256]}
+}
+
+ENTRY %main (g: f32[64,1000], w: bf16[128,256]) -> (f32[16,1000], bf16[32,256], f32[8]) {
+  %g = f32[64,1000]{1,0} parameter(0)
+  %w = bf16[128,256]{1,0} parameter(1)
+  %rs = f32[16,1000]{1,0:S(1)} reduce-scatter(%g), replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
+  %fused = bf16[32,256]{1,0} fusion(%w), kind=kCustom, calls=%all-reduce-scatter.3.clone
+  %small = f32[8]{0} slice(%g), slice={[0:1], [0:8]}
+  %ar = f32[8]{0} all-reduce(%small), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %out = (f32[16,1000]{1,0}, bf16[32,256]{1,0}, f32[8]{0}) tuple(%rs, %fused, %ar)
+}
+"""
+
+
+def test_reduce_scatters_count_their_input_untyped_or_fused():
+  found = hlo.collectives(_REDUCE_SCATTERS)
+  totals = hlo.totals_by_kind(found)
+  assert totals["reduce-scatter"].count == 2
+  assert totals["reduce-scatter"].bytes == 64 * 1000 * 4 + 128 * 256 * 2  # the inputs, not the shards
+  assert (totals["all-reduce"].count, totals["all-reduce"].bytes) == (1, 8 * 4)
+
+
+# A scheduled loop body: a 4000-byte weight slice prefetched into VMEM while two priced fusions run,
+# each moving 1000 bytes of HBM in 1000 cycles, then an in-place cache update of 64 + 64 bytes.
+_SCHEDULED_BODY = """HloModule m
+
+%f (p: bf16[500]) -> bf16[500] {
+  %p = bf16[500]{0} parameter(0)
+  ROOT %n = bf16[500]{0} negate(%p)
+}
+
+ENTRY %body (w: bf16[2000], c: bf16[1000,32], x: bf16[500], u: bf16[32]) -> bf16[1000,32] {
+  %w = bf16[2000]{0} parameter(0)
+  %c = bf16[1000,32]{1,0} parameter(1)
+  %x = bf16[500]{0} parameter(2)
+  %u = bf16[32]{0} parameter(3)
+  %start = ((bf16[2000]{0}), bf16[2000]{0:S(1)}, s32[]{:S(2)}) slice-start(%w), slice={[0:2000]}
+  %a = bf16[500]{0:S(1)} fusion(%x), kind=kLoop, calls=%f, backend_config={"estimated_cycles":"1000"}
+  %b = bf16[500]{0:S(1)} fusion(%x), kind=kLoop, calls=%f, backend_config={"estimated_cycles":"1000"}
+  %done = bf16[2000]{0:S(1)} slice-done(%start)
+  %r = bf16[1,32]{1,0} bitcast(%u)
+  %i = s32[]{:S(2)} constant(0)
+  ROOT %update = bf16[1000,32]{1,0} dynamic-update-slice(%c, %r, %i, %i)
+}
+"""
+
+
+def test_scheduled_seconds_overlaps_prefetches_with_the_priced_ops_that_leave_bandwidth_free():
+  """At 1 GHz and 2000 bytes/us: each fusion runs 1 us and leaves 1000 bytes of bandwidth free, so
+  the prefetch has 2000 of its 4000 bytes left at its done (1 us more); the update then moves its
+  128 bytes (0.064 us). Serially the prefetch alone would take 2 us."""
+  moved = hlo.hbm_bytes(hlo.parse(_SCHEDULED_BODY), "body")
+  assert [n for _, n in moved if n] == [4000, 1000, 1000, 128]
+  assert hlo.scheduled_seconds(moved, 1e9, 2e9) == pytest.approx(1e-6 + 1e-6 + 1e-6 + 0.064e-6)
+  # A bandwidth too low for a fusion's own bytes sets its time (1000 bytes at 500 bytes/us: 2 us each),
+  # and then it leaves nothing free: the prefetch waits 8 us at its done.
+  assert hlo.scheduled_seconds(moved, 1e9, 5e8) == pytest.approx(2e-6 + 2e-6 + 8e-6 + 0.256e-6)
+
+
+# A program as the TPU compiler prints one: a priced fusion in the entry and a while loop of 5 trips
+# whose body runs a priced fusion and a fused reducer computation; the fusion computations, the
+# reducer and the loop condition price nothing themselves.
+_LOOP_PROGRAM = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%fused (p: f32[256]) -> f32[256] {
+  %p = f32[256]{0:S(1)} parameter(0)
+  ROOT %n = f32[256]{0:S(1)} negate(%p)
+}
+
+%body (s: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %s = (s32[]{:S(2)}, f32[256]{0:S(1)}) parameter(0)
+  %i = s32[]{:S(2)} get-tuple-element(%s), index=0
+  %x = f32[256]{0:S(1)} get-tuple-element(%s), index=1
+  %y = f32[256]{0:S(1)} fusion(%x), kind=kLoop, calls=%fused, backend_config={"estimated_cycles":"3000"}
+  %one = s32[]{:S(2)} constant(1)
+  %j = s32[]{:S(2)} add(%i, %one)
+  ROOT %t = (s32[]{:S(2)}, f32[256]{0:S(1)}) tuple(%j, %y)
+}
+
+%cond (s: (s32[], f32[256])) -> pred[] {
+  %s = (s32[]{:S(2)}, f32[256]{0:S(1)}) parameter(0)
+  %i = s32[]{:S(2)} get-tuple-element(%s), index=0
+  %n = s32[]{:S(2)} constant(5)
+  ROOT %lt = pred[]{:S(2)} compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[256]) -> f32[] {
+  %x = f32[256]{0:S(1)} parameter(0)
+  %z = f32[256]{0:S(1)} fusion(%x), kind=kLoop, calls=%fused, backend_config={"estimated_cycles":"2000"}
+  %zero = s32[]{:S(2)} constant(0)
+  %init = (s32[]{:S(2)}, f32[256]{0:S(1)}) tuple(%zero, %z)
+  %loop = (s32[]{:S(2)}, f32[256]{0:S(1)}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %out = f32[256]{0:S(1)} get-tuple-element(%loop), index=1
+  %c = f32[]{:S(2)} constant(0)
+  ROOT %r = f32[]{:S(2)} reduce(%out, %c), dimensions={0}, to_apply=%add, backend_config={"estimated_cycles":"1000"}
+}
+"""
+
+
+def test_program_seconds_weights_each_loop_body_by_its_trip_count():
+  module = hlo.parse(_LOOP_PROGRAM)
+  assert hlo.control_flow_computations(module) == {"main", "body", "cond"}
+  # 1 GHz: the entry's 2000 + 1000 cycles, the body's 3000 five times.
+  assert hlo.program_seconds(_LOOP_PROGRAM, 1e9, 1e12) == pytest.approx((2000 + 1000 + 5 * 3000) * 1e-9)

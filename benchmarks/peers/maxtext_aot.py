@@ -7,7 +7,7 @@ attention, synthetic data. The compiled step is taken from train_compile's `jit_
 overrides the model's decoder layer count (for the 1- and 2-layer cost compiles).
 
   TPU_ACCELERATOR_TYPE=x $VENVS/maxtext-tpu/bin/python maxtext_aot.py --topology v5p:2x2x2 \\
-      --model qwen2_5_7b --batch 8 --seq 4096 [--cost] [--layers N]
+      --model qwen2_5_7b --batch 8 --seq 4096 [--cost] [--layers N] [--hlo-out FILE]
 Prints one `BENCH_RESULT {json}` line (tpu_aot_common.summary).
 """
 
@@ -44,6 +44,7 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=4096)
   parser.add_argument("--cost", action="store_true")
   parser.add_argument("--layers", type=int, default=0, help="decoder layers (0: the model's)")
+  parser.add_argument("--hlo-out", default=None, help="write the optimised HLO here")
   args = parser.parse_args()
   name, chips = maxtext_topology(args.topology)
   if args.batch % chips:
@@ -68,8 +69,8 @@ def main() -> None:
     overrides += ["override_model_config=true", f"base_num_decoder_layers={args.layers}"]
   train_compile.main(["train_compile", os.path.join(os.path.dirname(maxtext.__file__), "configs", "base.yml"),
                       *overrides])
-  common.emit(common.summary(captured["compiled"], captured["seconds"], system="maxtext", model=args.model,
-                             topology=args.topology, devices=chips, batch=args.batch, seq=args.seq,
+  common.emit(common.summary(captured["compiled"], captured["seconds"], args.hlo_out, system="maxtext",
+                             model=args.model, topology=args.topology, devices=chips, batch=args.batch, seq=args.seq,
                              overrides=overrides,
                              versions={"maxtext": getattr(maxtext, "__version__", "?"), "jax": jax.__version__}))
 

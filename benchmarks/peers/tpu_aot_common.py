@@ -29,8 +29,9 @@ if COST_MODE:
                                     + " --xla_tpu_enable_windowed_einsum_for_reduce_scatter=false").strip()
 
 
-def summary(compiled, compile_seconds: float, **extra) -> dict:
-  """Memory per chip by kind, cost-model figures and trip-weighted collectives of `compiled`."""
+def summary(compiled, compile_seconds: float, hlo_out: str | None = None, **extra) -> dict:
+  """Memory per chip by kind, cost-model figures and trip-weighted collectives of `compiled`; its
+  optimised HLO text is written to `hlo_out` if given (for the driver's per-op estimate)."""
   m = compiled.memory_analysis()
   memory = {kind: float(getattr(m, f"{kind}_size_in_bytes", 0) or 0)
             for kind in ("argument", "output", "alias", "temp", "generated_code")}
@@ -39,6 +40,9 @@ def summary(compiled, compile_seconds: float, **extra) -> dict:
   cost = compiled.cost_analysis()
   cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else dict(cost or {})
   text = compiled.as_text()
+  if hlo_out:
+    with open(hlo_out, "w") as f:
+      f.write(text)
   totals = hlo.totals_by_kind(hlo.collectives(text))
   return {
       "memory": memory, "cost_mode": COST_MODE,

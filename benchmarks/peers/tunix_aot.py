@@ -8,7 +8,7 @@ this compile host it is, so the model module's `shard` is replaced by one that a
 the active mesh, as on a TPU VM.
 
   TPU_ACCELERATOR_TYPE=x $VENVS/tunix-tpu/bin/python tunix_aot.py --topology v5p:2x2x2 \\
-      --model qwen2_5_7b --batch 8 --seq 4096 [--cost]
+      --model qwen2_5_7b --batch 8 --seq 4096 [--cost] [--layers N] [--hlo-out FILE]
 Prints one `BENCH_RESULT {json}` line (tpu_aot_common.summary).
 """
 
@@ -52,6 +52,7 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=4096)
   parser.add_argument("--cost", action="store_true", help="windowed einsum off (see tpu_aot_common)")
   parser.add_argument("--layers", type=int, default=0, help="decoder layers (0: the model's)")
+  parser.add_argument("--hlo-out", default=None, help="write the optimised HLO here")
   args = parser.parse_args()
 
   module_name, config_name, class_name = MODELS[args.model]
@@ -64,7 +65,10 @@ def main() -> None:
   dtypes = {"dtype": jnp.bfloat16, "param_dtype": jnp.float32} if has_dtype else {}
   layers = {"num_layers": args.layers} if args.layers else {}
   config = dataclasses.replace(config, remat_config=module.RematConfig.BLOCK, **dtypes, **layers)
-  devices = np.array(topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices)
+  # A v4 chip's two TensorCores as one device ("megacore"), as on a v4 VM and in `cftjax compile`.
+  chip_config = {"chip_config_name": "megacore"} if args.topology.startswith("v4:") else {}
+  devices = np.array(topologies.get_topology_desc(platform="tpu", topology_name=args.topology,
+                                                  **chip_config).devices)
   mesh = Mesh(devices.reshape(devices.size, 1), ("fsdp", "tp"))
 
   with mesh:
@@ -113,8 +117,8 @@ def main() -> None:
     compiled = step.lower(params, opt_state, tokens, input_mask).compile()
     seconds = time.perf_counter() - start
   import tunix  # pylint: disable=import-outside-toplevel
-  common.emit(common.summary(compiled, seconds, system="tunix", model=args.model, topology=args.topology,
-                             devices=int(devices.size), batch=args.batch, seq=args.seq,
+  common.emit(common.summary(compiled, seconds, args.hlo_out, system="tunix", model=args.model,
+                             topology=args.topology, devices=int(devices.size), batch=args.batch, seq=args.seq,
                              versions={"tunix": getattr(tunix, "__version__", "?"), "jax": jax.__version__}))
 
 

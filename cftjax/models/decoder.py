@@ -373,15 +373,19 @@ def decode_step(cfg: ModelConfig, decode: attention.Decode, weights: DecodeWeigh
 
 
 def init_params(cfg: ModelConfig, rng: Array) -> dict[str, Any]:
-  """Freshly initialised, unboxed params (plain arrays)."""
+  """Freshly initialised, unboxed params (plain arrays); traced outside the current mesh, like
+  `abstract_params`."""
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return nn.unbox(Decoder(cfg).init(rng, tokens)["params"])
+  with parallel.outside_mesh():
+    return nn.unbox(Decoder(cfg).init(rng, tokens)["params"])
 
 
 def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
-  """Boxed `jax.ShapeDtypeStruct` params carrying logical axis names; no memory is allocated."""
+  """Boxed `jax.ShapeDtypeStruct` params carrying logical axis names; no memory is allocated. Traced
+  outside the current mesh: a one-token dummy batch has nothing to place."""
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  return jax.eval_shape(lambda t: Decoder(cfg).init(jax.random.key(0), t), tokens)["params"]
+  with parallel.outside_mesh():
+    return jax.eval_shape(lambda t: Decoder(cfg).init(jax.random.key(0), t), tokens)["params"]
 
 
 def param_logical_axes(cfg: ModelConfig) -> dict[str, Any]:

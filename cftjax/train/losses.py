@@ -131,9 +131,10 @@ def _map_token_chunks(
   hidden: [B, T, D], lm_head: [D, V], targets: [B, T] -> dict of [B, T] float32 arrays.
   Inside `parallel.use_mesh`, where the rows are split over (at least) the mesh axes of the head's
   "embed" dim (FSDP), this runs under `jax.shard_map`: each device takes its own rows, gathers the
-  LM head's "embed" dim once (its gradient goes back as one reduce-scatter) and keeps the head's
-  vocab slice, combining vocab reductions with collectives (vocab-parallel cross-entropy). A chunk holds every local row and s = max(1, chunk_size // rows)
-  positions (T is padded to a multiple of s).
+  LM head's "embed" dim once (its gradient goes back as one all-to-all reduce-scatter) and keeps the
+  head's vocab slice, combining vocab reductions with collectives (vocab-parallel cross-entropy). A
+  chunk holds every local row and s = max(1, chunk_size // rows) positions (T is padded to a
+  multiple of s).
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -177,12 +178,35 @@ def _gathered(head: Array, gathers: Gathers) -> Array:
   return head
 
 
-def _scattered(d_head: Array, gathers: Gathers) -> Array:
-  """The transpose of `_gathered`: each device's gradient summed over the gathered axes, this
-  device's slice kept (one reduce-scatter per gather)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gathered_for_autodiff(head: Array, gathers: Gathers) -> Array:
+  """`_gathered`, whose gradient goes back by `_scattered` (JAX's own transpose of an all-gather is a
+  psum_scatter)."""
+  return _gathered(head, gathers)
+
+
+def _gathered_for_autodiff_fwd(head, gathers):
+  return _gathered(head, gathers), head
+
+
+def _gathered_for_autodiff_bwd(gathers, head, d_gathered):
+  return (parallel.sum_to_match(_scattered(d_gathered, gathers, head.dtype), head),)
+
+
+_gathered_for_autodiff.defvjp(_gathered_for_autodiff_fwd, _gathered_for_autodiff_bwd)
+
+
+def _scattered(d_head: Array, gathers: Gathers, dtype) -> Array:
+  """The transpose of `_gathered`: each device's float32 gradient summed over the gathered axes, this
+  device's slice kept, in `dtype`. One all-to-all per gather sends each device the slice it keeps
+  from every other, summed here in float32: a reduce-scatter that the TPU compiler cannot rewrite
+  as an all-reduce of the whole array and a slice (it does, on some topologies, to psum_scatter)."""
   for axes, dim in reversed(gathers):
-    d_head = jax.lax.psum_scatter(d_head, axes, scatter_dimension=dim, tiled=True)
-  return d_head
+    shards = jax.lax.psum(1, axes)
+    pieces = d_head.reshape(*d_head.shape[:dim], shards, d_head.shape[dim] // shards, *d_head.shape[dim + 1:])
+    received = jax.lax.all_to_all(pieces.astype(dtype), axes, split_axis=dim, concat_axis=dim)
+    d_head = received.astype(jnp.float32).sum(axis=dim)
+  return d_head.astype(dtype)
 
 
 def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, chunk_size: int,
@@ -193,8 +217,9 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
 
   Several chunks run as a `lax.map` under a custom VJP: the backward pass recomputes each chunk's
   logits, takes stats_fn's VJP for the logits' cotangent and sums the head gradient in float32 over
-  the chunks, then casts it to the head's dtype and reduce-scatters it back to the shard (never an
-  all-reduce of the whole head); a single chunk keeps its logits for plain autodiff.
+  the chunks and reduce-scatters it back to the shard in the head's dtype (`_scattered`: never an
+  all-reduce of the whole head); a single chunk keeps its logits for plain autodiff, its head
+  gradient going back by `_scattered` too.
   """
   batch, seq, _ = hidden.shape
   seq_chunk = max(1, min(seq, chunk_size // batch))
@@ -238,14 +263,14 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
     d_head = parallel.varying_like(jnp.zeros(w.shape, jnp.float32), h_chunks, w, *d_stats.values())
     d_head, d_hidden = jax.lax.scan(body, d_head, (h_chunks, t_chunks, d_stats), unroll=unroll)
     # Reduce-scattered to this device's shard; rows on devices that share it (e.g. over "data") add up.
-    d_shard = _scattered(d_head.astype(w.dtype), gathers)
+    d_shard = _scattered(d_head, gathers, w.dtype)
     return d_hidden, parallel.sum_to_match(d_shard, w_shard), None
 
   chunked.defvjp(chunked_fwd, chunked_bwd, symbolic_zeros=True)
   if num_chunks > 1:
     stats = chunked(to_chunks(hidden), head, to_chunks(targets))
   else:
-    stats = forward(to_chunks(hidden), _gathered(head, gathers), to_chunks(targets))
+    stats = forward(to_chunks(hidden), _gathered_for_autodiff(head, gathers), to_chunks(targets))
   return {name: jnp.moveaxis(value, 0, 1).reshape(batch, num_chunks * seq_chunk)[:, :seq]
           for name, value in stats.items()}
 
