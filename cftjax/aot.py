@@ -612,23 +612,37 @@ def advice(report: Report, config: Any) -> list[str]:
   return lines
 
 
+def _sweep_estimate(reports: Sequence[Report]) -> tuple[str, Callable[[Report], float | None]] | None:
+  """(name, seconds of a report) of the one estimate every fitting report has: the cost model's
+  (`estimated_seconds`), else the per-op one (`per_op_seconds`, also without cost compiles and where
+  the cost model's time is negative); None when neither covers them all. The two are different
+  scales, so a sweep never ranks one report by one and another by the other."""
+  fitting = [r for r in reports if r.fits]
+  for name, seconds in (("estimated", lambda r: r.estimated_seconds), ("per-op estimate", lambda r: r.per_op_seconds)):
+    if fitting and all((seconds(r) or 0) > 0 for r in fitting):
+      return name, seconds
+  return None
+
+
 def best_remat(reports: Sequence[Report]) -> Report | None:
-  """The report with the shortest estimated step among those that fit and have an estimate (None
-  if there is none)."""
-  fitting = [r for r in reports if r.fits and (r.estimated_seconds or 0) > 0]
-  return min(fitting, key=lambda r: r.estimated_seconds) if fitting else None
+  """The report with the shortest step among those that fit, by `_sweep_estimate` (None if no
+  estimate covers them all)."""
+  estimate = _sweep_estimate(reports)
+  if estimate is None:
+    return None
+  return min((r for r in reports if r.fits), key=estimate[1])
 
 
 def sweep_verdict(reports: Sequence[Report]) -> str:
   """One line on a `--sweep-remat`: the fastest policy within memory, or why none is named."""
-  chosen = best_remat(reports)
+  chosen, estimate = best_remat(reports), _sweep_estimate(reports)
   if chosen:
-    return f"best remat within memory: {chosen.remat} ({chosen.estimated_seconds:.4f} s estimated)"
+    return f"best remat within memory: {chosen.remat} ({estimate[1](chosen):.4f} s, {estimate[0]})"
   fitting = [r.remat for r in reports if r.fits]
   if not fitting:
     return "no remat policy fits"
   return (f"remat {', '.join(fitting)} fit{'s' if len(fitting) == 1 else ''}, but no step time ranks them "
-          "(--no-cost, or the cost model's time is negative)")
+          "(no cost compiles and no per-op estimate for this objective or chip)")
 
 
 def model_config(config: Any, hf_config: str | None = None) -> ModelConfig:

@@ -235,8 +235,8 @@ def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--sweep-remat", action="store_true",
                       help="compile every model.remat policy and name the fastest that fits")
   parser.add_argument("--no-cost", action="store_true",
-                      help="skip the loop-free cost compiles (memory and collectives only; the cost "
-                      "and estimate fields are then null)")
+                      help="skip the loop-free cost compiles (memory, collectives and the per-op estimate "
+                      "only; the cost and estimate fields are then null)")
   parser.add_argument("--hlo-out", default=None, metavar="FILE", help="write the optimised HLO here")
   parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 

@@ -226,10 +226,21 @@ def test_sweep_remat_compiles_every_policy_and_names_the_fastest_that_fits(hf_co
   assert all(r["fits"] and r["estimated_step_seconds"] > 0 for r in sweep.values())
 
 
-def test_a_sweep_without_step_times_says_so(compiled):
-  report = dataclasses.replace(compiled["cft"], cost_model_seconds=-2.0)
-  assert aot.best_remat([report]) is None
-  assert "no step time ranks them" in aot.sweep_verdict([report])
+def test_a_sweep_ranks_by_one_estimate_that_covers_every_fitting_policy(compiled):
+  """The cost model's estimate when every fitting policy has one; else the per-op one (no cost
+  compiles, or a negative cost-model time as on v5e); never one policy by one and another by the
+  other; with neither, it says so."""
+  base = compiled["cft"]
+  costed = lambda remat, cost, per_op: dataclasses.replace(base, remat=remat, cost_model_seconds=cost,
+                                                            pallas_seconds=0.0, per_op_seconds=per_op)
+  minimal, full = costed("minimal", 2.0, 1.0), costed("full", 1.5, 3.0)
+  assert aot.best_remat([minimal, full]).remat == "full"  # by the cost model
+  negative = dataclasses.replace(full, cost_model_seconds=-2.0)
+  assert aot.best_remat([minimal, negative]).remat == "minimal"  # by the per-op estimate, for both
+  assert "per-op estimate" in aot.sweep_verdict([minimal, negative])
+  neither = dataclasses.replace(negative, per_op_seconds=None)
+  assert aot.best_remat([neither]) is None
+  assert "no step time ranks them" in aot.sweep_verdict([neither])
 
 
 @pytest.mark.slow
