@@ -444,7 +444,8 @@ def control_flow_computations(module: Module) -> set[str]:
 
 def program_seconds(hlo_text: str, clock_hz: float, bandwidth: float) -> float:
   """One execution of a whole program by `scheduled_seconds`: each control-flow computation's ops
-  in their schedule, times its executions (while loops weighted by their trip counts)."""
+  in their schedule, times its executions (`runs_per_execution`: while loops weighted by their trip
+  counts, every branch of a conditional counted as taken)."""
   module = parse(hlo_text)
   runs = runs_per_execution(module)
   return sum(runs.get(name, 0) * scheduled_seconds(hbm_bytes(module, name), clock_hz, bandwidth)
