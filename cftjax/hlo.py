@@ -162,6 +162,13 @@ def _condition_trip_count(condition: list[Instruction]) -> int | None:
   return None
 
 
+def _callees(instruction: Instruction, key: str) -> list[str]:
+  """The computations `instruction` names after `key=` (e.g. "body", "calls", "to_apply"; a
+  `branch_computations={%a, %b}` list gives both)."""
+  return [name for group in re.findall(key + r"=(\{[^}]*\}|%?[\w.\-]+)", instruction.text)
+          for name in re.findall(r"%?([\w.\-]+)", group)]
+
+
 def runs_per_execution(module: Module) -> dict[str, int]:
   """How many times each computation runs per execution of the entry computation: a while body
   runs trip-count times per run of its caller (from the compiler's known_trip_count, else the loop
@@ -171,23 +178,16 @@ def runs_per_execution(module: Module) -> dict[str, int]:
   for name, instructions in module.computations.items():
     for instruction in instructions:
       if instruction.opcode == "while":
-        body = re.search(r"body=%?([\w.\-]+)", instruction.text)
-        condition = re.search(r"condition=%?([\w.\-]+)", instruction.text)
+        conditions = _callees(instruction, "condition")
         trips = _known_trip_count(instruction)
-        if trips is None and condition:
-          trips = _condition_trip_count(module.computations.get(condition.group(1), []))
+        if trips is None and conditions:
+          trips = _condition_trip_count(module.computations.get(conditions[0], []))
         trips = 1 if trips is None else trips
-        if body:
-          edges[name].append((body.group(1), trips))
-        if condition:
-          edges[name].append((condition.group(1), trips + 1))
+        edges[name] += [(body, trips) for body in _callees(instruction, "body")]
+        edges[name] += [(condition, trips + 1) for condition in conditions]
         continue
-      for key in _CALLEE_KEYS:
-        for match in re.finditer(key + r"=\{?([%\w.\-, ]+)\}?", instruction.text):
-          for callee in match.group(1).split(","):
-            callee = callee.strip().lstrip("%")
-            if callee in module.computations:
-              edges[name].append((callee, 1))
+      edges[name] += [(callee, 1) for key in _CALLEE_KEYS for callee in _callees(instruction, key)
+                      if callee in module.computations]
   order, seen = [], set()
 
   def visit(name: str) -> None:  # post-order over the call graph (a DAG)
@@ -222,7 +222,7 @@ def _all_reduce_scatter_fusions(module: Module) -> set[str]:
   `%all-reduce-scatter.N`, whose body all-reduces the whole input and keeps this device's shard."""
   return {callee for instructions in module.computations.values() for i in instructions
           if i.opcode == "fusion" and "kind=kCustom" in i.text
-          for callee in re.findall(r"calls=%?(all-reduce-scatter[\w.\-]*)", i.text)}
+          for callee in _callees(i, "calls") if callee.startswith("all-reduce-scatter")}
 
 
 def collectives(hlo_text: str) -> list[Collective]:
@@ -312,8 +312,7 @@ def _fusion_bytes(module: Module, instruction: Instruction, operands: Sequence[t
   """HBM bytes of one fusion: each operand in HBM read whole, or only the slices taken when every use
   inside is a slice (dynamic-slice, slice, gather); the result written, or only the update when the
   root is a dynamic-update-slice into an operand (in place: that buffer is neither read nor copied)."""
-  callee = re.search(r"calls=%?([\w.\-]+)", instruction.text)
-  body = module.computations.get(callee.group(1), []) if callee else []
+  body = [i for callee in _callees(instruction, "calls") for i in module.computations.get(callee, [])]
   params = {i.name: int(re.match(r"\s*(\d+)", i.text).group(1)) for i in body if i.opcode == "parameter"}
   uses: dict[str, list[tuple[Instruction, int]]] = collections.defaultdict(list)
   for i in body:
@@ -437,8 +436,7 @@ def control_flow_computations(module: Module) -> set[str]:
     found.add(name)
     for instruction in module.computations[name]:
       for key in _CONTROL_FLOW_CALLEES.get(instruction.opcode, ()):
-        for callees in re.findall(key + r"=(\{[^}]*\}|%?[\w.\-]+)", instruction.text):
-          todo.extend(re.findall(r"%?([\w.\-]+)", callees))
+        todo.extend(_callees(instruction, key))
   return found
 
 
@@ -458,6 +456,5 @@ def while_body(module: Module, scope: str) -> str | None:
   for instructions in module.computations.values():
     for instruction in instructions:
       if instruction.opcode == "while" and scope in instruction.text:
-        body = re.search(r"body=%?([\w.\-]+)", instruction.text)
-        return body.group(1) if body else None
+        return next(iter(_callees(instruction, "body")), None)
   return None

@@ -165,18 +165,19 @@ def use_mesh(mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> Iterator[Mesh]:
   """`with parallel.use_mesh(mesh, rules):` makes `mesh` and the logical `rules` the ones every
   function below places arrays by, and the ones the steps built inside it compile for. A run enters
   it once, around building its state and steps and running its loop."""
-  token = _CURRENT.set((mesh, tuple(rules)))
-  try:
+  with _current_set((mesh, tuple(rules))):
     yield mesh
-  finally:
-    _CURRENT.reset(token)
+
+
+def outside_mesh() -> contextlib.AbstractContextManager[None]:
+  """Inside it, code runs as outside every `use_mesh` (`entered()` is None): for tracing that places
+  nothing, such as the shapes of the params."""
+  return _current_set(None)
 
 
 @contextlib.contextmanager
-def outside_mesh() -> Iterator[None]:
-  """Inside it, code runs as outside every `use_mesh` (`entered()` is None): for tracing that places
-  nothing, such as the shapes of the params."""
-  token = _CURRENT.set(None)
+def _current_set(value: tuple[Mesh, LogicalRules] | None) -> Iterator[None]:
+  token = _CURRENT.set(value)
   try:
     yield
   finally:
