@@ -78,6 +78,7 @@ def run_cftjax(model: str, topology: str, batch: int, seq: int, extra: list[str]
                        os.path.join(BENCH_DIR, "tpu_compile_config.py"), "--topology", topology,
                        "--model-config", os.path.join(MODEL_CONFIGS, f"{model}.json"), "--json",
                        f"--config.data.batch_size={batch}", f"--config.data.max_seq_len={seq}",
+                       "--hlo-out", os.path.join(out, f"cftjax_{model}_{topology}_real.hlo"),
                        *([] if cost else ["--no-cost"]), *extra],
                       os.path.join(out, f"cftjax_{model}_{topology}.log"))
   if code not in (0, 3):

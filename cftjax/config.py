@@ -138,7 +138,7 @@ def base_config() -> config_dict.ConfigDict:
   c.train.seed = 0  # model init and step RNG
   c.train.steps = 0  # optimizer steps; 0 = data.num_epochs passes over the training rows
   c.train.micro_batches = 1  # gradient accumulation: global batch split into this many passes
-  c.train.chunk_size = 4096  # tokens per device per cross-entropy chunk ([chunk, vocab] logits at a time)
+  c.train.chunk_size = 4096  # cross-entropy chunk: about chunk_size x vocab logits per device at a time
   c.train.z_loss_weight = 0.0
   c.train.cpu_peak_flops = 0.0  # MFU denominator on CPU; 0 = measure a matmul at start-up
   # A step whose loss or gradients are NaN / inf skips its update (params and optimizer state

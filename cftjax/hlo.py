@@ -11,7 +11,10 @@ Bytes of a collective are per device, of the array it moves as the optimised HLO
 gathered result of an all-gather, the input of a reduce-scatter, the array of an all-reduce, the
 result of an all-to-all or collective-permute. An async pair (`*-start` / `*-done`) counts once. The TPU
 compiler's fused reduce-scatter (a kCustom fusion of an all-reduce and a slice) counts as a
-reduce-scatter.
+reduce-scatter. The TPU compiler's async collective fusions print one collective several times, with
+one channel and chain id: in the computation that starts it (root: custom-call AsyncCollectiveStart),
+in each compute fusion that carries it while it is in flight (such fusions may sit in a loop), and in
+the one that ends it (AsyncCollectiveDone); it counts once, where it starts.
 """
 
 from __future__ import annotations
@@ -225,19 +228,46 @@ def _all_reduce_scatter_fusions(module: Module) -> set[str]:
           for callee in _callees(i, "calls") if callee.startswith("all-reduce-scatter")}
 
 
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
+_CHAIN = re.compile(r'\bchain_id="(\d+)"')
+
+
+def _async_collective_key(instruction: Instruction) -> tuple[str, str, str] | None:
+  """(opcode, channel id, chain id) of a collective the TPU compiler runs as an async collective
+  fusion (it names a chain id), else None."""
+  channel, chain = _CHANNEL.search(instruction.text), _CHAIN.search(instruction.text)
+  return (instruction.opcode, channel.group(1), chain.group(1)) if channel and chain else None
+
+
+def _async_collective_starts(module: Module) -> set[tuple[str, str, str]]:
+  """The `_async_collective_key`s of the collectives in computations rooted at an
+  AsyncCollectiveStart custom-call: each is counted there and nowhere else."""
+  starts = set()
+  for instructions in module.computations.values():
+    if any(i.is_root and i.opcode == "custom-call" and 'custom_call_target="AsyncCollectiveStart"' in i.text
+           for i in instructions):
+      starts |= {key for i in instructions if (key := _async_collective_key(i))}
+  return starts
+
+
 def collectives(hlo_text: str) -> list[Collective]:
   """Every collective of an optimised HLO module with its executions per step. The all-reduce inside
-  a fused all-reduce-scatter counts as the reduce-scatter it is (its bytes are the input's)."""
+  a fused all-reduce-scatter counts as the reduce-scatter it is (its bytes are the input's); a
+  collective of an async collective fusion counts once, in the computation that starts it."""
   module = parse(hlo_text)
   runs = runs_per_execution(module)
   reduce_scatter_fusions = _all_reduce_scatter_fusions(module)
+  async_starts = _async_collective_starts(module)
   found = []
   for name, instructions in module.computations.items():
     results = {i.name: i.result for i in instructions}
+    is_start = any(i.is_root and 'custom_call_target="AsyncCollectiveStart"' in i.text for i in instructions)
     for instruction in instructions:
       kind = instruction.opcode.removesuffix("-start")
       if kind not in COLLECTIVE_KINDS or instruction.opcode.endswith("-done"):
         continue
+      if not is_start and _async_collective_key(instruction) in async_starts:
+        continue  # a carrying fusion's or the done's copy of a collective counted at its start
       moved = _moved_arrays(kind, instruction, results)
       if kind == "all-reduce" and name in reduce_scatter_fusions:
         kind = "reduce-scatter"

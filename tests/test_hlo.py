@@ -176,6 +176,75 @@ def test_reduce_scatters_count_their_input_untyped_or_fused():
   assert (totals["all-reduce"].count, totals["all-reduce"].bytes) == (1, 8 * 4)
 
 
+# One all-gather (channel 7, chain 0) run as a TPU async collective fusion: started before a loop of 8
+# iterations, carried by a compute fusion in the loop body, ended after it; the HLO prints it in all
+# three computations. Beside it, an ordinary all-gather of another channel in the loop body.
+_ASYNC_COLLECTIVE = """HloModule m
+
+%start (p: bf16[2,64]) -> (bf16[2,64], bf16[8,64], u32[]) {
+  %p = bf16[2,64]{1,0} parameter(0)
+  %all-gather.1 = bf16[8,64]{1,0} all-gather(%p), channel_id=7, replica_groups={{0,1,2,3}}, dimensions={0}, frontend_attributes={chain_id="0"}
+  ROOT %cc = (bf16[2,64]{1,0}, bf16[8,64]{1,0}, u32[]{:S(2)}) custom-call(%all-gather.1), custom_call_target="AsyncCollectiveStart"
+}
+
+%carry (p: bf16[2,64], x: f32[16]) -> (f32[16], bf16[8,64]) {
+  %p = bf16[2,64]{1,0} parameter(0)
+  %x = f32[16]{0} parameter(1)
+  %n = f32[16]{0} negate(%x)
+  %all-gather.2 = bf16[8,64]{1,0} all-gather(%p), channel_id=7, replica_groups={{0,1,2,3}}, dimensions={0}, frontend_attributes={chain_id="0"}
+  ROOT %t = (f32[16]{0}, bf16[8,64]{1,0}) tuple(%n, %all-gather.2)
+}
+
+%done (p: bf16[2,64], g: bf16[8,64]) -> bf16[8,64] {
+  %p = bf16[2,64]{1,0} parameter(0)
+  %g = bf16[8,64]{1,0} parameter(1)
+  %all-gather.3 = bf16[8,64]{1,0} all-gather(%p), channel_id=7, replica_groups={{0,1,2,3}}, dimensions={0}, frontend_attributes={chain_id="0"}
+  ROOT %cc = bf16[8,64]{1,0} custom-call(%p, %g, %all-gather.3), custom_call_target="AsyncCollectiveDone"
+}
+
+%body (s: (s32[], f32[16], bf16[2,64], f32[4])) -> (s32[], f32[16], bf16[2,64], f32[4]) {
+  %s = (s32[]{:S(2)}, f32[16]{0}, bf16[2,64]{1,0}, f32[4]{0}) parameter(0)
+  %i = s32[]{:S(2)} get-tuple-element(%s), index=0
+  %x = f32[16]{0} get-tuple-element(%s), index=1
+  %w = bf16[2,64]{1,0} get-tuple-element(%s), index=2
+  %v = f32[4]{0} get-tuple-element(%s), index=3
+  %f = (f32[16]{0}, bf16[8,64]{1,0}) fusion(%w, %x), kind=kCustom, calls=%carry
+  %y = f32[16]{0} get-tuple-element(%f), index=0
+  %other = f32[16]{0} all-gather(%v), channel_id=9, replica_groups={{0,1,2,3}}, dimensions={0}
+  %one = s32[]{:S(2)} constant(1)
+  %j = s32[]{:S(2)} add(%i, %one)
+  ROOT %t = (s32[]{:S(2)}, f32[16]{0}, bf16[2,64]{1,0}, f32[4]{0}) tuple(%j, %y, %w, %v)
+}
+
+%cond (s: (s32[], f32[16], bf16[2,64], f32[4])) -> pred[] {
+  %s = (s32[]{:S(2)}, f32[16]{0}, bf16[2,64]{1,0}, f32[4]{0}) parameter(0)
+  %i = s32[]{:S(2)} get-tuple-element(%s), index=0
+  %n = s32[]{:S(2)} constant(8)
+  ROOT %lt = pred[]{:S(2)} compare(%i, %n), direction=LT
+}
+
+ENTRY %main (w: bf16[2,64], x: f32[16], v: f32[4]) -> bf16[8,64] {
+  %w = bf16[2,64]{1,0} parameter(0)
+  %x = f32[16]{0} parameter(1)
+  %v = f32[4]{0} parameter(2)
+  %st = (bf16[2,64]{1,0}, bf16[8,64]{1,0}, u32[]{:S(2)}) fusion(%w), kind=kCustom, calls=%start
+  %zero = s32[]{:S(2)} constant(0)
+  %init = (s32[]{:S(2)}, f32[16]{0}, bf16[2,64]{1,0}, f32[4]{0}) tuple(%zero, %x, %w, %v)
+  %loop = (s32[]{:S(2)}, f32[16]{0}, bf16[2,64]{1,0}, f32[4]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"8"}}
+  %g = bf16[8,64]{1,0} get-tuple-element(%st), index=1
+  ROOT %d = bf16[8,64]{1,0} fusion(%w, %g), kind=kCustom, calls=%done
+}
+"""
+
+
+def test_an_async_collective_fusion_counts_once_where_it_starts():
+  found = hlo.collectives(_ASYNC_COLLECTIVE)
+  gathers = sorted((c.computation, c.runs, c.bytes) for c in found if c.kind == "all-gather")
+  assert gathers == [("body", 8, 16 * 4), ("start", 1, 8 * 64 * 2)]
+  totals = hlo.totals_by_kind(found)
+  assert (totals["all-gather"].count, totals["all-gather"].bytes) == (9, 8 * 64 * 2 + 8 * 16 * 4)
+
+
 # A scheduled loop body: a 4000-byte weight slice prefetched into VMEM while two priced fusions run,
 # each moving 1000 bytes of HBM in 1000 cycles, then an in-place cache update of 64 + 64 bytes.
 _SCHEDULED_BODY = """HloModule m

@@ -316,12 +316,20 @@ def decode_weights(cfg: ModelConfig, decode: attention.Decode, params: dict[str,
   params = gathered_for_decode(cfg, params)
   num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
   layers = [jax.tree.map(lambda p, i=i: p[i], params["layers"]) for i in range(num_layers)]
+  layers = jax.tree_util.tree_map_with_path(_materialised_if_norm_scale, layers)
   return {
       "embedding": params["embedding"],
       "final_norm": params["final_norm"]["scale"],
       "lm_head": layout.head_weights(lm_head_kernel(cfg, params), dtype),
       "layers": [layout.layer_weights(cfg, lora.prepare_layer(cfg, layer, dtype), dtype) for layer in layers],
   }
+
+
+def _materialised_if_norm_scale(path, w: Array) -> Array:
+  """A layer's norm scale (a leaf named "scale") behind an optimization barrier, so it is sliced from
+  the stacked params once per `generate` call. Otherwise the TPU compiler keeps the [1, dim] slice in
+  the decode loop and re-lays it to [dim] with a reduce in every step, twice a layer (docs/benchmarks.md)."""
+  return jax.lax.optimization_barrier(w) if path[-1].key == "scale" else w
 
 
 def gathered_for_decode(cfg: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:

@@ -36,10 +36,13 @@ KL_KINDS = ("k1", "k3")
 @dataclasses.dataclass(frozen=True)
 class VocabShard:
   """Which part of the vocabulary a device's logits [..., V_local] cover: the vocab is split in equal
-  slices over the mesh axes `axes` (inside `jax.shard_map`; empty: the logits cover the whole vocab).
-  Reductions over the vocab combine the slices with collectives over `axes`."""
+  slices over the mesh axes `axes`, the first major (inside `jax.shard_map`; empty: the logits cover
+  the whole vocab). Reductions over the vocab combine the slices with collectives over `axes`.
+  `row_axes`, a suffix of `axes`: axes whose devices gathered one another's rows for these logits; the
+  rows' hidden-state gradient is not summed over them here (the gather's transpose sums it)."""
 
   axes: tuple[str, ...] = ()
+  row_axes: tuple[str, ...] = ()
 
   def start(self, size: int) -> Array:
     return jax.lax.axis_index(self.axes) * size if self.axes else jnp.int32(0)
@@ -54,6 +57,11 @@ class VocabShard:
 
   def sum(self, x: Array) -> Array:
     return jax.lax.psum(x, self.axes) if self.axes else x
+
+  def hidden_sum(self, x: Array) -> Array:
+    """x (a hidden-state gradient from this vocab slice) summed over the slices of the same rows."""
+    axes = tuple(a for a in self.axes if a not in self.row_axes)
+    return jax.lax.psum(x, axes) if axes else x
 
 
 WHOLE_VOCAB = VocabShard()
@@ -130,11 +138,17 @@ def _map_token_chunks(
 
   hidden: [B, T, D], lm_head: [D, V], targets: [B, T] -> dict of [B, T] float32 arrays.
   Inside `parallel.use_mesh`, where the rows are split over (at least) the mesh axes of the head's
-  "embed" dim (FSDP), this runs under `jax.shard_map`: each device takes its own rows, gathers the
-  LM head's "embed" dim once (its gradient goes back as one all-to-all reduce-scatter) and keeps the
-  head's vocab slice, combining vocab reductions with collectives (vocab-parallel cross-entropy). A
-  chunk holds every local row and s = max(1, chunk_size // rows) positions (T is padded to a
-  multiple of s).
+  "embed" dim (FSDP), this runs under `jax.shard_map` as vocab-parallel cross-entropy (vocab
+  reductions combined with collectives), in whichever of two ways moves fewer bytes:
+  - rows gathered (`_rows_gathered`): the devices of one head "embed" group each hold the whole head
+    for 1 / group of their vocab slice (one all-to-all of the head's shard), all-gather the group's
+    hidden rows and compute every row's logits on that slice; the hidden gradient goes back as one
+    all-to-all reduce-scatter and the head's stays on its device. Moves 2 x tokens x hidden per step.
+  - head gathered: each device gathers the head's "embed" dim once and computes its own rows' logits
+    on its vocab slice; the head gradient goes back as one all-to-all reduce-scatter. Moves 2 x hidden x
+    vocab per step, less when the group's tokens outnumber the vocab slice.
+  A chunk holds every row a device computes and about chunk_size // (this device's rows) positions (T
+  is padded to a multiple of it): chunk_size tokens x the vocab slice of logits at a time.
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -153,6 +167,24 @@ def _map_token_chunks(
                                WHOLE_VOCAB, unroll)
   # A vocab split over an axis that also splits the rows would mix different rows' logits: gather it.
   vocab_gather = tuple(a for a in vocab_axes if a in row_axes)
+  mesh = parallel.current()[0]
+  if not vocab_gather and _rows_gathered(mesh, hidden.shape, lm_head.shape, row_axes, embed_axes, vocab_axes):
+    group = math.prod(mesh.shape[a] for a in embed_axes)
+    vocab = VocabShard(vocab_axes + embed_axes, row_axes=embed_axes)
+    row_gather = ((embed_axes, 0),)
+
+    def local_rows(hidden, head, targets):  # this device's rows [b, T, D], head [D / embed, V / vocab]
+      head = jax.lax.all_to_all(head, embed_axes, split_axis=1, concat_axis=0, tiled=True)  # [D, V / vocab / embed]
+      stats = _local_token_chunks(scaled_stats, _gathered_for_autodiff(hidden, row_gather), head,
+                                  _gathered(targets, row_gather), chunk_size * group, logits_dtype, vocab,
+                                  unroll)  # the group's rows [b x group, T]
+      start = jax.lax.axis_index(embed_axes) * hidden.shape[0]
+      return {name: jax.lax.dynamic_slice_in_dim(value, start, hidden.shape[0]) for name, value in stats.items()}
+
+    hidden, lm_head = jax.lax.optimization_barrier((hidden, lm_head))
+    return jax.shard_map(local_rows, mesh=mesh, in_specs=(P(row_axes, None, None), P(embed_axes, vocab_axes or None),
+                                                          P(row_axes, None)),
+                         out_specs=P(row_axes, None))(hidden, lm_head, targets)
   gathers = tuple((axes, dim) for axes, dim in ((embed_axes, 0), (vocab_gather, 1)) if axes)
   vocab = VocabShard(tuple(a for a in vocab_axes if a not in row_axes))
 
@@ -164,9 +196,20 @@ def _map_token_chunks(
   # The head's gather waits for the hidden states: free to start earlier, the TPU scheduler carries the
   # gathered head through the decoder's layer loop and, short of HBM, re-gathers it in every layer.
   hidden, lm_head = jax.lax.optimization_barrier((hidden, lm_head))
-  return jax.shard_map(local, mesh=parallel.current()[0],
+  return jax.shard_map(local, mesh=mesh,
                        in_specs=(P(rows, None, None), P(embed_axes or None, vocab_axes or None), P(rows, None)),
                        out_specs=P(rows, None))(hidden, lm_head, targets)
+
+
+def _rows_gathered(mesh, hidden_shape: tuple[int, ...], head_shape: tuple[int, ...], row_axes: tuple[str, ...],
+                   embed_axes: tuple[str, ...], vocab_axes: tuple[str, ...]) -> bool:
+  """Whether `_map_token_chunks` gathers the hidden rows of each head "embed" group (2 x the group's
+  tokens x hidden bytes a step) rather than the head (2 x hidden x the vocab slice): when the group
+  holds fewer tokens than the vocab slice has entries and splits that slice evenly."""
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+  group, vocab_here = size(embed_axes), head_shape[1] // size(vocab_axes)
+  group_tokens = hidden_shape[0] // size(row_axes) * group * hidden_shape[1]
+  return group > 1 and vocab_here % group == 0 and group_tokens < vocab_here
 
 
 Gathers = tuple[tuple[tuple[str, ...], int], ...]  # (mesh axes, head dim) to all-gather, in order
@@ -256,7 +299,7 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
       live_stats = lambda logits: {k: v for k, v in stats_fn(logits, t, vocab).items() if k in d}
       _, stats_vjp = jax.vjp(live_stats, logits_of(h, w))
       d_logits = stats_vjp(d)[0].astype(h.dtype)
-      d_h = vocab.sum(jnp.einsum("bsv,dv->bsd", d_logits, w))
+      d_h = vocab.hidden_sum(jnp.einsum("bsv,dv->bsd", d_logits, w))
       return d_head + jnp.einsum("bsd,bsv->dv", h, d_logits, preferred_element_type=jnp.float32), d_h
 
     # Under shard_map the sum varies over every mesh axis its terms vary over.
