@@ -168,6 +168,9 @@ def _map_token_chunks(
   # A vocab split over an axis that also splits the rows would mix different rows' logits: gather it.
   vocab_gather = tuple(a for a in vocab_axes if a in row_axes)
   mesh = parallel.current()[0]
+  # The gathers wait for the hidden states: free to start earlier, the TPU scheduler carries a gathered
+  # head through the decoder's layer loop and, short of HBM, re-gathers it in every layer.
+  hidden, lm_head = jax.lax.optimization_barrier((hidden, lm_head))
   if not vocab_gather and _rows_gathered(mesh, hidden.shape, lm_head.shape, row_axes, embed_axes, vocab_axes):
     group = math.prod(mesh.shape[a] for a in embed_axes)
     vocab = VocabShard(vocab_axes + embed_axes, row_axes=embed_axes)
@@ -181,7 +184,6 @@ def _map_token_chunks(
       start = jax.lax.axis_index(embed_axes) * hidden.shape[0]
       return {name: jax.lax.dynamic_slice_in_dim(value, start, hidden.shape[0]) for name, value in stats.items()}
 
-    hidden, lm_head = jax.lax.optimization_barrier((hidden, lm_head))
     return jax.shard_map(local_rows, mesh=mesh, in_specs=(P(row_axes, None, None), P(embed_axes, vocab_axes or None),
                                                           P(row_axes, None)),
                          out_specs=P(row_axes, None))(hidden, lm_head, targets)
@@ -193,9 +195,6 @@ def _map_token_chunks(
                                gathers)
 
   rows = row_axes or None
-  # The head's gather waits for the hidden states: free to start earlier, the TPU scheduler carries the
-  # gathered head through the decoder's layer loop and, short of HBM, re-gathers it in every layer.
-  hidden, lm_head = jax.lax.optimization_barrier((hidden, lm_head))
   return jax.shard_map(local, mesh=mesh,
                        in_specs=(P(rows, None, None), P(embed_axes or None, vocab_axes or None), P(rows, None)),
                        out_specs=P(rows, None))(hidden, lm_head, targets)
@@ -212,44 +211,44 @@ def _rows_gathered(mesh, hidden_shape: tuple[int, ...], head_shape: tuple[int, .
   return group > 1 and vocab_here % group == 0 and group_tokens < vocab_here
 
 
-Gathers = tuple[tuple[tuple[str, ...], int], ...]  # (mesh axes, head dim) to all-gather, in order
+Gathers = tuple[tuple[tuple[str, ...], int], ...]  # (mesh axes, array dim) to all-gather, in order
 
 
-def _gathered(head: Array, gathers: Gathers) -> Array:
+def _gathered(x: Array, gathers: Gathers) -> Array:
   for axes, dim in gathers:
-    head = jax.lax.all_gather(head, axes, axis=dim, tiled=True)
-  return head
+    x = jax.lax.all_gather(x, axes, axis=dim, tiled=True)
+  return x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _gathered_for_autodiff(head: Array, gathers: Gathers) -> Array:
+def _gathered_for_autodiff(x: Array, gathers: Gathers) -> Array:
   """`_gathered`, whose gradient goes back by `_scattered` (JAX's own transpose of an all-gather is a
   psum_scatter)."""
-  return _gathered(head, gathers)
+  return _gathered(x, gathers)
 
 
-def _gathered_for_autodiff_fwd(head, gathers):
-  return _gathered(head, gathers), head
+def _gathered_for_autodiff_fwd(x, gathers):
+  return _gathered(x, gathers), x
 
 
-def _gathered_for_autodiff_bwd(gathers, head, d_gathered):
-  return (parallel.sum_to_match(_scattered(d_gathered, gathers, head.dtype), head),)
+def _gathered_for_autodiff_bwd(gathers, x, d_gathered):
+  return (parallel.sum_to_match(_scattered(d_gathered, gathers, x.dtype), x),)
 
 
 _gathered_for_autodiff.defvjp(_gathered_for_autodiff_fwd, _gathered_for_autodiff_bwd)
 
 
-def _scattered(d_head: Array, gathers: Gathers, dtype) -> Array:
+def _scattered(d: Array, gathers: Gathers, dtype) -> Array:
   """The transpose of `_gathered`: each device's float32 gradient summed over the gathered axes, this
   device's slice kept, in `dtype`. One all-to-all per gather sends each device the slice it keeps
   from every other, summed here in float32: a reduce-scatter that the TPU compiler cannot rewrite
   as an all-reduce of the whole array and a slice (it does, on some topologies, to psum_scatter)."""
   for axes, dim in reversed(gathers):
     shards = jax.lax.psum(1, axes)
-    pieces = d_head.reshape(*d_head.shape[:dim], shards, d_head.shape[dim] // shards, *d_head.shape[dim + 1:])
+    pieces = d.reshape(*d.shape[:dim], shards, d.shape[dim] // shards, *d.shape[dim + 1:])
     received = jax.lax.all_to_all(pieces.astype(dtype), axes, split_axis=dim, concat_axis=dim)
-    d_head = received.astype(jnp.float32).sum(axis=dim)
-  return d_head.astype(dtype)
+    d = received.astype(jnp.float32).sum(axis=dim)
+  return d.astype(dtype)
 
 
 def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, chunk_size: int,
