@@ -150,3 +150,19 @@ def test_sigterm_sets_the_flag_and_the_old_handler_comes_back(tmp_path):
     assert flag.should_stop(1)
   assert signal.getsignal(signal.SIGTERM) is previous
   run.close()
+
+
+def test_an_unreadable_state_is_named_by_its_tensorstore_status_without_orbax_tracebacks():
+  """Orbax can raise one exception whose message holds the tracebacks of the failed shard reads (seen
+  in a CI run of test_run_safety's damaged-checkpoint test): the warning keeps the status line only."""
+  message = ("Encountered error while reading array index: (slice(0, 384, 1), slice(8, 12, 1)). See full "
+             "TensorStore details: <bound method TensorStore.spec>.\nTraceback (most recent call last):\n"
+             '  File "serialization.py", line 260, in _read_shard\n'
+             'ValueError: OUT_OF_RANGE: Error reading "params.embedding/0.2" in OCDBT database: Requested '
+             "byte range [5720, 11434) is not valid for value of size 64\n")
+  cause = ckpt._read_failure_cause(Exception(message))  # pylint: disable=protected-access
+  assert cause == ('ValueError: OUT_OF_RANGE: Error reading "params.embedding/0.2" in OCDBT database: '
+                   "Requested byte range [5720, 11434) is not valid for value of size 64")
+  with_cause = Exception("outer")
+  with_cause.__cause__ = ValueError("DATA_LOSS: checksum mismatch\nmore")
+  assert ckpt._read_failure_cause(with_cause) == "DATA_LOSS: checksum mismatch"  # pylint: disable=protected-access

@@ -5,6 +5,7 @@ best-params directory; a full disk as one line; SIGTERM and SIGINT."""
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import math
@@ -27,6 +28,32 @@ CORRUPT_DIR = "corrupt_checkpoints"  # RUN_DIR/corrupt_checkpoints/<step>-<time>
 # TensorStore status codes of a read that found missing or damaged bytes (not a model mismatch).
 _READ_FAILURES = ("OUT_OF_RANGE", "DATA_LOSS", "FAILED_PRECONDITION", "NOT_FOUND", "Truncated",
                   "Encountered error while reading")
+
+
+def _read_failure_cause(e: BaseException) -> str:
+  """One line (at most 300 characters) saying why a restore could not read the saved bytes: the first
+  line of e's cause, or else of e, that names a TensorStore status (`_READ_FAILURES`, most specific
+  first). Orbax's message may hold whole tracebacks of the failed reads; they are left out."""
+  texts = [str(e.__cause__)] if e.__cause__ is not None else []
+  lines = [line for text in texts + [str(e)] for line in text.splitlines()]
+  for code in _READ_FAILURES:
+    for line in lines:
+      if code in line:
+        return " ".join(line.split())[:300]
+  return " ".join(str(e.__cause__ or e).split())[:300]
+
+
+def _collect_failed_reads() -> None:
+  """Frees the reads a failed restore left behind, now and without logging: Orbax raises on the first
+  failed shard read and drops the others, whose exceptions asyncio would log with full tracebacks
+  ("Future exception was never retrieved") whenever the garbage collector next finds them."""
+  asyncio_log = logging.getLogger("asyncio")
+  level = asyncio_log.level
+  asyncio_log.setLevel(logging.CRITICAL)
+  try:
+    gc.collect()
+  finally:
+    asyncio_log.setLevel(level)
 
 
 class CheckpointDamagedError(CheckpointError):
@@ -216,15 +243,17 @@ class RunCheckpoints:
           data=grain.checkpoint.CheckpointRestore(snapshot)))
     except Exception as e:  # pylint: disable=broad-except  (TensorStore raises plain Exception)
       text = " ".join(str(e).split())
-      if any(code in text for code in _READ_FAILURES):
-        cause = " ".join(str(e.__cause__ or e).split())[:300]
-        raise CheckpointDamagedError(f"{path}: unreadable train state ({cause})") from None
-      if not isinstance(e, ValueError):
-        raise
-      raise CheckpointError(
-          f"{path}: cannot restore ({text[:500]}). A run resumes with the same model, optimizer and "
-          "process count it was saved with; start a new --config.train.run_dir otherwise.") from None
-    return restored.state, snapshot.state
+      if not any(code in text for code in _READ_FAILURES):
+        if not isinstance(e, ValueError):
+          raise
+        raise CheckpointError(
+            f"{path}: cannot restore ({text[:500]}). A run resumes with the same model, optimizer and "
+            "process count it was saved with; start a new --config.train.run_dir otherwise.") from None
+      damaged = CheckpointDamagedError(f"{path}: unreadable train state ({_read_failure_cause(e)})")
+    else:
+      return restored.state, snapshot.state
+    _collect_failed_reads()
+    raise damaged
 
   def move_aside(self, step: int) -> str:
     """Moves a damaged step out of the checkpoints (process 0) to RUN_DIR/corrupt_checkpoints, so
