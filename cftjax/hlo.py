@@ -239,15 +239,13 @@ def _async_collective_key(instruction: Instruction) -> tuple[str, str, str] | No
   return (instruction.opcode, channel.group(1), chain.group(1)) if channel and chain else None
 
 
-def _async_collective_starts(module: Module) -> set[tuple[str, str, str]]:
-  """The `_async_collective_key`s of the collectives in computations rooted at an
-  AsyncCollectiveStart custom-call: each is counted there and nowhere else."""
-  starts = set()
-  for instructions in module.computations.values():
-    if any(i.is_root and i.opcode == "custom-call" and 'custom_call_target="AsyncCollectiveStart"' in i.text
-           for i in instructions):
-      starts |= {key for i in instructions if (key := _async_collective_key(i))}
-  return starts
+def _async_collective_starts(module: Module) -> dict[str, set[tuple[str, str, str]]]:
+  """{computation rooted at an AsyncCollectiveStart custom-call: the `_async_collective_key`s of its
+  collectives}: each such collective is counted there and nowhere else."""
+  return {name: {key for i in instructions if (key := _async_collective_key(i))}
+          for name, instructions in module.computations.items()
+          if any(i.is_root and i.opcode == "custom-call" and 'custom_call_target="AsyncCollectiveStart"' in i.text
+                 for i in instructions)}
 
 
 def collectives(hlo_text: str) -> list[Collective]:
@@ -257,16 +255,16 @@ def collectives(hlo_text: str) -> list[Collective]:
   module = parse(hlo_text)
   runs = runs_per_execution(module)
   reduce_scatter_fusions = _all_reduce_scatter_fusions(module)
-  async_starts = _async_collective_starts(module)
+  starts = _async_collective_starts(module)
+  started = set().union(*starts.values())
   found = []
   for name, instructions in module.computations.items():
     results = {i.name: i.result for i in instructions}
-    is_start = any(i.is_root and 'custom_call_target="AsyncCollectiveStart"' in i.text for i in instructions)
     for instruction in instructions:
       kind = instruction.opcode.removesuffix("-start")
       if kind not in COLLECTIVE_KINDS or instruction.opcode.endswith("-done"):
         continue
-      if not is_start and _async_collective_key(instruction) in async_starts:
+      if name not in starts and _async_collective_key(instruction) in started:
         continue  # a carrying fusion's or the done's copy of a collective counted at its start
       moved = _moved_arrays(kind, instruction, results)
       if kind == "all-reduce" and name in reduce_scatter_fusions:
