@@ -55,14 +55,48 @@ def test_chunked_equals_unchunked_loss_and_gradients(chunk_size):
   assert np.all(np.asarray(g_hidden)[loss_mask == 0] == 0.0)
 
 
-@pytest.mark.parametrize("chunk_size, lm_head_products", [(8, 4), (100, 3)])  # 2 x 12 tokens
-def test_only_several_chunks_recompute_their_logits(chunk_size, lm_head_products):
-  """The gradient holds the forward LM-head product and its two gradient products; several chunks
-  are rematerialised (one more product, the recomputed logits), a single chunk keeps its logits."""
+@pytest.mark.parametrize("chunk_size", [8, 100])  # 2 x 12 tokens: 3 chunks, 1 chunk
+@pytest.mark.parametrize("argnums, lm_head_products", [((0, 1), 3), ((0,), 2)])
+def test_the_loss_gradient_is_taken_in_the_forward_pass(chunk_size, argnums, lm_head_products):
+  """The CE loss's gradient holds the logits' LM-head product and one product per differentiated
+  operand, taken in the forward pass: no chunk's logits are recomputed, a frozen head gets none."""
   hidden, lm_head, targets, loss_mask = _inputs()
   chunked = _chunked_loss_sum(targets, loss_mask, chunk_size)
-  jaxpr = str(jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(hidden, lm_head))
+  jaxpr = str(jax.make_jaxpr(jax.grad(chunked, argnums=argnums))(hidden, lm_head))
   assert jaxpr.count("dot_general") == lm_head_products
+
+
+@pytest.mark.parametrize("chunk_size, lm_head_products", [(8, 4), (100, 3)])  # 2 x 12 tokens
+def test_only_several_chunks_of_log_probs_recompute_their_logits(chunk_size, lm_head_products):
+  """Token log-probs (any downstream loss) are differentiated in the backward pass: several chunks
+  recompute their logits (one more product), a single chunk keeps its logits."""
+  hidden, lm_head, targets, loss_mask = _inputs()
+  log_prob_sum = lambda h, w: jnp.sum(loss_mask * losses.chunked_token_log_probs(h, w, targets, chunk_size)[0])
+  jaxpr = str(jax.make_jaxpr(jax.grad(log_prob_sum, argnums=(0, 1)))(hidden, lm_head))
+  assert jaxpr.count("dot_general") == lm_head_products
+
+
+@pytest.mark.parametrize("chunk_size", [7, 100])
+def test_z_loss_and_weight_gradients_match_unchunked(chunk_size):
+  """Gradients of loss_sum with a z-loss, with respect to hidden, head and the per-token weights (the
+  loss mask, here real-valued), against jax autodiff of the unchunked optax loss."""
+  hidden, lm_head, targets, _ = _inputs(6)
+  weights = np.random.default_rng(6).random(targets.shape).astype(np.float32)
+  z_weight = 1e-2
+
+  def chunked(h, w, m):
+    return losses.chunked_cross_entropy(h, w, targets, m, chunk_size, z_loss_weight=z_weight)["loss_sum"]
+
+  def unchunked(h, w, m):
+    logits = jnp.einsum("btd,dv->btv", h, w)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(m * (nll + z_weight * jnp.square(jax.nn.logsumexp(logits, axis=-1))))
+
+  got = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2)))(hidden, lm_head, weights)
+  want = jax.jit(jax.value_and_grad(unchunked, argnums=(0, 1, 2)))(hidden, lm_head, weights)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_sums_match_float64_numpy_including_z_loss_accuracy_entropy():

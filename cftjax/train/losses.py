@@ -122,6 +122,15 @@ def _token_stats(logits: Array, targets: Array, vocab: VocabShard = WHOLE_VOCAB)
 StatsFn = Callable[[Array, Array, VocabShard], dict[str, Array]]
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLoss:
+  """The loss sum(weights x per_token(stats)) of `_map_token_chunks`: weights [B, T] float32,
+  per_token maps the per-token stats of a chunk to its per-token loss [b, s]."""
+
+  weights: Array
+  per_token: Callable[[dict[str, Array]], Array]
+
+
 def _map_token_chunks(
     stats_fn: StatsFn,
     hidden: Array,
@@ -131,12 +140,16 @@ def _map_token_chunks(
     logits_dtype=jnp.float32,
     temperature: float = 1.0,
     unroll: bool = False,
+    loss: TokenLoss | None = None,
 ) -> dict[str, Array]:
   """Applies stats_fn(logits [b, s, V] f32, targets [b, s], vocab) to chunks of about chunk_size
   tokens per device. `unroll` writes the chunk loops out as straight-line code
   (`ModelConfig.unroll_loops`).
 
-  hidden: [B, T, D], lm_head: [D, V], targets: [B, T] -> dict of [B, T] float32 arrays.
+  hidden: [B, T, D], lm_head: [D, V], targets: [B, T] -> dict of [B, T] float32 arrays, plus, given
+  `loss`, "loss_sum": the scalar sum(loss.weights x loss.per_token(stats)). Its gradients are taken in
+  the forward pass, chunk by chunk, and the stats are then constants under differentiation
+  (`_local_token_chunks`).
   Inside `parallel.use_mesh`, where the rows are split over (at least) the mesh axes of the head's
   "embed" dim (FSDP), this runs under `jax.shard_map` as vocab-parallel cross-entropy (vocab
   reductions combined with collectives), in whichever of two ways moves fewer bytes:
@@ -163,8 +176,10 @@ def _map_token_chunks(
     row_axes = parallel.split_axes(targets.shape, ("batch", "seq"), "targets")[0]
     embed_axes, vocab_axes = parallel.split_axes(lm_head.shape, ("embed", "vocab"), "lm_head")
   if not entered or not set(embed_axes) <= set(row_axes):
-    return _local_token_chunks(scaled_stats, hidden, lm_head, targets, chunk_size, logits_dtype,
-                               WHOLE_VOCAB, unroll)
+    return _with_loss_sum(*_local_token_chunks(scaled_stats, hidden, lm_head, targets, chunk_size, logits_dtype,
+                                               WHOLE_VOCAB, unroll, loss=loss))
+  weights = None if loss is None else loss.weights.astype(jnp.float32)
+  per_token = None if loss is None else loss.per_token
   # A vocab split over an axis that also splits the rows would mix different rows' logits: gather it.
   vocab_gather = tuple(a for a in vocab_axes if a in row_axes)
   mesh = parallel.current()[0]
@@ -176,28 +191,47 @@ def _map_token_chunks(
     vocab = VocabShard(vocab_axes + embed_axes, row_axes=embed_axes)
     row_gather = ((embed_axes, 0),)
 
-    def local_rows(hidden, head, targets):  # this device's rows [b, T, D], head [D / embed, V / vocab]
+    def local_rows(hidden, head, targets, weights):  # this device's rows [b, T, D], head [D / embed, V / vocab]
       head = jax.lax.all_to_all(head, embed_axes, split_axis=1, concat_axis=0, tiled=True)  # [D, V / vocab / embed]
-      stats = _local_token_chunks(scaled_stats, _gathered_for_autodiff(hidden, row_gather), head,
-                                  _gathered(targets, row_gather), chunk_size * group, logits_dtype, vocab,
-                                  unroll)  # the group's rows [b x group, T]
       start = jax.lax.axis_index(embed_axes) * hidden.shape[0]
-      return {name: jax.lax.dynamic_slice_in_dim(value, start, hidden.shape[0]) for name, value in stats.items()}
+      group_loss = None
+      if weights is not None:  # this device's rows weighted, the group's other rows 0: each row's loss counted once
+        group_weights = jnp.zeros((hidden.shape[0] * group, weights.shape[1]), weights.dtype)
+        group_loss = TokenLoss(jax.lax.dynamic_update_slice_in_dim(
+            parallel.varying_like(group_weights, weights), weights, start, 0), per_token)
+      stats, loss_sum = _local_token_chunks(scaled_stats, _gathered_for_autodiff(hidden, row_gather), head,
+                                            _gathered(targets, row_gather), chunk_size * group, logits_dtype,
+                                            vocab, unroll, loss=group_loss)  # the group's rows [b x group, T]
+      return ({name: jax.lax.dynamic_slice_in_dim(value, start, hidden.shape[0]) for name, value in stats.items()},
+              _partial_sum(loss_sum))
 
-    return jax.shard_map(local_rows, mesh=mesh, in_specs=(P(row_axes, None, None), P(embed_axes, vocab_axes or None),
-                                                          P(row_axes, None)),
-                         out_specs=P(row_axes, None))(hidden, lm_head, targets)
+    return _with_loss_sum(*jax.shard_map(
+        local_rows, mesh=mesh,
+        in_specs=(P(row_axes, None, None), P(embed_axes, vocab_axes or None), P(row_axes, None), P(row_axes, None)),
+        out_specs=(P(row_axes, None), P(row_axes)))(hidden, lm_head, targets, weights))
   gathers = tuple((axes, dim) for axes, dim in ((embed_axes, 0), (vocab_gather, 1)) if axes)
   vocab = VocabShard(tuple(a for a in vocab_axes if a not in row_axes))
 
-  def local(hidden, head, targets):  # this device's rows [b, T, D], head [D / embed, V / vocab]
-    return _local_token_chunks(scaled_stats, hidden, head, targets, chunk_size, logits_dtype, vocab, unroll,
-                               gathers)
+  def local(hidden, head, targets, weights):  # this device's rows [b, T, D], head [D / embed, V / vocab]
+    stats, loss_sum = _local_token_chunks(scaled_stats, hidden, head, targets, chunk_size, logits_dtype, vocab,
+                                          unroll, gathers, None if weights is None else TokenLoss(weights, per_token))
+    return stats, _partial_sum(loss_sum)
 
   rows = row_axes or None
-  return jax.shard_map(local, mesh=mesh,
-                       in_specs=(P(rows, None, None), P(embed_axes or None, vocab_axes or None), P(rows, None)),
-                       out_specs=P(rows, None))(hidden, lm_head, targets)
+  return _with_loss_sum(*jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P(rows, None, None), P(embed_axes or None, vocab_axes or None), P(rows, None), P(rows, None)),
+      out_specs=(P(rows, None), P(rows)))(hidden, lm_head, targets, weights))
+
+
+def _partial_sum(loss_sum: Array | None) -> Array | None:
+  """A device's loss sum as its row shard's entry [1] of the shard_map's result (None stays None)."""
+  return None if loss_sum is None else loss_sum[None]
+
+
+def _with_loss_sum(stats: dict[str, Array], loss_sum: Array | None) -> dict[str, Array]:
+  """stats, plus "loss_sum" (the row shards' partial sums added up) where there is a loss."""
+  return stats if loss_sum is None else stats | {"loss_sum": jnp.sum(loss_sum)}
 
 
 def _rows_gathered(mesh, hidden_shape: tuple[int, ...], head_shape: tuple[int, ...], row_axes: tuple[str, ...],
@@ -252,16 +286,21 @@ def _scattered(d: Array, gathers: Gathers, dtype) -> Array:
 
 
 def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, chunk_size: int,
-                        logits_dtype, vocab: VocabShard, unroll: bool = False,
-                        gathers: Gathers = ()) -> dict[str, Array]:
+                        logits_dtype, vocab: VocabShard, unroll: bool = False, gathers: Gathers = (),
+                        loss: TokenLoss | None = None) -> tuple[dict[str, Array], Array | None]:
   """`_map_token_chunks` on one device's rows: hidden [b, T, D], head [D, V_local] (inside shard_map:
-  this device's shard, all-gathered over `gathers` here, once), targets [b, T].
+  this device's shard, all-gathered over `gathers` here, once), targets [b, T] -> (stats, loss_sum:
+  this device's terms of the loss, None without one).
 
-  Several chunks run as a `lax.map` under a custom VJP: the backward pass recomputes each chunk's
-  logits, takes stats_fn's VJP for the logits' cotangent and sums the head gradient in float32 over
-  the chunks and reduce-scatters it back to the shard in the head's dtype (`_scattered`: never an
-  all-reduce of the whole head); a single chunk keeps its logits for plain autodiff, its head
-  gradient going back by `_scattered` too.
+  The chunks run as a `lax.scan` under a custom VJP, so that the logits exist for one chunk at a time
+  in the forward and the backward pass, and the head gradient is summed in float32 over the chunks and
+  reduce-scattered back to the shard in the head's dtype (`_scattered`: never an all-reduce of the whole
+  head):
+  - without a loss, the backward pass recomputes each chunk's logits and takes stats_fn's VJP for the
+    logits' cotangent: 4 head products a chunk (a single chunk keeps its logits for plain autodiff: 3).
+  - with one, the forward pass takes the loss's gradients of the hidden states and the head chunk by
+    chunk (3 head products a chunk) and the backward pass scales them by the loss's cotangent; the
+    stats are constants under differentiation. An operand that is not differentiated gets no product.
   """
   batch, seq, _ = hidden.shape
   seq_chunk = max(1, min(seq, chunk_size // batch))
@@ -272,12 +311,28 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape(batch, num_chunks, seq_chunk, *x.shape[2:]), 1, 0)
 
+  def from_chunks(x: Array) -> Array:  # [num_chunks, b, seq_chunk] -> [b, T]
+    return jnp.moveaxis(x, 0, 1).reshape(batch, num_chunks * seq_chunk)[:, :seq]
+
   def logits_of(h: Array, w: Array) -> Array:
     return jnp.einsum("bsd,dv->bsv", h, w, preferred_element_type=logits_dtype).astype(jnp.float32)
+
+  def head_gradient(h: Array, d_logits: Array) -> Array:
+    return jnp.einsum("bsd,bsv->dv", h, d_logits, preferred_element_type=jnp.float32)
+
+  def hidden_gradient(d_logits: Array, w: Array) -> Array:
+    return vocab.hidden_sum(jnp.einsum("bsv,dv->bsd", d_logits, w))
 
   def forward(h_chunks, w, t_chunks):
     chunk_stats = lambda carry, xs: (carry, stats_fn(logits_of(xs[0], w), xs[1], vocab))
     return jax.lax.scan(chunk_stats, None, (h_chunks, t_chunks), unroll=unroll)[1]
+
+  h_chunks, t_chunks = to_chunks(hidden), to_chunks(targets)
+  if loss is not None:
+    loss_sum, stats = _chunk_loss_with_gradients(
+        stats_fn, loss.per_token, vocab, gathers, logits_of, head_gradient, hidden_gradient, unroll,
+        h_chunks, head, t_chunks, to_chunks(loss.weights.astype(jnp.float32)))
+    return {name: from_chunks(jax.lax.stop_gradient(value)) for name, value in stats.items()}, loss_sum
 
   @jax.custom_vjp
   def chunked(h_chunks, w_shard, t_chunks):
@@ -298,8 +353,7 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
       live_stats = lambda logits: {k: v for k, v in stats_fn(logits, t, vocab).items() if k in d}
       _, stats_vjp = jax.vjp(live_stats, logits_of(h, w))
       d_logits = stats_vjp(d)[0].astype(h.dtype)
-      d_h = vocab.hidden_sum(jnp.einsum("bsv,dv->bsd", d_logits, w))
-      return d_head + jnp.einsum("bsd,bsv->dv", h, d_logits, preferred_element_type=jnp.float32), d_h
+      return d_head + head_gradient(h, d_logits), hidden_gradient(d_logits, w)
 
     # Under shard_map the sum varies over every mesh axis its terms vary over.
     d_head = parallel.varying_like(jnp.zeros(w.shape, jnp.float32), h_chunks, w, *d_stats.values())
@@ -310,11 +364,70 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
 
   chunked.defvjp(chunked_fwd, chunked_bwd, symbolic_zeros=True)
   if num_chunks > 1:
-    stats = chunked(to_chunks(hidden), head, to_chunks(targets))
+    stats = chunked(h_chunks, head, t_chunks)
   else:
-    stats = forward(to_chunks(hidden), _gathered_for_autodiff(head, gathers), to_chunks(targets))
-  return {name: jnp.moveaxis(value, 0, 1).reshape(batch, num_chunks * seq_chunk)[:, :seq]
-          for name, value in stats.items()}
+    stats = forward(h_chunks, _gathered_for_autodiff(head, gathers), t_chunks)
+  return {name: from_chunks(value) for name, value in stats.items()}, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
+def _chunk_loss_with_gradients(stats_fn, per_token, vocab, gathers, logits_of, head_gradient, hidden_gradient,
+                               unroll, h_chunks, w_shard, t_chunks, c_chunks):
+  """(sum(c x per_token(stats_fn(logits))) over the chunks, the chunks' stats): h_chunks [n, b, s, D],
+  w_shard [D / gathers, V_local], t_chunks and c_chunks (weights) [n, b, s]. Its VJP's forward pass
+  takes the gradients of hidden, head and weights chunk by chunk (`_local_token_chunks`)."""
+  w = _gathered(w_shard, gathers)
+
+  def body(carry, xs):
+    h, t, c = xs
+    stats = stats_fn(logits_of(h, w), t, vocab)
+    return carry, (jnp.sum(c * per_token(stats)), stats)
+
+  chunk_sums, stats = jax.lax.scan(body, None, (h_chunks, t_chunks, c_chunks), unroll=unroll)[1]
+  return jnp.sum(chunk_sums), stats
+
+
+def _chunk_loss_with_gradients_fwd(stats_fn, per_token, vocab, gathers, logits_of, head_gradient, hidden_gradient,
+                                   unroll, h_chunks, w_shard, t_chunks, c_chunks):
+  with_head, with_weights = w_shard.perturbed, c_chunks.perturbed
+  h_chunks, w_shard, t_chunks, c_chunks = h_chunks.value, w_shard.value, t_chunks.value, c_chunks.value
+  w = _gathered(w_shard, gathers)
+
+  def body(d_head, xs):
+    h, t, c = xs
+
+    def chunk_loss(logits):
+      stats = stats_fn(logits, t, vocab)
+      token_loss = per_token(stats)
+      return jnp.sum(c * token_loss), (stats, token_loss)
+
+    (chunk_sum, (stats, token_loss)), d_logits = jax.value_and_grad(chunk_loss, has_aux=True)(logits_of(h, w))
+    d_logits = d_logits.astype(h.dtype)
+    if with_head:
+      d_head = d_head + head_gradient(h, d_logits)
+    return d_head, (chunk_sum, stats, hidden_gradient(d_logits, w), token_loss)
+
+  # Under shard_map the sum varies over every mesh axis its terms vary over.
+  d_head = parallel.varying_like(jnp.zeros(w.shape, jnp.float32), h_chunks, w, c_chunks) if with_head else None
+  d_head, (chunk_sums, stats, d_hidden, token_loss) = jax.lax.scan(
+      body, d_head, (h_chunks, t_chunks, c_chunks), unroll=unroll)
+  d_shard = _scattered(d_head, gathers, w.dtype) if with_head else None  # reduce-scattered to this device's shard
+  return (jnp.sum(chunk_sums), stats), (d_hidden, d_shard, w_shard, token_loss if with_weights else None)
+
+
+def _chunk_loss_with_gradients_bwd(stats_fn, per_token, vocab, gathers, logits_of, head_gradient, hidden_gradient,
+                                   unroll, residuals, cotangents):
+  del stats_fn, per_token, vocab, gathers, logits_of, head_gradient, hidden_gradient, unroll
+  d_hidden, d_shard, w_shard, token_loss = residuals
+  d_loss = cotangents[0]  # the stats' cotangents are zero: they leave `_local_token_chunks` as constants
+  scale = lambda x: None if x is None else (d_loss * x.astype(jnp.float32)).astype(x.dtype)
+  # Rows on devices that share the head's shard (e.g. over "data") add up.
+  d_shard = None if d_shard is None else parallel.sum_to_match(scale(d_shard), w_shard)
+  return scale(d_hidden), d_shard, None, scale(token_loss)
+
+
+_chunk_loss_with_gradients.defvjp(_chunk_loss_with_gradients_fwd, _chunk_loss_with_gradients_bwd,
+                                  symbolic_zeros=True)
 
 
 def chunked_cross_entropy(
@@ -334,13 +447,16 @@ def chunked_cross_entropy(
     loss_sum: sum(mask * (nll + z_loss_weight * logsumexp^2))  (the objective's numerator)
     z_loss_sum: the z-loss part of loss_sum; token_count: sum(mask);
     correct_sum: masked count of argmax == target; entropy_sum: masked sum of predictive entropy.
+  Only loss_sum is differentiable (hidden, lm_head and loss_mask; its gradients are taken in the
+  forward pass, `_local_token_chunks`); the other sums are metrics, constants under differentiation.
   """
-  stats = _map_token_chunks(_token_stats, hidden, lm_head, targets, chunk_size, logits_dtype,
-                            unroll=unroll)
   mask = loss_mask.astype(jnp.float32)
+  token_loss = lambda stats: z_loss_weight * jnp.square(stats["log_z"]) - stats["log_prob"]
+  stats = _map_token_chunks(_token_stats, hidden, lm_head, targets, chunk_size, logits_dtype,
+                            unroll=unroll, loss=TokenLoss(mask, token_loss))
   z_loss_sum = z_loss_weight * jnp.sum(mask * jnp.square(stats["log_z"]))
   return {
-      "loss_sum": jnp.sum(mask * -stats["log_prob"]) + z_loss_sum,
+      "loss_sum": stats["loss_sum"],
       "token_count": jnp.sum(mask),
       "z_loss_sum": z_loss_sum,
       "correct_sum": jnp.sum(mask * stats["correct"]),
