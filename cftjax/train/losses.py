@@ -314,24 +314,16 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
   def from_chunks(x: Array) -> Array:  # [num_chunks, b, seq_chunk] -> [b, T]
     return jnp.moveaxis(x, 0, 1).reshape(batch, num_chunks * seq_chunk)[:, :seq]
 
-  def logits_of(h: Array, w: Array) -> Array:
-    return jnp.einsum("bsd,dv->bsv", h, w, preferred_element_type=logits_dtype).astype(jnp.float32)
-
-  def head_gradient(h: Array, d_logits: Array) -> Array:
-    return jnp.einsum("bsd,bsv->dv", h, d_logits, preferred_element_type=jnp.float32)
-
-  def hidden_gradient(d_logits: Array, w: Array) -> Array:
-    return vocab.hidden_sum(jnp.einsum("bsv,dv->bsd", d_logits, w))
+  ops = _ChunkOps(stats_fn, vocab, gathers, logits_dtype, unroll)
 
   def forward(h_chunks, w, t_chunks):
-    chunk_stats = lambda carry, xs: (carry, stats_fn(logits_of(xs[0], w), xs[1], vocab))
+    chunk_stats = lambda carry, xs: (carry, stats_fn(ops.logits(xs[0], w), xs[1], vocab))
     return jax.lax.scan(chunk_stats, None, (h_chunks, t_chunks), unroll=unroll)[1]
 
   h_chunks, t_chunks = to_chunks(hidden), to_chunks(targets)
   if loss is not None:
-    loss_sum, stats = _chunk_loss_with_gradients(
-        stats_fn, loss.per_token, vocab, gathers, logits_of, head_gradient, hidden_gradient, unroll,
-        h_chunks, head, t_chunks, to_chunks(loss.weights.astype(jnp.float32)))
+    loss_sum, stats = _chunk_loss_with_gradients(ops, loss.per_token, h_chunks, head, t_chunks,
+                                                 to_chunks(loss.weights.astype(jnp.float32)))
     return {name: from_chunks(jax.lax.stop_gradient(value)) for name, value in stats.items()}, loss_sum
 
   @jax.custom_vjp
@@ -351,9 +343,9 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
     def body(d_head, xs):
       h, t, d = xs
       live_stats = lambda logits: {k: v for k, v in stats_fn(logits, t, vocab).items() if k in d}
-      _, stats_vjp = jax.vjp(live_stats, logits_of(h, w))
+      _, stats_vjp = jax.vjp(live_stats, ops.logits(h, w))
       d_logits = stats_vjp(d)[0].astype(h.dtype)
-      return d_head + head_gradient(h, d_logits), hidden_gradient(d_logits, w)
+      return d_head + ops.head_gradient(h, d_logits), ops.hidden_gradient(d_logits, w)
 
     # Under shard_map the sum varies over every mesh axis its terms vary over.
     d_head = parallel.varying_like(jnp.zeros(w.shape, jnp.float32), h_chunks, w, *d_stats.values())
@@ -370,54 +362,71 @@ def _local_token_chunks(stats_fn, hidden: Array, head: Array, targets: Array, ch
   return {name: from_chunks(value) for name, value in stats.items()}, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
-def _chunk_loss_with_gradients(stats_fn, per_token, vocab, gathers, logits_of, head_gradient, hidden_gradient,
-                               unroll, h_chunks, w_shard, t_chunks, c_chunks):
-  """(sum(c x per_token(stats_fn(logits))) over the chunks, the chunks' stats): h_chunks [n, b, s, D],
-  w_shard [D / gathers, V_local], t_chunks and c_chunks (weights) [n, b, s]. Its VJP's forward pass
-  takes the gradients of hidden, head and weights chunk by chunk (`_local_token_chunks`)."""
-  w = _gathered(w_shard, gathers)
+@dataclasses.dataclass(frozen=True)
+class _ChunkOps:
+  """One device's chunk arithmetic (`_local_token_chunks`): its logits, stats and LM-head products."""
+
+  stats_fn: StatsFn
+  vocab: VocabShard
+  gathers: Gathers
+  logits_dtype: Any
+  unroll: bool
+
+  def logits(self, h: Array, w: Array) -> Array:  # [b, s, D] x [D, V_local] -> [b, s, V_local] float32
+    return jnp.einsum("bsd,dv->bsv", h, w, preferred_element_type=self.logits_dtype).astype(jnp.float32)
+
+  def head_gradient(self, h: Array, d_logits: Array) -> Array:  # -> [D, V_local] float32
+    return jnp.einsum("bsd,bsv->dv", h, d_logits, preferred_element_type=jnp.float32)
+
+  def hidden_gradient(self, d_logits: Array, w: Array) -> Array:  # -> [b, s, D], summed over vocab slices
+    return self.vocab.hidden_sum(jnp.einsum("bsv,dv->bsd", d_logits, w))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunk_loss_with_gradients(ops: _ChunkOps, per_token, h_chunks, w_shard, t_chunks, c_chunks):
+  """(sum(c x per_token(stats)) over the chunks, the chunks' stats): h_chunks [n, b, s, D], w_shard
+  [D / gathers, V_local], t_chunks and c_chunks (weights) [n, b, s]. Its VJP's forward pass takes the
+  gradients of hidden, head and weights chunk by chunk (`_local_token_chunks`)."""
+  w = _gathered(w_shard, ops.gathers)
 
   def body(carry, xs):
     h, t, c = xs
-    stats = stats_fn(logits_of(h, w), t, vocab)
+    stats = ops.stats_fn(ops.logits(h, w), t, ops.vocab)
     return carry, (jnp.sum(c * per_token(stats)), stats)
 
-  chunk_sums, stats = jax.lax.scan(body, None, (h_chunks, t_chunks, c_chunks), unroll=unroll)[1]
+  chunk_sums, stats = jax.lax.scan(body, None, (h_chunks, t_chunks, c_chunks), unroll=ops.unroll)[1]
   return jnp.sum(chunk_sums), stats
 
 
-def _chunk_loss_with_gradients_fwd(stats_fn, per_token, vocab, gathers, logits_of, head_gradient, hidden_gradient,
-                                   unroll, h_chunks, w_shard, t_chunks, c_chunks):
+def _chunk_loss_with_gradients_fwd(ops: _ChunkOps, per_token, h_chunks, w_shard, t_chunks, c_chunks):
   with_head, with_weights = w_shard.perturbed, c_chunks.perturbed
   h_chunks, w_shard, t_chunks, c_chunks = h_chunks.value, w_shard.value, t_chunks.value, c_chunks.value
-  w = _gathered(w_shard, gathers)
+  w = _gathered(w_shard, ops.gathers)
 
   def body(d_head, xs):
     h, t, c = xs
 
     def chunk_loss(logits):
-      stats = stats_fn(logits, t, vocab)
+      stats = ops.stats_fn(logits, t, ops.vocab)
       token_loss = per_token(stats)
       return jnp.sum(c * token_loss), (stats, token_loss)
 
-    (chunk_sum, (stats, token_loss)), d_logits = jax.value_and_grad(chunk_loss, has_aux=True)(logits_of(h, w))
+    (chunk_sum, (stats, token_loss)), d_logits = jax.value_and_grad(chunk_loss, has_aux=True)(ops.logits(h, w))
     d_logits = d_logits.astype(h.dtype)
     if with_head:
-      d_head = d_head + head_gradient(h, d_logits)
-    return d_head, (chunk_sum, stats, hidden_gradient(d_logits, w), token_loss)
+      d_head = d_head + ops.head_gradient(h, d_logits)
+    return d_head, (chunk_sum, stats, ops.hidden_gradient(d_logits, w), token_loss)
 
   # Under shard_map the sum varies over every mesh axis its terms vary over.
   d_head = parallel.varying_like(jnp.zeros(w.shape, jnp.float32), h_chunks, w, c_chunks) if with_head else None
   d_head, (chunk_sums, stats, d_hidden, token_loss) = jax.lax.scan(
-      body, d_head, (h_chunks, t_chunks, c_chunks), unroll=unroll)
-  d_shard = _scattered(d_head, gathers, w.dtype) if with_head else None  # reduce-scattered to this device's shard
+      body, d_head, (h_chunks, t_chunks, c_chunks), unroll=ops.unroll)
+  d_shard = _scattered(d_head, ops.gathers, w.dtype) if with_head else None  # reduce-scattered to this device's shard
   return (jnp.sum(chunk_sums), stats), (d_hidden, d_shard, w_shard, token_loss if with_weights else None)
 
 
-def _chunk_loss_with_gradients_bwd(stats_fn, per_token, vocab, gathers, logits_of, head_gradient, hidden_gradient,
-                                   unroll, residuals, cotangents):
-  del stats_fn, per_token, vocab, gathers, logits_of, head_gradient, hidden_gradient, unroll
+def _chunk_loss_with_gradients_bwd(ops: _ChunkOps, per_token, residuals, cotangents):
+  del ops, per_token
   d_hidden, d_shard, w_shard, token_loss = residuals
   d_loss = cotangents[0]  # the stats' cotangents are zero: they leave `_local_token_chunks` as constants
   scale = lambda x: None if x is None else (d_loss * x.astype(jnp.float32)).astype(x.dtype)
