@@ -41,6 +41,7 @@ from cftjax import hlo, parallel, sampling
 from cftjax.config import ConfigError
 from cftjax.models import ModelConfig, abstract_params, attention, checkpoint_io
 from cftjax.train import cft, grpo, losses
+from cftjax.train import refinement as refinement_lib
 from cftjax.train import run as run_lib
 from cftjax.train import state as state_lib
 
@@ -144,12 +145,13 @@ def cft_program(config: Any, model_cfg: ModelConfig) -> Program:
 
 
 def grpo_update_shape(config: Any) -> tuple[int, int]:
-  """(rows, seq) of one GRPO update: data.batch_size x rl.group_size rows split into
-  rl.mini_batches, padded to the seq bucket of max_prompt_len + max_new_tokens."""
+  """(rows, seq) of one GRPO update: data.batch_size x (rl.group_size + Critique-GRPO's refinements)
+  rows split into rl.mini_batches, padded to the seq bucket of max_prompt_len + max_new_tokens (a
+  refinement prompt is held to max_prompt_len too)."""
   rl = config.rl
-  rows = config.data.batch_size * rl.group_size
+  rows = config.data.batch_size * refinement_lib.rows_per_group(rl)
   if rows % rl.mini_batches:
-    raise ConfigError(f"data.batch_size x rl.group_size = {rows} rows do not split into "
+    raise ConfigError(f"data.batch_size x (rl.group_size + refinements) = {rows} rows do not split into "
                       f"rl.mini_batches={rl.mini_batches}; change one of them")
   seq = sampling.bucket_length(rl.max_prompt_len + rl.max_new_tokens, tuple(rl.seq_buckets) or None)
   return rows // rl.mini_batches, seq

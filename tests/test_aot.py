@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from cftjax import aot, cli, hlo, parallel, sampling
-from cftjax.config import base_config
+from cftjax.config import ConfigError, base_config
 from cftjax.models import ModelConfig
 from cftjax.train import cft
 from cftjax.train import state as state_lib
@@ -64,6 +64,19 @@ def programs(devices):
 def compiled(programs):
   """{objective: report} of the real programs."""
   return {objective: report for objective, (report, _) in programs.items()}
+
+
+def test_a_grpo_update_holds_critique_grpos_refinement_rows_too():
+  """Critique-GRPO adds rl.refinement.num_refinements rows to each group of rl.group_size."""
+  config = tiny_config("grpo")
+  config.data.batch_size, config.rl.mini_batches = 6, 2
+  assert aot.grpo_update_shape(config) == (6 * 4 // 2, 64)
+  config.rl.refinement.when, config.rl.refinement.num_refinements = "always", 2
+  assert aot.grpo_update_shape(config) == (6 * (4 + 2) // 2, 64)
+  config.data.batch_size = 5  # 5 x 6 = 30 rows do not split into 4 mini-batches
+  config.rl.mini_batches = 4
+  with pytest.raises(ConfigError, match=r"\(rl.group_size \+ refinements\) = 30 rows"):
+    aot.grpo_update_shape(config)
 
 
 def test_topology_gives_the_slice_devices(devices):
