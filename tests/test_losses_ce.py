@@ -125,6 +125,17 @@ def test_forced_correct_targets_count_as_correct():
   assert float(out["correct_sum"]) == loss_mask.sum()
 
 
+def test_a_target_tied_for_the_largest_logit_counts_as_correct():
+  """Accuracy is "the target's logit is the largest": a target tied with a lower id counts too (an
+  argmax would name the lower id)."""
+  hidden = np.ones((1, 2, 4), np.float32)
+  lm_head = np.zeros((4, 5), np.float32)
+  lm_head[:, 1] = lm_head[:, 3] = 1.0  # ids 1 and 3 tie for the largest logit
+  out = losses.chunked_cross_entropy(hidden, lm_head, np.array([[3, 2]], np.int32), np.ones((1, 2), np.float32),
+                                     chunk_size=4)
+  assert float(out["correct_sum"]) == 1.0
+
+
 def test_token_log_probs_with_temperature_matches_numpy():
   hidden, lm_head, targets, _ = _inputs(3)
   logits = np.einsum("btd,dv->btv", hidden, lm_head)

@@ -51,10 +51,6 @@ class VocabShard:
     """The max over the slices, a constant under differentiation."""
     return _constant_collective(jax.lax.pmax, self.axes, x) if self.axes else jax.lax.stop_gradient(x)
 
-  def min(self, x: Array) -> Array:
-    """The min over the slices, a constant under differentiation."""
-    return _constant_collective(jax.lax.pmin, self.axes, x) if self.axes else jax.lax.stop_gradient(x)
-
   def sum(self, x: Array) -> Array:
     return jax.lax.psum(x, self.axes) if self.axes else x
 
@@ -69,7 +65,7 @@ WHOLE_VOCAB = VocabShard()
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _constant_collective(collective, axes, x):
-  """collective(x, axes) with a zero derivative (JAX has no differentiation rule for pmax / pmin)."""
+  """collective(x, axes) with a zero derivative (JAX has no differentiation rule for pmax)."""
   return collective(x, axes)
 
 
@@ -80,40 +76,36 @@ def _constant_collective_jvp(collective, axes, primals, tangents):
   return out, jnp.zeros_like(out)
 
 
-def _log_softmax_at(logits: Array, targets: Array, vocab: VocabShard) -> tuple[Array, Array]:
-  """logits: [..., V_local] float32, targets: [...] (full-vocab ids) -> (log p(target) [...],
-  logsumexp [...]), both over the whole vocab."""
+def _softmax_stats(logits: Array, targets: Array, vocab: VocabShard) -> dict[str, Array]:
+  """logits: [..., V_local] float32, targets: [...] (full-vocab ids) -> per-token, over the whole vocab:
+  log_prob (of the target), log_z (logsumexp), entropy, target_logit and peak (the largest logit).
+
+  Two passes over the logits: their max, then the sums of exp(s), s x exp(s) (s = logits - peak) and
+  the target's logit, which the compiler fuses into one; entropy = log(sum exp(s)) - sum s exp(s) /
+  sum exp(s)."""
   size = logits.shape[-1]
   peak = vocab.max(jnp.max(logits, axis=-1))
-  log_z = peak + jnp.log(vocab.sum(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1)))
+  shifted = logits - peak[..., None]
+  exp = jnp.exp(shifted)
+  sum_exp = vocab.sum(jnp.sum(exp, axis=-1))
   local = targets.astype(jnp.int32) - vocab.start(size)
   # A masked sum, not a gather: its gradient is a select, where a gather's is a scatter-add (which
   # the TPU cost model prices at a negative time). A target in another slice matches nothing here.
   is_target = jnp.arange(size, dtype=jnp.int32) == local[..., None]
-  picked = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
-  return vocab.sum(picked) - log_z, log_z
-
-
-def _entropy(logits: Array, log_z: Array, vocab: VocabShard) -> Array:
-  """Entropy of softmax(logits) [...] given its logsumexp; logits: [..., V_local] float32."""
-  probs = jnp.exp(logits - log_z[..., None])
-  return log_z - vocab.sum(jnp.sum(probs * logits, axis=-1))
-
-
-def _argmax_is(logits: Array, targets: Array, vocab: VocabShard) -> Array:
-  """1.0 where the (first) argmax over the whole vocab is the target, else 0.0."""
-  size = logits.shape[-1]
-  local_max = jnp.max(logits, axis=-1)
-  first = jnp.argmax(logits, axis=-1).astype(jnp.int32) + vocab.start(size)
-  winner = vocab.min(jnp.where(local_max == vocab.max(local_max), first, jnp.iinfo(jnp.int32).max))
-  return (winner == targets).astype(jnp.float32)
+  target_logit = vocab.sum(jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1))
+  log_sum = jnp.log(sum_exp)
+  log_z = peak + log_sum
+  return {"log_prob": target_logit - log_z, "log_z": log_z, "target_logit": target_logit, "peak": peak,
+          "entropy": log_sum - vocab.sum(jnp.sum(exp * shifted, axis=-1)) / sum_exp}
 
 
 def _token_stats(logits: Array, targets: Array, vocab: VocabShard = WHOLE_VOCAB) -> dict[str, Array]:
-  """logits: [..., V_local] float32, targets: [...] -> per-token log_prob, log_z, entropy, correct."""
-  log_prob, log_z = _log_softmax_at(logits, targets, vocab)
-  return {"log_prob": log_prob, "log_z": log_z, "entropy": _entropy(logits, log_z, vocab),
-          "correct": jax.lax.stop_gradient(_argmax_is(logits, targets, vocab))}
+  """logits: [..., V_local] float32, targets: [...] -> per-token log_prob, log_z, entropy and correct
+  (1.0 where the target's logit is the largest, ties included: argmax == target without an argmax
+  pass)."""
+  stats = _softmax_stats(logits, targets, vocab)
+  correct = jax.lax.stop_gradient((stats["target_logit"] >= stats["peak"]).astype(jnp.float32))
+  return {"log_prob": stats["log_prob"], "log_z": stats["log_z"], "entropy": stats["entropy"], "correct": correct}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,7 +404,8 @@ def _chunk_loss_with_gradients_fwd(ops: _ChunkOps, per_token, h_chunks, w_shard,
       return jnp.sum(c * token_loss), (stats, token_loss)
 
     (chunk_sum, (stats, token_loss)), d_logits = jax.value_and_grad(chunk_loss, has_aux=True)(ops.logits(h, w))
-    d_logits = d_logits.astype(h.dtype)
+    # Written once for both products: fused into each, the softmax is recomputed per output tile.
+    d_logits = jax.lax.optimization_barrier(d_logits.astype(h.dtype))
     if with_head:
       d_head = d_head + ops.head_gradient(h, d_logits)
     return d_head, (chunk_sum, stats, ops.hidden_gradient(d_logits, w), token_loss)
@@ -455,7 +448,8 @@ def chunked_cross_entropy(
   Returns float32 sums to be divided ONCE by the global token count:
     loss_sum: sum(mask * (nll + z_loss_weight * logsumexp^2))  (the objective's numerator)
     z_loss_sum: the z-loss part of loss_sum; token_count: sum(mask);
-    correct_sum: masked count of argmax == target; entropy_sum: masked sum of predictive entropy.
+    correct_sum: masked count of argmax == target (the target logit the largest, ties included);
+    entropy_sum: masked sum of predictive entropy.
   Only loss_sum is differentiable (hidden, lm_head and loss_mask; its gradients are taken in the
   forward pass, `_local_token_chunks`); the other sums are metrics, constants under differentiation.
   """
@@ -474,8 +468,8 @@ def chunked_cross_entropy(
 
 
 def _log_prob_and_entropy(logits: Array, targets: Array, vocab: VocabShard) -> dict[str, Array]:
-  log_prob, log_z = _log_softmax_at(logits, targets, vocab)
-  return {"log_prob": log_prob, "entropy": _entropy(logits, log_z, vocab)}
+  stats = _softmax_stats(logits, targets, vocab)
+  return {"log_prob": stats["log_prob"], "entropy": stats["entropy"]}
 
 
 def chunked_token_log_probs(
