@@ -404,8 +404,7 @@ def _chunk_loss_with_gradients_fwd(ops: _ChunkOps, per_token, h_chunks, w_shard,
       return jnp.sum(c * token_loss), (stats, token_loss)
 
     (chunk_sum, (stats, token_loss)), d_logits = jax.value_and_grad(chunk_loss, has_aux=True)(ops.logits(h, w))
-    # Written once for both products: fused into each, the softmax is recomputed per output tile.
-    d_logits = jax.lax.optimization_barrier(d_logits.astype(h.dtype))
+    d_logits = d_logits.astype(h.dtype)
     if with_head:
       d_head = d_head + ops.head_gradient(h, d_logits)
     return d_head, (chunk_sum, stats, ops.hidden_gradient(d_logits, w), token_loss)
