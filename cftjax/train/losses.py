@@ -170,7 +170,7 @@ def _map_token_chunks(
   if not entered or not set(embed_axes) <= set(row_axes):
     return _with_loss_sum(*_local_token_chunks(scaled_stats, hidden, lm_head, targets, chunk_size, logits_dtype,
                                                WHOLE_VOCAB, unroll, loss=loss))
-  weights = None if loss is None else loss.weights.astype(jnp.float32)
+  weights = None if loss is None else loss.weights
   per_token = None if loss is None else loss.per_token
   # A vocab split over an axis that also splits the rows would mix different rows' logits: gather it.
   vocab_gather = tuple(a for a in vocab_axes if a in row_axes)
@@ -383,11 +383,19 @@ def _chunk_loss_with_gradients(ops: _ChunkOps, per_token, h_chunks, w_shard, t_c
 
   def body(carry, xs):
     h, t, c = xs
-    stats = ops.stats_fn(ops.logits(h, w), t, ops.vocab)
-    return carry, (jnp.sum(c * per_token(stats)), stats)
+    chunk_sum, (stats, _) = _chunk_loss(ops, per_token, ops.logits(h, w), t, c)
+    return carry, (chunk_sum, stats)
 
   chunk_sums, stats = jax.lax.scan(body, None, (h_chunks, t_chunks, c_chunks), unroll=ops.unroll)[1]
   return jnp.sum(chunk_sums), stats
+
+
+def _chunk_loss(ops: _ChunkOps, per_token, logits: Array, targets: Array, weights: Array):
+  """One chunk's (sum(weights x per-token loss), (stats, per-token loss)): logits [b, s, V_local] float32,
+  targets and weights [b, s]."""
+  stats = ops.stats_fn(logits, targets, ops.vocab)
+  token_loss = per_token(stats)
+  return jnp.sum(weights * token_loss), (stats, token_loss)
 
 
 def _chunk_loss_with_gradients_fwd(ops: _ChunkOps, per_token, h_chunks, w_shard, t_chunks, c_chunks):
@@ -397,12 +405,7 @@ def _chunk_loss_with_gradients_fwd(ops: _ChunkOps, per_token, h_chunks, w_shard,
 
   def body(d_head, xs):
     h, t, c = xs
-
-    def chunk_loss(logits):
-      stats = ops.stats_fn(logits, t, ops.vocab)
-      token_loss = per_token(stats)
-      return jnp.sum(c * token_loss), (stats, token_loss)
-
+    chunk_loss = lambda logits: _chunk_loss(ops, per_token, logits, t, c)
     (chunk_sum, (stats, token_loss)), d_logits = jax.value_and_grad(chunk_loss, has_aux=True)(ops.logits(h, w))
     d_logits = d_logits.astype(h.dtype)
     if with_head:
