@@ -19,4 +19,4 @@ demo: $(BIN)/cftjax
 	$(BIN)/cftjax train --config configs/demo_cft.py
 
 test: $(VENV)/.test-deps
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n auto --maxprocesses 4 --dist loadfile tests

@@ -50,11 +50,25 @@ def _parent(pid: str) -> str:
 
 
 def _ours_or_orphaned(pid: str) -> bool:
-  """Whether pid descends from this process, or from nobody (reparented to init): processes of
-  sandboxes that other trainers on this machine run at the same time are not ours to count."""
-  while pid not in ("0", "1", str(os.getpid())):
-    pid = _parent(pid)
-  return pid != "0"
+  """Whether pid descends from this process, or from a sandbox orphaned to one of this process's
+  ancestors (init or a subreaper: the path's process just below it is a bwrap). Sandboxes that other
+  trainers or test workers on this machine run at the same time descend from those, not ours to count."""
+  ancestors, up = set(), str(os.getpid())
+  while up != "0":
+    ancestors.add(up)
+    up = "0" if up == "1" else _parent(up)
+  below = pid
+  while pid not in ancestors and pid != "0":
+    below, pid = pid, _parent(pid)
+  return pid == str(os.getpid()) or (pid != "0" and _command_name(below) == "bwrap")
+
+
+def _command_name(pid: str) -> str:
+  try:
+    with open(f"/proc/{pid}/comm") as f:
+      return f.read().strip()
+  except OSError:
+    return ""
 
 
 def _sandboxed_processes(since_ticks: int) -> list[str]:
