@@ -2,9 +2,10 @@
 Compiled programs go to a persistent compilation cache shared by the session's processes (pytest-xdist
 workers and the CLI subprocesses the tests start inherit it), so a program compiled by one test is
 loaded, not recompiled, by the next; the cache is the session's own and is removed when it ends
-(unless JAX_COMPILATION_CACHE_DIR was already set). With libtpu installed (the `tpu-compile` extra, for the TPU compile tests) and no GPU plugin, JAX
-runs on the CPU only (JAX_PLATFORMS=cpu unless set): no TPU probe at start-up; the TPU tests compile
-for topology devices, which need no TPU backend. Several test processes may load libtpu at once.
+(unless JAX_COMPILATION_CACHE_DIR was already set). With libtpu installed (the `tpu-compile` extra,
+for the TPU compile tests) and no GPU plugin, JAX runs on the CPU only (JAX_PLATFORMS=cpu unless
+set): no TPU probe at start-up; the TPU tests compile for topology devices, which need no TPU backend.
+Several test processes may load libtpu at once.
 
 Runs before any test module imports jax, so the settings take effect.
 """

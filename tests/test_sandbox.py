@@ -54,9 +54,9 @@ def _ours_or_orphaned(pid: str) -> bool:
   ancestors (init or a subreaper: the path's process just below it is a bwrap). Sandboxes that other
   trainers or test workers on this machine run at the same time descend from those, not ours to count."""
   ancestors, up = set(), str(os.getpid())
-  while up != "0":
+  while up != "0":  # up to init, whose parent is 0
     ancestors.add(up)
-    up = "0" if up == "1" else _parent(up)
+    up = _parent(up)
   below = pid
   while pid not in ancestors and pid != "0":
     below, pid = pid, _parent(pid)
