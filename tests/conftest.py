@@ -30,3 +30,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set once, by the session's 
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   # A size limit turns on the cache's file lock: concurrent processes never read a half-written entry.
   os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+
+# Hypothesis keeps its files in the session's temp dir, not the checkout: test_sandbox compares the
+# checkout's entries before and after a sandboxed attack while other workers' property tests run.
+_hypothesis_dir = tempfile.mkdtemp(prefix="cftjax-tests-hypothesis-")
+atexit.register(shutil.rmtree, _hypothesis_dir, ignore_errors=True)
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", _hypothesis_dir)
